@@ -1,0 +1,58 @@
+# The README's commands: `make demo` (the main job) and `make test` (everything CI runs).
+# Each creates the virtualenv and builds what it needs on a fresh machine.
+SHELL := /bin/bash
+VENV ?= .venv
+PYTHON ?= python3
+export VIRTUAL_ENV := $(abspath $(VENV))
+export PATH := $(VIRTUAL_ENV)/bin:$(PATH)
+# torch-sys takes libtorch from the venv's torch wheel (never downloads one).
+export LIBTORCH_USE_PYTORCH := 1
+export CARGO_TARGET_DIR ?= $(abspath target)
+PY := $(VIRTUAL_ENV)/bin/python
+DEPS := $(VIRTUAL_ENV)/.loratch-deps
+EXT := python/loratch/.ext-stamp
+BIN := $(CARGO_TARGET_DIR)/release/loratch
+RUST_SRC := Cargo.toml build.rs $(shell find src csrc -type f)
+
+.PHONY: demo test test-rust test-python stubtest wheel build bench clean
+
+demo: build
+	$(PY) examples/basic_lora_demo.py
+
+test: build wheel test-rust stubtest test-python
+
+build: $(EXT) $(BIN)
+
+$(DEPS): requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VIRTUAL_ENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+# The extension, installed editable into the venv (release build).
+$(EXT): $(DEPS) $(RUST_SRC) pyproject.toml
+	cd $(CURDIR) && maturin develop --release --quiet
+	touch $@
+
+$(BIN): $(DEPS) $(RUST_SRC)
+	cargo build --release --bin loratch
+
+wheel: $(DEPS)
+	rm -rf dist && maturin build --release --quiet --out dist
+
+test-rust: $(DEPS)
+	cargo test --release
+
+stubtest: $(EXT)
+	$(PY) -m mypy.stubtest loratch._loratch --allowlist tests/stubtest-allowlist.txt
+	$(PY) -m mypy --strict python/loratch tests/typing
+
+test-python: $(EXT) $(BIN)
+	LORATCH_WHEEL_DIR=$(abspath dist) LORATCH_BIN=$(BIN) $(PY) -m pytest -q
+
+bench: build
+	$(PY) benches/bench_lora_linear.py
+
+clean:
+	rm -rf dist $(EXT) python/loratch/*.so
+	cargo clean

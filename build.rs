@@ -1,0 +1,41 @@
+//! Build script: link libtorch so CUDA stays visible, give every artifact an rpath to the torch
+//! libraries, and compile the small C++ tensor bridge (csrc/tensor_bridge.cpp).
+use std::path::PathBuf;
+
+fn main() {
+    println!("cargo:rerun-if-changed=csrc/tensor_bridge.cpp");
+    // torch-sys (links = "tch") exports the libtorch lib dir as DEP_TCH_LIBTORCH_LIB.
+    let lib_dir = PathBuf::from(
+        std::env::var("DEP_TCH_LIBTORCH_LIB")
+            .expect("torch-sys did not export DEP_TCH_LIBTORCH_LIB; is torch==2.11.0 installed?"),
+    );
+    let torch_root = lib_dir.parent().expect("libtorch lib dir has a parent").to_path_buf();
+
+    // Without --no-as-needed the linker drops libtorch_cuda.so (no symbol is referenced
+    // directly) and CUDA then looks unavailable at run time.
+    println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
+    println!("cargo:rustc-link-search=native={}", lib_dir.display());
+    for lib in ["torch", "torch_cpu", "c10"] {
+        println!("cargo:rustc-link-arg=-l{lib}");
+    }
+    if lib_dir.join("libtorch_cuda.so").exists() {
+        println!("cargo:rustc-link-arg=-ltorch_cuda");
+    }
+    println!("cargo:rustc-link-arg=-Wl,--as-needed");
+    // The binary and tests find libtorch where it was built against; the installed Python
+    // extension finds it beside itself in site-packages (and torch is imported first anyway).
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
+    println!("cargo:rustc-link-arg-cdylib=-Wl,-rpath,$ORIGIN/../torch/lib");
+
+    let cxx11_abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned());
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .include(torch_root.join("include"))
+        .include(torch_root.join("include/torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={cxx11_abi}"))
+        .file("csrc/tensor_bridge.cpp")
+        .compile("loratch_bridge");
+}

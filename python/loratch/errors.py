@@ -1,0 +1,53 @@
+"""The exceptions loratch raises. Each also subclasses the matching built-in, so code that
+catches ``ValueError`` or ``TypeError`` keeps working. Missing files raise ``FileNotFoundError``,
+unreadable ones ``PermissionError``."""
+
+from __future__ import annotations
+
+__all__ = [
+    "LoraError",
+    "ShapeError",
+    "DTypeError",
+    "ConfigError",
+    "DeviceError",
+    "AdapterFormatError",
+    "StateError",
+    "NonFiniteError",
+    "TorchError",
+]
+
+
+class LoraError(Exception):
+    """Base class of every loratch error."""
+
+
+class ShapeError(LoraError, ValueError):
+    """A tensor has the wrong shape (e.g. last input dim != in_features)."""
+
+
+class DTypeError(LoraError, TypeError):
+    """A tensor has the wrong dtype, or a dtype name is unknown."""
+
+
+class ConfigError(LoraError, ValueError):
+    """An invalid argument or configuration value (rank <= 0, alpha <= 0, ...)."""
+
+
+class DeviceError(LoraError, RuntimeError):
+    """A device string is malformed or names a device that is not available."""
+
+
+class AdapterFormatError(LoraError, ValueError):
+    """An adapter file is corrupt, truncated, or does not fit the layer or model."""
+
+
+class StateError(LoraError, RuntimeError):
+    """The operation is invalid in the current state (e.g. merging twice)."""
+
+
+class NonFiniteError(LoraError, ValueError):
+    """NaN or Inf where finite values are required (e.g. a merge delta)."""
+
+
+class TorchError(LoraError, RuntimeError):
+    """libtorch reported an error that loratch's own checks did not anticipate."""

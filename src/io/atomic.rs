@@ -1,0 +1,55 @@
+//! Atomic file replacement: write a temporary file in the target's directory, flush it to disk,
+//! then rename it over the target. A crash or a full disk mid-write leaves the old file intact.
+use crate::error::{Error, Result};
+use std::io::Write;
+use std::path::Path;
+
+/// Replaces `path` with `bytes` atomically (temp file + fsync + rename + directory fsync).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        return Err(Error::io(
+            dir,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "directory does not exist"),
+        ));
+    }
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".loratch-tmp-")
+        .tempfile_in(dir)
+        .map_err(|e| Error::io(dir, e))?;
+    tmp.write_all(bytes).map_err(|e| Error::io(path, e))?;
+    tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
+    // On failure the NamedTempFile is dropped and removed; the target is untouched.
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replaces_and_leaves_no_temp_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f.bin");
+        write_atomic(&p, b"one").unwrap();
+        write_atomic(&p, b"two").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn missing_directory_is_not_found() {
+        let err = write_atomic(Path::new("/nonexistent-loratch-dir/x"), b"x").unwrap_err();
+        match err {
+            Error::Io { source, .. } => assert_eq!(source.kind(), std::io::ErrorKind::NotFound),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,3 @@
+//! Reading and writing files: atomic replacement and safetensors <-> tch tensors.
+pub mod atomic;
+pub mod safetensors;

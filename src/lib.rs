@@ -1,0 +1,15 @@
+//! loratch: LoRA fine-tuning of language models on libtorch.
+//!
+//! The core (everything outside `python`) knows nothing of Python: the `loratch` binary, the Rust
+//! tests and benches use it directly; the PyO3 bindings (feature `python`) are a thin layer over it.
+pub mod bridge;
+pub mod device;
+pub mod error;
+pub mod io;
+pub mod lora;
+pub mod runtime;
+
+#[cfg(feature = "python")]
+mod python;
+
+pub use error::{Error, Result};

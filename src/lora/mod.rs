@@ -1,0 +1,10 @@
+//! LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models"), with the
+//! conventions of Hugging Face PEFT: `y = base(x) + scaling * B(A(dropout(x)))`.
+pub mod adapter;
+pub mod config;
+pub mod file;
+pub mod linear;
+
+pub use adapter::Adapter;
+pub use config::LoraConfig;
+pub use linear::LoraLinear;

@@ -1,0 +1,17 @@
+//! The PyO3 extension module `loratch._loratch`: thin wrappers over the core, one concern per
+//! file. Tensors cross as real `torch.Tensor`s (tensor.rs); errors as typed exceptions (errors.rs).
+use pyo3::prelude::*;
+
+mod errors;
+mod linear;
+mod tensor;
+
+/// The native module. `loratch/__init__.py` imports torch first, then re-exports this.
+#[pymodule]
+#[pyo3(name = "_loratch")]
+fn loratch_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("TORCH_VERSION", crate::bridge::torch_version())?;
+    linear::register(m)?;
+    Ok(())
+}
