@@ -14,12 +14,12 @@ EXT := python/loratch/.ext-stamp
 BIN := $(CARGO_TARGET_DIR)/release/loratch
 RUST_SRC := Cargo.toml build.rs $(shell find src csrc -type f)
 
-.PHONY: demo test test-rust test-python stubtest wheel build bench clean
+.PHONY: demo test lint test-rust test-python stubtest wheel build bench clean
 
 demo: build
 	$(PY) examples/basic_lora_demo.py
 
-test: build wheel test-rust stubtest test-python
+test: build wheel lint test-rust stubtest test-python
 
 build: $(EXT) $(BIN)
 
@@ -39,6 +39,11 @@ $(BIN): $(DEPS) $(RUST_SRC)
 
 wheel: $(DEPS)
 	rm -rf dist && maturin build --release --quiet --out dist
+
+lint: $(DEPS)
+	cargo fmt --check
+	cargo clippy --release --all-targets -- -D warnings
+	cargo clippy --release --lib --features python -- -D warnings
 
 test-rust: $(DEPS)
 	cargo test --release

@@ -9,7 +9,10 @@ fn main() {
         std::env::var("DEP_TCH_LIBTORCH_LIB")
             .expect("torch-sys did not export DEP_TCH_LIBTORCH_LIB; is torch==2.11.0 installed?"),
     );
-    let torch_root = lib_dir.parent().expect("libtorch lib dir has a parent").to_path_buf();
+    let torch_root = lib_dir
+        .parent()
+        .expect("libtorch lib dir has a parent")
+        .to_path_buf();
 
     // Without --no-as-needed the linker drops libtorch_cuda.so (no symbol is referenced
     // directly) and CUDA then looks unavailable at run time.

@@ -34,5 +34,7 @@ pub fn tensor_impl(tensor: &Tensor) -> Option<usize> {
 /// The libtorch version this crate was compiled against (e.g. "2.11.0").
 pub fn torch_version() -> String {
     // SAFETY: returns a pointer to a static NUL-terminated string literal.
-    unsafe { std::ffi::CStr::from_ptr(loratch_torch_version()) }.to_string_lossy().into_owned()
+    unsafe { std::ffi::CStr::from_ptr(loratch_torch_version()) }
+        .to_string_lossy()
+        .into_owned()
 }

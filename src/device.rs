@@ -35,7 +35,9 @@ fn check_available(device: Device, name: &str) -> Result<()> {
             if idx < count {
                 Ok(())
             } else if count == 0 {
-                Err(Error::Device(format!("device {name:?} requested but CUDA is not available")))
+                Err(Error::Device(format!(
+                    "device {name:?} requested but CUDA is not available"
+                )))
             } else {
                 Err(Error::Device(format!(
                     "device {name:?} requested but only {count} CUDA device(s) exist"
@@ -46,7 +48,9 @@ fn check_available(device: Device, name: &str) -> Result<()> {
             if tch::utils::has_mps() {
                 Ok(())
             } else {
-                Err(Error::Device(format!("device {name:?} requested but MPS is not available")))
+                Err(Error::Device(format!(
+                    "device {name:?} requested but MPS is not available"
+                )))
             }
         }
         Device::Vulkan => Err(Error::Device(format!("device {name:?} is not supported"))),
@@ -65,7 +69,11 @@ pub fn device_name(device: Device) -> String {
 
 /// Parses a floating dtype name: "float32"/"float", "bfloat16", "float16"/"half", "float64"/"double".
 pub fn parse_dtype(name: &str) -> Result<Kind> {
-    match name.trim().to_ascii_lowercase().trim_start_matches("torch.") {
+    match name
+        .trim()
+        .to_ascii_lowercase()
+        .trim_start_matches("torch.")
+    {
         "float32" | "float" | "fp32" => Ok(Kind::Float),
         "bfloat16" | "bf16" => Ok(Kind::BFloat16),
         "float16" | "half" | "fp16" => Ok(Kind::Half),
@@ -115,7 +123,11 @@ mod tests {
 
     #[test]
     fn dtypes_parse_and_print() {
-        for (name, kind) in [("float32", Kind::Float), ("bfloat16", Kind::BFloat16), ("half", Kind::Half)] {
+        for (name, kind) in [
+            ("float32", Kind::Float),
+            ("bfloat16", Kind::BFloat16),
+            ("half", Kind::Half),
+        ] {
             assert_eq!(parse_dtype(name).unwrap(), kind);
         }
         assert_eq!(dtype_name(parse_dtype("torch.float16").unwrap()), "float16");

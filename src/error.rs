@@ -44,11 +44,17 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// An [`Error::Io`] for `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
 
     /// An [`Error::AdapterFormat`] for `path`.
     pub fn adapter(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
-        Error::AdapterFormat { path: path.into(), msg: msg.into() }
+        Error::AdapterFormat {
+            path: path.into(),
+            msg: msg.into(),
+        }
     }
 }

@@ -5,6 +5,21 @@ from typing import final
 
 import torch
 
+__all__ = [
+    "LoraLinear",
+    "TORCH_VERSION",
+    "__version__",
+    "torch_lora_apply_to_linear",
+    "torch_lora_forward",
+    "torch_lora_forward_with_gradients",
+    "torch_lora_linear",
+    "torch_lora_load_adapters",
+    "torch_lora_merge_weights",
+    "torch_lora_save_adapters",
+    "torch_lora_trainable_params",
+    "torch_lora_unmerge_weights",
+]
+
 __version__: str
 TORCH_VERSION: str
 

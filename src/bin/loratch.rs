@@ -3,7 +3,11 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "loratch", version, about = "LoRA fine-tuning on libtorch, no Python needed")]
+#[command(
+    name = "loratch",
+    version,
+    about = "LoRA fine-tuning on libtorch, no Python needed"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -36,7 +40,10 @@ fn main() -> ExitCode {
                 println!("loratch {}", info.loratch_version);
                 println!("libtorch {}", info.torch_version);
                 println!("devices: {}", info.devices.join(", "));
-                println!("cuda devices: {} (cudnn: {})", info.cuda_devices, info.cudnn);
+                println!(
+                    "cuda devices: {} (cudnn: {})",
+                    info.cuda_devices, info.cudnn
+                );
                 println!("mps: {}", info.mps);
                 println!("cpu threads: {}", info.threads);
             }

@@ -19,7 +19,11 @@ fn kind_to_dtype(kind: Kind) -> Result<Dtype> {
         Kind::Int8 => Dtype::I8,
         Kind::Uint8 => Dtype::U8,
         Kind::Bool => Dtype::BOOL,
-        other => return Err(Error::Dtype(format!("cannot store {other:?} in safetensors"))),
+        other => {
+            return Err(Error::Dtype(format!(
+                "cannot store {other:?} in safetensors"
+            )))
+        }
     })
 }
 
@@ -49,10 +53,18 @@ pub fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
 }
 
 /// Serialises named tensors and header metadata to safetensors bytes.
-pub fn serialize(tensors: &[(String, Tensor)], metadata: &HashMap<String, String>) -> Result<Vec<u8>> {
+pub fn serialize(
+    tensors: &[(String, Tensor)],
+    metadata: &HashMap<String, String>,
+) -> Result<Vec<u8>> {
     let mut raw = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
-        raw.push((name.clone(), kind_to_dtype(t.f_kind()?)?, t.size(), tensor_bytes(t)?));
+        raw.push((
+            name.clone(),
+            kind_to_dtype(t.f_kind()?)?,
+            t.size(),
+            tensor_bytes(t)?,
+        ));
     }
     let mut views = Vec::with_capacity(raw.len());
     for (name, dtype, shape, bytes) in &raw {
@@ -66,7 +78,11 @@ pub fn serialize(tensors: &[(String, Tensor)], metadata: &HashMap<String, String
 }
 
 /// Writes named tensors + metadata to `path` atomically.
-pub fn save(path: &Path, tensors: &[(String, Tensor)], metadata: &HashMap<String, String>) -> Result<()> {
+pub fn save(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    metadata: &HashMap<String, String>,
+) -> Result<()> {
     super::atomic::write_atomic(path, &serialize(tensors, metadata)?)
 }
 
@@ -84,7 +100,10 @@ impl MappedSafetensors {
         // SAFETY: the map is read-only; loratch never writes a file it has mapped (saves go to a
         // new file renamed into place), so the mapping stays consistent.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let me = Self { path: path.to_path_buf(), mmap };
+        let me = Self {
+            path: path.to_path_buf(),
+            mmap,
+        };
         me.parse()?;
         Ok(me)
     }
@@ -96,14 +115,20 @@ impl MappedSafetensors {
 
     /// The header's `__metadata__` map (empty when absent).
     pub fn metadata(&self) -> Result<HashMap<String, String>> {
-        let (_, meta) = SafeTensors::read_metadata(&self.mmap)
-            .map_err(|e| Error::adapter(&self.path, format!("not a valid safetensors file: {e}")))?;
+        let (_, meta) = SafeTensors::read_metadata(&self.mmap).map_err(|e| {
+            Error::adapter(&self.path, format!("not a valid safetensors file: {e}"))
+        })?;
         Ok(meta.metadata().clone().unwrap_or_default())
     }
 
     /// Tensor names in the file, sorted.
     pub fn names(&self) -> Result<Vec<String>> {
-        let mut names: Vec<String> = self.parse()?.names().into_iter().map(str::to_owned).collect();
+        let mut names: Vec<String> = self
+            .parse()?
+            .names()
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
         names.sort();
         Ok(names)
     }
@@ -111,16 +136,23 @@ impl MappedSafetensors {
     /// Shape of tensor `name`.
     pub fn shape(&self, name: &str) -> Result<Vec<i64>> {
         let st = self.parse()?;
-        let view = st.tensor(name).map_err(|e| Error::adapter(&self.path, format!("{name}: {e}")))?;
+        let view = st
+            .tensor(name)
+            .map_err(|e| Error::adapter(&self.path, format!("{name}: {e}")))?;
         Ok(view.shape().iter().map(|&d| d as i64).collect())
     }
 
     /// Tensor `name` copied into a new CPU tensor of the file's dtype.
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
         let st = self.parse()?;
-        let view = st.tensor(name).map_err(|e| Error::adapter(&self.path, format!("{name}: {e}")))?;
+        let view = st
+            .tensor(name)
+            .map_err(|e| Error::adapter(&self.path, format!("{name}: {e}")))?;
         let kind = dtype_to_kind(view.dtype()).ok_or_else(|| {
-            Error::adapter(&self.path, format!("{name}: unsupported dtype {:?}", view.dtype()))
+            Error::adapter(
+                &self.path,
+                format!("{name}: unsupported dtype {:?}", view.dtype()),
+            )
         })?;
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
         Ok(Tensor::f_from_data_size(view.data(), &shape, kind)?)
@@ -143,7 +175,15 @@ mod tests {
         let a = Tensor::randn([3, 4], (Kind::Float, Device::Cpu));
         let b = Tensor::randn([2], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
         let meta = HashMap::from([("k".to_string(), "v".to_string())]);
-        save(&p, &[("a".into(), a.shallow_clone()), ("b".into(), b.shallow_clone())], &meta).unwrap();
+        save(
+            &p,
+            &[
+                ("a".into(), a.shallow_clone()),
+                ("b".into(), b.shallow_clone()),
+            ],
+            &meta,
+        )
+        .unwrap();
         let f = MappedSafetensors::open(&p).unwrap();
         assert_eq!(f.names().unwrap(), vec!["a", "b"]);
         assert_eq!(f.metadata().unwrap(), meta);
@@ -162,7 +202,13 @@ mod tests {
         let bytes = std::fs::read(&p).unwrap();
         for cut in [0, 4, 8, 20, bytes.len() / 2, bytes.len() - 1] {
             std::fs::write(&p, &bytes[..cut]).unwrap();
-            assert!(matches!(MappedSafetensors::open(&p), Err(Error::AdapterFormat { .. })), "cut {cut}");
+            assert!(
+                matches!(
+                    MappedSafetensors::open(&p),
+                    Err(Error::AdapterFormat { .. })
+                ),
+                "cut {cut}"
+            );
         }
     }
 }

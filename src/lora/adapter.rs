@@ -38,7 +38,8 @@ impl Adapter {
             Ok(a.f_to_kind(kind)?)
         })?
         .set_requires_grad(true);
-        let b = Tensor::f_zeros([out_features, config.rank], (kind, device))?.set_requires_grad(true);
+        let b =
+            Tensor::f_zeros([out_features, config.rank], (kind, device))?.set_requires_grad(true);
         Ok(Self { a, b, config })
     }
 
@@ -60,7 +61,9 @@ impl Adapter {
         } else {
             x.shallow_clone()
         };
-        let h = h.f_linear::<&Tensor>(&self.a, None)?.f_mul_scalar(self.config.scaling())?;
+        let h = h
+            .f_linear::<&Tensor>(&self.a, None)?
+            .f_mul_scalar(self.config.scaling())?;
         Ok(h.f_linear::<&Tensor>(&self.b, None)?)
     }
 
@@ -92,7 +95,9 @@ impl Adapter {
             )));
         }
         tch::no_grad(|| -> Result<()> {
-            let updated = weight.f_to_kind(Kind::Float)?.f_add(&delta.f_mul_scalar(sign)?)?;
+            let updated = weight
+                .f_to_kind(Kind::Float)?
+                .f_add(&delta.f_mul_scalar(sign)?)?;
             weight.f_copy_(&updated)?;
             Ok(())
         })

@@ -21,12 +21,21 @@ impl LoraConfig {
             return Err(Error::Config(format!("rank must be > 0, got {rank}")));
         }
         if !(alpha.is_finite() && alpha > 0.0) {
-            return Err(Error::Config(format!("alpha must be a finite number > 0, got {alpha}")));
+            return Err(Error::Config(format!(
+                "alpha must be a finite number > 0, got {alpha}"
+            )));
         }
         if !(0.0..1.0).contains(&dropout) {
-            return Err(Error::Config(format!("dropout must be in [0, 1), got {dropout}")));
+            return Err(Error::Config(format!(
+                "dropout must be in [0, 1), got {dropout}"
+            )));
         }
-        Ok(Self { rank, alpha, dropout, use_rslora })
+        Ok(Self {
+            rank,
+            alpha,
+            dropout,
+            use_rslora,
+        })
     }
 
     /// The factor applied to `B @ A`: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.

@@ -26,7 +26,14 @@ pub fn save_linear_adapter(layer: &LoraLinear, path: &Path) -> Result<()> {
         ("out_features".to_string(), layer.out_features().to_string()),
     ]);
     let ad = layer.adapter();
-    save(path, &[(KEY_A.into(), ad.a.shallow_clone()), (KEY_B.into(), ad.b.shallow_clone())], &meta)
+    save(
+        path,
+        &[
+            (KEY_A.into(), ad.a.shallow_clone()),
+            (KEY_B.into(), ad.b.shallow_clone()),
+        ],
+        &meta,
+    )
 }
 
 /// Loads A and B from `path` into the layer, in place (the live tensors handed out before keep
@@ -35,19 +42,26 @@ pub fn save_linear_adapter(layer: &LoraLinear, path: &Path) -> Result<()> {
 /// merged.
 pub fn load_linear_adapter(layer: &mut LoraLinear, path: &Path) -> Result<()> {
     if layer.merged() {
-        return Err(Error::State("cannot load adapters into a merged layer; unmerge it first".into()));
+        return Err(Error::State(
+            "cannot load adapters into a merged layer; unmerge it first".into(),
+        ));
     }
     let file = MappedSafetensors::open(path)?;
     let meta = file.metadata()?;
     let bad = |msg: String| Error::adapter(path, msg);
     if meta.get("loratch_format").map(String::as_str) != Some(FORMAT) {
-        return Err(bad(format!("not a loratch LoRA-linear adapter file (metadata loratch_format != {FORMAT:?})")));
+        return Err(bad(format!(
+            "not a loratch LoRA-linear adapter file (metadata loratch_format != {FORMAT:?})"
+        )));
     }
     let field = |k: &str| -> Result<&String> {
-        meta.get(k).ok_or_else(|| Error::adapter(path, format!("metadata lacks {k:?}")))
+        meta.get(k)
+            .ok_or_else(|| Error::adapter(path, format!("metadata lacks {k:?}")))
     };
     let int = |k: &str| -> Result<i64> {
-        field(k)?.parse().map_err(|_| Error::adapter(path, format!("metadata {k:?} is not an integer")))
+        field(k)?
+            .parse()
+            .map_err(|_| Error::adapter(path, format!("metadata {k:?} is not an integer")))
     };
     let cfg = *layer.config();
     let checks = [
@@ -57,27 +71,45 @@ pub fn load_linear_adapter(layer: &mut LoraLinear, path: &Path) -> Result<()> {
     ];
     for (name, got, want) in checks {
         if got != want {
-            return Err(bad(format!("{name} is {got} in the file but {want} in the layer")));
+            return Err(bad(format!(
+                "{name} is {got} in the file but {want} in the layer"
+            )));
         }
     }
-    let alpha: f64 = field("alpha")?.parse().map_err(|_| bad("metadata \"alpha\" is not a number".into()))?;
+    let alpha: f64 = field("alpha")?
+        .parse()
+        .map_err(|_| bad("metadata \"alpha\" is not a number".into()))?;
     if alpha != cfg.alpha {
-        return Err(bad(format!("alpha is {alpha} in the file but {} in the layer", cfg.alpha)));
+        return Err(bad(format!(
+            "alpha is {alpha} in the file but {} in the layer",
+            cfg.alpha
+        )));
     }
-    let rslora: bool = field("use_rslora")?.parse().map_err(|_| bad("metadata \"use_rslora\" is not a bool".into()))?;
+    let rslora: bool = field("use_rslora")?
+        .parse()
+        .map_err(|_| bad("metadata \"use_rslora\" is not a bool".into()))?;
     if rslora != cfg.use_rslora {
-        return Err(bad(format!("use_rslora is {rslora} in the file but {} in the layer", cfg.use_rslora)));
+        return Err(bad(format!(
+            "use_rslora is {rslora} in the file but {} in the layer",
+            cfg.use_rslora
+        )));
     }
     let names = file.names()?;
     if names != [KEY_A, KEY_B] {
-        return Err(bad(format!("expected tensors [{KEY_A:?}, {KEY_B:?}], found {names:?}")));
+        return Err(bad(format!(
+            "expected tensors [{KEY_A:?}, {KEY_B:?}], found {names:?}"
+        )));
     }
     let ad = layer.adapter_mut();
     let a = file.tensor(KEY_A)?;
     let b = file.tensor(KEY_B)?;
     for (key, t, live) in [(KEY_A, &a, &ad.a), (KEY_B, &b, &ad.b)] {
         if t.size() != live.size() {
-            return Err(bad(format!("{key} has shape {:?}, the layer expects {:?}", t.size(), live.size())));
+            return Err(bad(format!(
+                "{key} has shape {:?}, the layer expects {:?}",
+                t.size(),
+                live.size()
+            )));
         }
         if !t.f_is_floating_point()? {
             return Err(bad(format!("{key} is not a floating-point tensor")));
@@ -109,13 +141,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("ad.safetensors");
         let src = layer(3, 6.0);
-        tch::no_grad(|| { let _ = src.adapter().b.shallow_clone().normal_(0.0, 1.0); });
+        tch::no_grad(|| {
+            let _ = src.adapter().b.shallow_clone().normal_(0.0, 1.0);
+        });
         save_linear_adapter(&src, &p).unwrap();
         let mut dst = layer(3, 6.0);
         let live_b = dst.trainable_params().pop().unwrap();
         load_linear_adapter(&mut dst, &p).unwrap();
         assert!(dst.adapter().a.equal(&src.adapter().a));
-        assert!(live_b.equal(&src.adapter().b), "the live handle sees the loaded values");
+        assert!(
+            live_b.equal(&src.adapter().b),
+            "the live handle sees the loaded values"
+        );
     }
 
     #[test]
@@ -125,10 +162,16 @@ mod tests {
         save_linear_adapter(&layer(3, 6.0), &p).unwrap();
         for mut other in [layer(4, 6.0), layer(3, 5.0)] {
             let before = other.adapter().a.copy();
-            assert!(matches!(load_linear_adapter(&mut other, &p), Err(Error::AdapterFormat { .. })));
+            assert!(matches!(
+                load_linear_adapter(&mut other, &p),
+                Err(Error::AdapterFormat { .. })
+            ));
             assert!(other.adapter().a.equal(&before));
         }
         let missing = dir.path().join("nope.safetensors");
-        assert!(matches!(load_linear_adapter(&mut layer(3, 6.0), &missing), Err(Error::Io { .. })));
+        assert!(matches!(
+            load_linear_adapter(&mut layer(3, 6.0), &missing),
+            Err(Error::Io { .. })
+        ));
     }
 }

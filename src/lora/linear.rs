@@ -35,8 +35,18 @@ impl LoraLinear {
             Ok(t.f_to_kind(kind)?)
         };
         let weight = uniform(&[out_features, in_features])?;
-        let bias = if bias { Some(uniform(&[out_features])?) } else { None };
-        Ok(Self { weight, bias, adapter, merged: false, training: true })
+        let bias = if bias {
+            Some(uniform(&[out_features])?)
+        } else {
+            None
+        };
+        Ok(Self {
+            weight,
+            bias,
+            adapter,
+            merged: false,
+            training: true,
+        })
     }
 
     /// Wraps an existing weight `[out, in]` and optional bias `[out]`. The tensors are shared, not
@@ -45,7 +55,9 @@ impl LoraLinear {
     pub fn from_weight(weight: Tensor, bias: Option<Tensor>, config: LoraConfig) -> Result<Self> {
         let size = weight.size();
         if size.len() != 2 {
-            return Err(Error::Shape(format!("linear weight must be 2-D [out, in], got {size:?}")));
+            return Err(Error::Shape(format!(
+                "linear weight must be 2-D [out, in], got {size:?}"
+            )));
         }
         let kind = weight.f_kind()?;
         check_floating(kind)?;
@@ -68,7 +80,13 @@ impl LoraLinear {
         let adapter = Adapter::new(in_features, out_features, config, kind, weight.device())?;
         let weight = weight.set_requires_grad(false);
         let bias = bias.map(|b| b.set_requires_grad(false));
-        Ok(Self { weight, bias, adapter, merged: false, training: true })
+        Ok(Self {
+            weight,
+            bias,
+            adapter,
+            merged: false,
+            training: true,
+        })
     }
 
     /// `y = x W^T + b + scaling * B(A(dropout(x)))`; after a merge, `x W'^T + b` only.
@@ -115,7 +133,9 @@ impl LoraLinear {
     /// already merged, or if the delta is not finite (then `W` is untouched).
     pub fn merge(&mut self) -> Result<()> {
         if self.merged {
-            return Err(Error::State("the adapter is already merged into the weight".into()));
+            return Err(Error::State(
+                "the adapter is already merged into the weight".into(),
+            ));
         }
         self.adapter.add_delta_to(&mut self.weight, 1.0)?;
         self.merged = true;
@@ -169,7 +189,10 @@ impl LoraLinear {
 
     /// The live trainable tensors `[A, B]` (handles sharing storage and autograd state).
     pub fn trainable_params(&self) -> Vec<Tensor> {
-        vec![self.adapter.a.shallow_clone(), self.adapter.b.shallow_clone()]
+        vec![
+            self.adapter.a.shallow_clone(),
+            self.adapter.b.shallow_clone(),
+        ]
     }
 
     /// Input width.
@@ -204,8 +227,15 @@ mod tests {
     use proptest::prelude::*;
 
     fn layer(i: i64, o: i64, r: i64, alpha: f64) -> LoraLinear {
-        LoraLinear::new(i, o, LoraConfig::new(r, alpha, 0.0, false).unwrap(), true, Kind::Float, Device::Cpu)
-            .unwrap()
+        LoraLinear::new(
+            i,
+            o,
+            LoraConfig::new(r, alpha, 0.0, false).unwrap(),
+            true,
+            Kind::Float,
+            Device::Cpu,
+        )
+        .unwrap()
     }
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -241,7 +271,7 @@ mod tests {
     fn non_finite_delta_leaves_weight_untouched() {
         let mut l = layer(4, 3, 2, 2.0);
         let before = l.weight().copy();
-        tch::no_grad(|| l.adapter_mut().b.fill_(f64::NAN));
+        let _ = tch::no_grad(|| l.adapter_mut().b.fill_(f64::NAN));
         assert!(matches!(l.merge(), Err(Error::NonFinite(_))));
         assert!(!l.merged());
         assert_eq!(max_abs_diff(l.weight(), &before), 0.0);

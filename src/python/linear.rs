@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
 
 /// A linear layer `y = x W^T + b` with a LoRA adapter `scaling * B(A(dropout(x)))`.
-#[pyclass(name = "LoraLinear", module = "loratch")]
+#[pyclass(name = "LoraLinear", module = "loratch", weakref)]
 pub struct PyLoraLinear {
     inner: Mutex<LoraLinear>,
 }
@@ -158,8 +158,11 @@ fn torch_lora_linear(
     let config = LoraConfig::new(rank, alpha, dropout, use_rslora)?;
     let kind = parse_dtype(dtype)?;
     let device = parse_device(device)?;
-    let layer = py.detach(|| LoraLinear::new(in_features, out_features, config, bias, kind, device))?;
-    Ok(PyLoraLinear { inner: Mutex::new(layer) })
+    let layer =
+        py.detach(|| LoraLinear::new(in_features, out_features, config, bias, kind, device))?;
+    Ok(PyLoraLinear {
+        inner: Mutex::new(layer),
+    })
 }
 
 /// Wraps a `torch.nn.Linear`: its weight and bias are shared (not copied) and frozen.
@@ -175,7 +178,9 @@ fn torch_lora_apply_to_linear(
     let nn_linear = linear.py().import("torch.nn")?.getattr("Linear")?;
     if !linear.is_instance(&nn_linear)? {
         let name = linear.get_type().name()?;
-        return Err(PyTypeError::new_err(format!("expected a torch.nn.Linear, got {name}")));
+        return Err(PyTypeError::new_err(format!(
+            "expected a torch.nn.Linear, got {name}"
+        )));
     }
     let weight: PyTensor = linear.getattr("weight")?.extract()?;
     let bias_obj = linear.getattr("bias")?;
@@ -188,7 +193,9 @@ fn torch_lora_apply_to_linear(
     };
     let config = LoraConfig::new(rank, alpha, dropout, use_rslora)?;
     let layer = LoraLinear::from_weight(weight.0, bias, config)?;
-    Ok(PyLoraLinear { inner: Mutex::new(layer) })
+    Ok(PyLoraLinear {
+        inner: Mutex::new(layer),
+    })
 }
 
 /// `y = x W^T + b + scaling * B(A(dropout(x)))` for `x` of shape `[..., in_features]`.
@@ -235,7 +242,12 @@ fn torch_lora_unmerge_weights(py: Python<'_>, layer: &PyLoraLinear) -> PyResult<
 /// The live trainable tensors `[lora_A, lora_B]`.
 #[pyfunction]
 fn torch_lora_trainable_params(layer: &PyLoraLinear) -> Vec<PyTensor> {
-    layer.lock().trainable_params().into_iter().map(PyTensor).collect()
+    layer
+        .lock()
+        .trainable_params()
+        .into_iter()
+        .map(PyTensor)
+        .collect()
 }
 
 /// Saves A, B and the adapter's metadata to a safetensors file, atomically.

@@ -18,7 +18,9 @@ impl<'py> FromPyObject<'py> for PyTensor {
     fn extract_bound(ob: &Bound<'py, PyAny>) -> PyResult<Self> {
         if !is_tensor(ob)? {
             let name = ob.get_type().name()?;
-            return Err(PyTypeError::new_err(format!("expected a torch.Tensor, got {name}")));
+            return Err(PyTypeError::new_err(format!(
+                "expected a torch.Tensor, got {name}"
+            )));
         }
         let impl_ptr: usize = ob.getattr("_cdata")?.extract()?;
         // SAFETY: `ob` is a live torch.Tensor for the duration of this call, so its TensorImpl
@@ -42,10 +44,14 @@ impl<'py> IntoPyObject<'py> for PyTensor {
         // reference, and returns the tensor's existing Python object when it has one.
         // SAFETY: a capsule without destructor over a pointer kept alive by `self` for this call.
         let capsule = unsafe {
-            let raw = pyo3::ffi::PyCapsule_New(impl_ptr as *mut std::ffi::c_void, std::ptr::null(), None);
+            let raw =
+                pyo3::ffi::PyCapsule_New(impl_ptr as *mut std::ffi::c_void, std::ptr::null(), None);
             Bound::from_owned_ptr_or_err(py, raw)?
         };
-        let wrapped = py.import("torch")?.getattr("_C")?.call_method1("_wrap_tensor_impl", (capsule,))?;
+        let wrapped = py
+            .import("torch")?
+            .getattr("_C")?
+            .call_method1("_wrap_tensor_impl", (capsule,))?;
         drop(self);
         Ok(wrapped)
     }
