@@ -20,6 +20,15 @@ pub enum Error {
     /// An adapter file is corrupt, truncated, or does not fit the layer/model it is loaded into.
     #[error("adapter format error: {path}: {msg}")]
     AdapterFormat { path: PathBuf, msg: String },
+    /// An input value is out of range (token id >= vocab size, negative id, ...).
+    #[error("invalid input: {0}")]
+    Input(String),
+    /// A model checkpoint (config.json, weight files) is missing pieces, corrupt or inconsistent.
+    #[error("checkpoint error: {path}: {msg}")]
+    Checkpoint { path: PathBuf, msg: String },
+    /// No model is loaded under this name.
+    #[error("no model named {name:?} is loaded (loaded: {loaded})")]
+    UnknownModel { name: String, loaded: String },
     /// The operation is not valid in the object's current state (merging twice, ...).
     #[error("state error: {0}")]
     State(String),

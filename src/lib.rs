@@ -5,8 +5,10 @@
 pub mod bridge;
 pub mod device;
 pub mod error;
+pub mod hf;
 pub mod io;
 pub mod lora;
+pub mod model;
 pub mod runtime;
 
 #[cfg(feature = "python")]

@@ -18,6 +18,19 @@ __all__ = [
     "torch_lora_save_adapters",
     "torch_lora_trainable_params",
     "torch_lora_unmerge_weights",
+    "torch_hf_forward",
+    "torch_hf_list_models",
+    "torch_hf_load_model_lora",
+    "torch_hf_lora_enable",
+    "torch_hf_lora_get_parameters",
+    "torch_hf_lora_init",
+    "torch_hf_lora_merge",
+    "torch_hf_lora_named_parameters",
+    "torch_hf_lora_unmerge",
+    "torch_hf_memory_report",
+    "torch_hf_memory_usage",
+    "torch_hf_set_training",
+    "torch_hf_unload",
 ]
 
 __version__: str
@@ -142,3 +155,91 @@ def torch_lora_load_adapters(layer: LoraLinear, path: str | os.PathLike[str]) ->
         AdapterFormatError: corrupt/truncated file, or rank/alpha/shape mismatch.
         StateError: the layer is merged.
     """
+
+# --- HuggingFace LoRA API -------------------------------------------------------------------
+
+def torch_hf_load_model_lora(
+    model_name: str, path: str | os.PathLike[str], config: dict[str, str] | None = None
+) -> str:
+    """Load a Hugging Face model directory (config.json + model.safetensors or shards) under
+    ``model_name``, replacing any model of that name. ``config``: ``device`` ("cpu", "cuda[:N]",
+    "mps") and ``dtype`` ("float32" default, "bfloat16", "float16"). Returns the name.
+
+    Supported: LlamaForCausalLM (incl. rope_scaling "llama3"), MistralForCausalLM,
+    Qwen2ForCausalLM, Qwen3ForCausalLM.
+
+    Raises:
+        FileNotFoundError: no directory, config.json or weights.
+        ConfigError: malformed config.json, unsupported architecture, unknown config key.
+        CheckpointError: corrupt or truncated weights, missing or mis-shaped tensors.
+        DeviceError / DTypeError: bad ``device`` / ``dtype``.
+    """
+
+def torch_hf_unload(model_name: str) -> None:
+    """Remove a model from the registry (its memory is freed once no call uses it)."""
+
+def torch_hf_list_models() -> list[str]:
+    """Names of the loaded models, sorted."""
+
+def torch_hf_forward(
+    model_name: str, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Logits ``[B, T, vocab]`` for int64 ``input_ids`` ``[B, T]`` (or ``[T]``: B = 1).
+    ``attention_mask`` (1 = token, 0 = padding; left or right) makes padded rows equal to
+    unpadded runs at their real tokens. Autograd reaches the LoRA tensors.
+
+    Raises:
+        ModelNotFoundError: unknown name (the message lists the loaded ones).
+        DTypeError / ShapeError / InputError: bad ids (float, 3-D, empty, id >= vocab or < 0).
+    """
+
+def torch_hf_lora_init(
+    model_name: str,
+    rank: int,
+    alpha: float,
+    target_modules: list[str] | str,
+    dtype: str = "float32",
+    *,
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+    layers: list[int] | None = None,
+) -> bool:
+    """Lay fresh adapters (A kaiming-uniform, B zeros: the output is unchanged) on the target
+    modules, replacing any existing ones. ``target_modules``: short names (``"q_proj"``, ...,
+    ``"down_proj"``) or full paths, ``"all-linear"`` (every linear but the output head), or a
+    regex string matching whole module paths (PEFT's rules). ``layers`` restricts to those
+    decoder layers.
+
+    Raises:
+        ConfigError: unknown target name (the message lists the valid ones), rank/alpha <= 0.
+    """
+
+def torch_hf_lora_get_parameters(model_name: str) -> list[torch.Tensor]:
+    """The live adapter tensors, ordered by layer, then module (q, k, v, o, gate, up, down),
+    A before B. Raises StateError before ``torch_hf_lora_init``."""
+
+def torch_hf_lora_named_parameters(model_name: str) -> dict[str, torch.Tensor]:
+    """The live adapter tensors keyed by PEFT file keys
+    (``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``), same order."""
+
+def torch_hf_lora_enable(model_name: str, enable: bool) -> None:
+    """Enable or disable the adapters; disabled gives exactly the base model's logits
+    (a merged model is unmerged first)."""
+
+def torch_hf_lora_merge(model_name: str) -> None:
+    """Fold the adapters into the base weights (fp32 math). NaN/Inf deltas raise
+    NonFiniteError and leave every weight unchanged; merging twice raises StateError."""
+
+def torch_hf_lora_unmerge(model_name: str) -> None:
+    """Take the adapters back out of the base weights."""
+
+def torch_hf_set_training(model_name: str, training: bool) -> None:
+    """Training mode (adapter dropout active) or evaluation mode (the default after loading)."""
+
+def torch_hf_memory_usage(model_name: str) -> int:
+    """Bytes held by the model: base weights (a tied head counted once) + adapters + adapter
+    gradients when allocated."""
+
+def torch_hf_memory_report(model_name: str) -> dict[str, int]:
+    """The parts of ``torch_hf_memory_usage``: ``weights``, ``adapters``, ``adapter_grads``,
+    ``total``."""

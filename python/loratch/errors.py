@@ -12,6 +12,9 @@ __all__ = [
     "DeviceError",
     "AdapterFormatError",
     "StateError",
+    "InputError",
+    "CheckpointError",
+    "ModelNotFoundError",
     "NonFiniteError",
     "TorchError",
 ]
@@ -51,3 +54,18 @@ class NonFiniteError(LoraError, ValueError):
 
 class TorchError(LoraError, RuntimeError):
     """libtorch reported an error that loratch's own checks did not anticipate."""
+
+
+class InputError(LoraError, ValueError):
+    """An input value is out of range (e.g. a token id >= vocab size)."""
+
+
+class CheckpointError(LoraError, ValueError):
+    """A model checkpoint is missing pieces, corrupt, or inconsistent with its config."""
+
+
+class ModelNotFoundError(LoraError, KeyError):
+    """No model is loaded under the given name (the message lists the loaded ones)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""

@@ -90,12 +90,22 @@ pub fn save(
 pub struct MappedSafetensors {
     path: std::path::PathBuf,
     mmap: Mmap,
+    checkpoint: bool,
 }
 
 impl MappedSafetensors {
     /// Maps `path` and validates its header. A missing file is an [`Error::Io`] (NotFound);
     /// a corrupt or truncated one an [`Error::AdapterFormat`].
     pub fn open(path: &Path) -> Result<Self> {
+        Self::open_as(path, false)
+    }
+
+    /// As [`open`](Self::open), for model weights: format problems are [`Error::Checkpoint`].
+    pub fn open_checkpoint(path: &Path) -> Result<Self> {
+        Self::open_as(path, true)
+    }
+
+    fn open_as(path: &Path, checkpoint: bool) -> Result<Self> {
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: the map is read-only; loratch never writes a file it has mapped (saves go to a
         // new file renamed into place), so the mapping stays consistent.
@@ -103,6 +113,7 @@ impl MappedSafetensors {
         let me = Self {
             path: path.to_path_buf(),
             mmap,
+            checkpoint,
         };
         me.parse()?;
         Ok(me)
@@ -110,14 +121,13 @@ impl MappedSafetensors {
 
     fn parse(&self) -> Result<SafeTensors<'_>> {
         SafeTensors::deserialize(&self.mmap)
-            .map_err(|e| Error::adapter(&self.path, format!("not a valid safetensors file: {e}")))
+            .map_err(|e| self.err(format!("not a valid safetensors file: {e}")))
     }
 
     /// The header's `__metadata__` map (empty when absent).
     pub fn metadata(&self) -> Result<HashMap<String, String>> {
-        let (_, meta) = SafeTensors::read_metadata(&self.mmap).map_err(|e| {
-            Error::adapter(&self.path, format!("not a valid safetensors file: {e}"))
-        })?;
+        let (_, meta) = SafeTensors::read_metadata(&self.mmap)
+            .map_err(|e| self.err(format!("not a valid safetensors file: {e}")))?;
         Ok(meta.metadata().clone().unwrap_or_default())
     }
 
@@ -138,7 +148,7 @@ impl MappedSafetensors {
         let st = self.parse()?;
         let view = st
             .tensor(name)
-            .map_err(|e| Error::adapter(&self.path, format!("{name}: {e}")))?;
+            .map_err(|e| self.err(format!("{name}: {e}")))?;
         Ok(view.shape().iter().map(|&d| d as i64).collect())
     }
 
@@ -147,7 +157,7 @@ impl MappedSafetensors {
         let st = self.parse()?;
         let view = st
             .tensor(name)
-            .map_err(|e| Error::adapter(&self.path, format!("{name}: {e}")))?;
+            .map_err(|e| self.err(format!("{name}: {e}")))?;
         let kind = dtype_to_kind(view.dtype()).ok_or_else(|| {
             Error::adapter(
                 &self.path,
@@ -156,6 +166,17 @@ impl MappedSafetensors {
         })?;
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
         Ok(Tensor::f_from_data_size(view.data(), &shape, kind)?)
+    }
+
+    fn err(&self, msg: String) -> Error {
+        if self.checkpoint {
+            Error::Checkpoint {
+                path: self.path.clone(),
+                msg,
+            }
+        } else {
+            Error::adapter(&self.path, msg)
+        }
     }
 
     /// The file's path.

@@ -4,6 +4,7 @@ pub mod adapter;
 pub mod config;
 pub mod file;
 pub mod linear;
+pub mod targets;
 
 pub use adapter::Adapter;
 pub use config::LoraConfig;

@@ -3,6 +3,7 @@
 use pyo3::prelude::*;
 
 mod errors;
+mod hf;
 mod linear;
 mod tensor;
 
@@ -13,5 +14,6 @@ fn loratch_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("TORCH_VERSION", crate::bridge::torch_version())?;
     linear::register(m)?;
+    hf::register(m)?;
     Ok(())
 }

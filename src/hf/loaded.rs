@@ -1,0 +1,366 @@
+//! A loaded model with its LoRA state: which modules carry adapters (a [`LoraSpec`]), whether
+//! they are enabled or merged, training or evaluation mode; forward with input checks.
+use crate::device::{dtype_name, parse_device, parse_dtype};
+use crate::error::{Error, Result};
+use crate::lora::targets::{layer_index, pattern_value, Targets};
+use crate::lora::{Adapter, LoraConfig};
+use crate::model::{CausalLm, Checkpoint, KvCache, LoraMode, ModelConfig};
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+
+/// How adapters are laid on a model (PEFT's `LoraConfig` fields that loratch honours).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSpec {
+    pub rank: i64,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub use_rslora: bool,
+    pub targets: Targets,
+    /// `layers_to_transform`: only these decoder layers (None = all).
+    pub layers: Option<Vec<i64>>,
+    /// Per-module rank overrides `{regex: rank}` (first match wins).
+    pub rank_pattern: Vec<(String, i64)>,
+    /// Per-module alpha overrides `{regex: alpha}`.
+    pub alpha_pattern: Vec<(String, f64)>,
+}
+
+impl LoraSpec {
+    /// A spec with one rank and alpha for every target.
+    pub fn simple(rank: i64, alpha: f64, targets: Targets) -> Self {
+        Self {
+            rank,
+            alpha,
+            dropout: 0.0,
+            use_rslora: false,
+            targets,
+            layers: None,
+            rank_pattern: vec![],
+            alpha_pattern: vec![],
+        }
+    }
+
+    /// The adapter config of module `path` (patterns applied), validated.
+    pub fn config_for(&self, path: &str) -> Result<LoraConfig> {
+        let rank = pattern_value(&self.rank_pattern, path)?.unwrap_or(self.rank);
+        let alpha = pattern_value(&self.alpha_pattern, path)?.unwrap_or(self.alpha);
+        LoraConfig::new(rank, alpha, self.dropout, self.use_rslora)
+    }
+
+    /// The module paths this spec adapts, in model order.
+    pub fn select(&self, paths: &[String]) -> Result<Vec<String>> {
+        let mut chosen = self.targets.select(paths)?;
+        if let Some(layers) = &self.layers {
+            chosen.retain(|p| layer_index(p).is_some_and(|i| layers.contains(&i)));
+            if chosen.is_empty() {
+                return Err(Error::Config(format!("layers {layers:?} select no module")));
+            }
+        }
+        Ok(chosen)
+    }
+}
+
+/// Options of `torch_hf_load_model_lora`.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    pub kind: Kind,
+}
+
+impl LoadOptions {
+    /// From the spec's config dictionary values: `device` (default "cpu") and `dtype` (default
+    /// "float32").
+    pub fn parse(device: Option<&str>, dtype: Option<&str>) -> Result<Self> {
+        Ok(Self {
+            device: parse_device(device.unwrap_or("cpu"))?,
+            kind: parse_dtype(dtype.unwrap_or("float32"))?,
+        })
+    }
+}
+
+/// A model in the registry.
+#[derive(Debug)]
+pub struct LoadedModel {
+    pub lm: CausalLm,
+    pub path: PathBuf,
+    /// The adapters' layout, once LoRA is initialised.
+    pub lora: Option<LoraSpec>,
+    /// Adapters take part in forwards.
+    pub enabled: bool,
+    /// Adapters are folded into the base weights.
+    pub merged: bool,
+    /// Dropout active.
+    pub training: bool,
+}
+
+impl LoadedModel {
+    /// Loads `dir` (config.json + safetensors weights).
+    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::io(
+                dir,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found"),
+            ));
+        }
+        let config = ModelConfig::from_dir(dir)?;
+        let ck = Checkpoint::open(dir)?;
+        let lm = tch::no_grad(|| CausalLm::load(&ck, config, opts.kind, opts.device))?;
+        Ok(Self {
+            lm,
+            path: dir.to_path_buf(),
+            lora: None,
+            enabled: true,
+            merged: false,
+            training: false,
+        })
+    }
+
+    fn mode(&self) -> LoraMode {
+        LoraMode {
+            enabled: self.enabled,
+            training: self.training,
+        }
+    }
+
+    /// Checks `input_ids` (`[B, T]` or `[T]`, int64/int32, ids in `[0, vocab)`) and the optional
+    /// `attention_mask` (same shape, 0/1); returns them as int64 `[B, T]` on the model's device.
+    pub fn check_inputs(
+        &self,
+        ids: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let to_2d = |t: &Tensor, what: &str| -> Result<Tensor> {
+            let kind = t.f_kind()?;
+            if !matches!(kind, Kind::Int64 | Kind::Int | Kind::Bool)
+                || (what == "input_ids" && kind == Kind::Bool)
+            {
+                return Err(Error::Dtype(format!(
+                    "{what} must be int64 (or int32), got {}",
+                    dtype_name(kind)
+                )));
+            }
+            let t = match t.dim() {
+                1 => t.f_unsqueeze(0)?,
+                2 => t.shallow_clone(),
+                d => {
+                    return Err(Error::Shape(format!(
+                        "{what} must be [batch, seq] or [seq], got {d}-D {:?}",
+                        t.size()
+                    )))
+                }
+            };
+            if t.size()[1] == 0 || t.size()[0] == 0 {
+                return Err(Error::Shape(format!("{what} is empty: {:?}", t.size())));
+            }
+            Ok(t.f_to_device(self.lm.device())?.f_to_kind(Kind::Int64)?)
+        };
+        let ids = to_2d(ids, "input_ids")?;
+        let vocab = self.lm.config.vocab_size;
+        let (lo, hi) = (
+            ids.f_min()?.f_int64_value(&[])?,
+            ids.f_max()?.f_int64_value(&[])?,
+        );
+        if lo < 0 || hi >= vocab {
+            return Err(Error::Input(format!(
+                "token ids must be in [0, {vocab}) (vocab_size); got min {lo}, max {hi}"
+            )));
+        }
+        let mask = match mask {
+            Some(m) => {
+                let m = to_2d(m, "attention_mask")?;
+                if m.size() != ids.size() {
+                    return Err(Error::Shape(format!(
+                        "attention_mask {:?} does not match input_ids {:?}",
+                        m.size(),
+                        ids.size()
+                    )));
+                }
+                let bad = m
+                    .f_ne(0)?
+                    .f_logical_and(&m.f_ne(1)?)?
+                    .f_any()?
+                    .f_int64_value(&[])?;
+                if bad != 0 {
+                    return Err(Error::Input("attention_mask must hold only 0 and 1".into()));
+                }
+                Some(m)
+            }
+            None => None,
+        };
+        Ok((ids, mask))
+    }
+
+    /// Logits `[B, T, vocab]` (LoRA applied per the current state).
+    pub fn forward(&self, ids: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (ids, mask) = self.check_inputs(ids, mask)?;
+        self.lm.forward(&ids, mask.as_ref(), None, self.mode())
+    }
+
+    /// Logits for new tokens after `cache` (incremental decoding).
+    pub fn forward_cached(
+        &self,
+        ids: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        self.lm.forward(ids, mask, Some(cache), self.mode())
+    }
+
+    /// Lays fresh adapters (A kaiming-uniform, B zeros) on the modules `spec` selects, in `kind`.
+    /// Existing adapters are removed first (unmerged if needed).
+    pub fn init_lora(&mut self, spec: LoraSpec, kind: Kind) -> Result<()> {
+        let paths: Vec<String> = self.lm.linears().into_iter().map(|(p, _)| p).collect();
+        let chosen = spec.select(&paths)?;
+        let configs = chosen
+            .iter()
+            .map(|p| spec.config_for(p))
+            .collect::<Result<Vec<_>>>()?;
+        let device = self.lm.device();
+        let mut adapters = Vec::with_capacity(chosen.len());
+        for (path, cfg) in chosen.iter().zip(&configs) {
+            let lin = self
+                .lm
+                .linears()
+                .into_iter()
+                .find(|(p, _)| p == path)
+                .map(|(_, l)| l);
+            let lin = lin.ok_or_else(|| Error::Config(format!("no module {path}")))?;
+            adapters.push(Adapter::new(
+                lin.in_features(),
+                lin.out_features(),
+                *cfg,
+                kind,
+                device,
+            )?);
+        }
+        self.remove_lora()?;
+        let mut adapters = adapters.into_iter();
+        for (path, lin) in self.lm.linears_mut() {
+            if chosen.contains(&path) {
+                lin.lora = adapters.next();
+            }
+        }
+        self.lora = Some(spec);
+        self.enabled = true;
+        Ok(())
+    }
+
+    /// Removes every adapter (unmerging first).
+    pub fn remove_lora(&mut self) -> Result<()> {
+        for (_, lin) in self.lm.linears_mut() {
+            lin.remove_lora()?;
+        }
+        self.lora = None;
+        self.merged = false;
+        Ok(())
+    }
+
+    fn require_lora(&self) -> Result<&LoraSpec> {
+        self.lora.as_ref().ok_or_else(|| {
+            Error::State("LoRA is not initialised on this model (call torch_hf_lora_init)".into())
+        })
+    }
+
+    /// The live adapter tensors in a fixed order: by layer, then module (q, k, v, o, gate, up,
+    /// down), A then B.
+    pub fn parameters(&self) -> Result<Vec<Tensor>> {
+        Ok(self
+            .named_parameters()?
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect())
+    }
+
+    /// The live adapter tensors keyed by PEFT's file key names
+    /// (`base_model.model.<path>.lora_A.weight`), same order as [`parameters`](Self::parameters).
+    pub fn named_parameters(&self) -> Result<Vec<(String, Tensor)>> {
+        self.require_lora()?;
+        let mut out = Vec::new();
+        for (path, lin) in self.lm.linears() {
+            if let Some(ad) = &lin.lora {
+                out.push((
+                    format!("base_model.model.{path}.lora_A.weight"),
+                    ad.a.shallow_clone(),
+                ));
+                out.push((
+                    format!("base_model.model.{path}.lora_B.weight"),
+                    ad.b.shallow_clone(),
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Enables or disables the adapters. Disabling a merged model unmerges it first (as PEFT),
+    /// so a disabled model always computes exactly the base model.
+    pub fn set_enabled(&mut self, enabled: bool) -> Result<()> {
+        self.require_lora()?;
+        if !enabled && self.merged {
+            self.unmerge()?;
+        }
+        self.enabled = enabled;
+        Ok(())
+    }
+
+    /// Folds every adapter into its base weight (float32 math). All deltas are checked for
+    /// NaN/Inf before any weight changes.
+    pub fn merge(&mut self) -> Result<()> {
+        self.require_lora()?;
+        if self.merged {
+            return Err(Error::State("the adapters are already merged".into()));
+        }
+        if !self.enabled {
+            return Err(Error::State(
+                "the adapters are disabled; enable them before merging".into(),
+            ));
+        }
+        for (_, lin) in self.lm.linears() {
+            lin.check_mergeable()?;
+        }
+        for (_, lin) in self.lm.linears_mut() {
+            lin.merge()?;
+        }
+        self.merged = true;
+        Ok(())
+    }
+
+    /// Takes the adapters back out of the base weights.
+    pub fn unmerge(&mut self) -> Result<()> {
+        self.require_lora()?;
+        if !self.merged {
+            return Err(Error::State("the adapters are not merged".into()));
+        }
+        for (_, lin) in self.lm.linears_mut() {
+            lin.unmerge()?;
+        }
+        self.merged = false;
+        Ok(())
+    }
+
+    /// Bytes of adapters (A, B and their gradients when allocated).
+    pub fn adapter_bytes(&self) -> (i64, i64) {
+        let bytes = |t: &Tensor| (t.numel() * t.kind().elt_size_in_bytes()) as i64;
+        let (mut params, mut grads) = (0, 0);
+        for (_, lin) in self.lm.linears() {
+            if let Some(ad) = &lin.lora {
+                for t in [&ad.a, &ad.b] {
+                    params += bytes(t);
+                    let g = t.grad();
+                    if g.defined() {
+                        grads += bytes(&g);
+                    }
+                }
+            }
+        }
+        (params, grads)
+    }
+
+    /// `[(part, bytes)]`: base weights, adapters, adapter gradients.
+    pub fn memory_report(&self) -> Vec<(&'static str, i64)> {
+        let (adapters, grads) = self.adapter_bytes();
+        vec![
+            ("weights", self.lm.weight_bytes()),
+            ("adapters", adapters),
+            ("adapter_grads", grads),
+        ]
+    }
+}

@@ -1,0 +1,7 @@
+//! The `torch_hf_*` API's core: models addressed by name (registry), LoRA on a loaded model
+//! (loaded), and adapter files in PEFT's format (peft).
+pub mod loaded;
+pub mod peft;
+pub mod registry;
+
+pub use loaded::{LoadOptions, LoadedModel, LoraSpec};

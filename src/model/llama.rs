@@ -1,0 +1,481 @@
+//! The Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) as transformers computes it. Struct
+//! fields are named after the checkpoint keys: `model.layers.{i}.self_attn.q_proj` is
+//! `CausalLm.model.layers[i].self_attn.q_proj`.
+use super::cache::KvCache;
+use super::config::ModelConfig;
+use super::linear::{Linear, LoraMode};
+use super::rope::Rope;
+use super::weights::Checkpoint;
+use crate::error::Result;
+use tch::{Device, Kind, Tensor};
+
+/// `LlamaRMSNorm`: `weight * (x / sqrt(mean(x^2) + eps))`, normalised in float32.
+#[derive(Debug)]
+pub struct RmsNorm {
+    pub weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn load(
+        ck: &Checkpoint,
+        path: &str,
+        dim: i64,
+        eps: f64,
+        kind: Kind,
+        device: Device,
+    ) -> Result<Self> {
+        Ok(Self {
+            weight: ck.load(&format!("{path}.weight"), &[dim], kind, device)?,
+            eps,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let kind = x.f_kind()?;
+        let x32 = x.f_to_kind(Kind::Float)?;
+        let var = x32.f_square()?.f_mean_dim(-1, true, Kind::Float)?;
+        let normed = x32.f_mul(&var.f_add_scalar(self.eps)?.f_rsqrt()?)?;
+        Ok(self.weight.f_mul(&normed.f_to_kind(kind)?)?)
+    }
+}
+
+/// `self_attn`: grouped-query attention with rotary embeddings.
+#[derive(Debug)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub q_norm: Option<RmsNorm>,
+    pub k_norm: Option<RmsNorm>,
+    n_heads: i64,
+    n_kv_heads: i64,
+    head_dim: i64,
+}
+
+/// Per-forward inputs shared by every layer.
+pub struct Context<'a> {
+    pub cos: &'a Tensor,
+    pub sin: &'a Tensor,
+    /// Boolean `[B, 1, T, S]` (true = attend), or None for plain causal attention.
+    pub mask: Option<&'a Tensor>,
+    pub is_causal: bool,
+    pub mode: LoraMode,
+}
+
+impl Attention {
+    fn load(ck: &Checkpoint, p: &str, cfg: &ModelConfig, kind: Kind, dev: Device) -> Result<Self> {
+        let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        let (q_out, kv_out) = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d);
+        let norm = |name: &str| -> Result<Option<RmsNorm>> {
+            if cfg.qk_norm {
+                Ok(Some(RmsNorm::load(
+                    ck,
+                    &format!("{p}.{name}"),
+                    d,
+                    cfg.rms_norm_eps,
+                    kind,
+                    dev,
+                )?))
+            } else {
+                Ok(None)
+            }
+        };
+        Ok(Self {
+            q_proj: Linear::load(
+                ck,
+                &format!("{p}.q_proj"),
+                h,
+                q_out,
+                cfg.qkv_bias,
+                kind,
+                dev,
+            )?,
+            k_proj: Linear::load(
+                ck,
+                &format!("{p}.k_proj"),
+                h,
+                kv_out,
+                cfg.qkv_bias,
+                kind,
+                dev,
+            )?,
+            v_proj: Linear::load(
+                ck,
+                &format!("{p}.v_proj"),
+                h,
+                kv_out,
+                cfg.qkv_bias,
+                kind,
+                dev,
+            )?,
+            o_proj: Linear::load(ck, &format!("{p}.o_proj"), q_out, h, cfg.o_bias, kind, dev)?,
+            q_norm: norm("q_norm")?,
+            k_norm: norm("k_norm")?,
+            n_heads: cfg.num_attention_heads,
+            n_kv_heads: cfg.num_key_value_heads,
+            head_dim: d,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &Context,
+        cache: Option<&mut (Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let (b, t) = (x.size()[0], x.size()[1]);
+        let heads = |proj: &Linear, n: i64, norm: &Option<RmsNorm>| -> Result<Tensor> {
+            let y = proj
+                .forward(x, ctx.mode)?
+                .f_view([b, t, n, self.head_dim])?;
+            let y = match norm {
+                Some(norm) => norm.forward(&y)?,
+                None => y,
+            };
+            Ok(y.f_transpose(1, 2)?)
+        };
+        let q = Rope::apply(
+            &heads(&self.q_proj, self.n_heads, &self.q_norm)?,
+            ctx.cos,
+            ctx.sin,
+        )?;
+        let mut k = Rope::apply(
+            &heads(&self.k_proj, self.n_kv_heads, &self.k_norm)?,
+            ctx.cos,
+            ctx.sin,
+        )?;
+        let mut v = heads(&self.v_proj, self.n_kv_heads, &None)?;
+        if let Some((ck, cv)) = cache {
+            if ck.numel() > 0 {
+                k = Tensor::f_cat(&[&*ck, &k], 2)?;
+                v = Tensor::f_cat(&[&*cv, &v], 2)?;
+            }
+            *ck = k.shallow_clone();
+            *cv = v.shallow_clone();
+        }
+        let gqa = self.n_heads != self.n_kv_heads;
+        let out = Tensor::f_scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            ctx.mask,
+            0.0,
+            ctx.is_causal,
+            None,
+            gqa,
+        )?;
+        let out = out
+            .f_transpose(1, 2)?
+            .f_reshape([b, t, self.n_heads * self.head_dim])?;
+        self.o_proj.forward(&out, ctx.mode)
+    }
+}
+
+/// `mlp`: SwiGLU, `down_proj(silu(gate_proj(x)) * up_proj(x))`.
+#[derive(Debug)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    fn load(ck: &Checkpoint, p: &str, cfg: &ModelConfig, kind: Kind, dev: Device) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            gate_proj: Linear::load(ck, &format!("{p}.gate_proj"), h, i, false, kind, dev)?,
+            up_proj: Linear::load(ck, &format!("{p}.up_proj"), h, i, false, kind, dev)?,
+            down_proj: Linear::load(ck, &format!("{p}.down_proj"), i, h, false, kind, dev)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, mode: LoraMode) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x, mode)?.f_silu()?;
+        self.down_proj
+            .forward(&gate.f_mul(&self.up_proj.forward(x, mode)?)?, mode)
+    }
+}
+
+/// `model.layers.{i}`.
+#[derive(Debug)]
+pub struct DecoderLayer {
+    pub self_attn: Attention,
+    pub mlp: Mlp,
+    pub input_layernorm: RmsNorm,
+    pub post_attention_layernorm: RmsNorm,
+}
+
+impl DecoderLayer {
+    fn load(ck: &Checkpoint, p: &str, cfg: &ModelConfig, kind: Kind, dev: Device) -> Result<Self> {
+        let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+        Ok(Self {
+            self_attn: Attention::load(ck, &format!("{p}.self_attn"), cfg, kind, dev)?,
+            mlp: Mlp::load(ck, &format!("{p}.mlp"), cfg, kind, dev)?,
+            input_layernorm: RmsNorm::load(ck, &format!("{p}.input_layernorm"), h, eps, kind, dev)?,
+            post_attention_layernorm: RmsNorm::load(
+                ck,
+                &format!("{p}.post_attention_layernorm"),
+                h,
+                eps,
+                kind,
+                dev,
+            )?,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &Context,
+        cache: Option<&mut (Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let h = x.f_add(&self.self_attn.forward(
+            &self.input_layernorm.forward(x)?,
+            ctx,
+            cache,
+        )?)?;
+        Ok(h.f_add(
+            &self
+                .mlp
+                .forward(&self.post_attention_layernorm.forward(&h)?, ctx.mode)?,
+        )?)
+    }
+}
+
+/// `model`: embeddings, decoder layers, final norm.
+#[derive(Debug)]
+pub struct Model {
+    pub embed_tokens: Tensor,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+}
+
+/// `*ForCausalLM`: the decoder and its output head (`lm_head`, tied to `embed_tokens` when the
+/// config says so).
+#[derive(Debug)]
+pub struct CausalLm {
+    pub model: Model,
+    pub lm_head: Linear,
+    pub config: ModelConfig,
+    rope: Rope,
+    kind: Kind,
+    device: Device,
+}
+
+impl CausalLm {
+    /// Builds the model from a checkpoint, every weight in `kind` on `device`.
+    pub fn load(ck: &Checkpoint, config: ModelConfig, kind: Kind, device: Device) -> Result<Self> {
+        let cfg = &config;
+        let embed_tokens = ck.load(
+            "model.embed_tokens.weight",
+            &[cfg.vocab_size, cfg.hidden_size],
+            kind,
+            device,
+        )?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::load(ck, &format!("model.layers.{i}"), cfg, kind, device))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(
+            ck,
+            "model.norm",
+            cfg.hidden_size,
+            cfg.rms_norm_eps,
+            kind,
+            device,
+        )?;
+        let lm_head = if cfg.tie_word_embeddings || !ck.contains("lm_head.weight") {
+            Linear::from_weight(embed_tokens.shallow_clone())
+        } else {
+            Linear::load(
+                ck,
+                "lm_head",
+                cfg.hidden_size,
+                cfg.vocab_size,
+                false,
+                kind,
+                device,
+            )?
+        };
+        let rope = Rope::new(cfg, device)?;
+        Ok(Self {
+            model: Model {
+                embed_tokens,
+                layers,
+                norm,
+            },
+            lm_head,
+            config,
+            rope,
+            kind,
+            device,
+        })
+    }
+
+    /// The weights' dtype.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// The weights' device.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Final hidden states `[B, T, hidden]` for `input_ids` `[B, T]` (int64, on the model's device).
+    ///
+    /// `attention_mask` `[B, S]` (1 = token, 0 = padding; S = cached + T) makes padded batches
+    /// equal to unpadded runs: positions count real tokens only and no query attends to padding.
+    pub fn hidden_states(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        mut cache: Option<&mut KvCache>,
+        mode: LoraMode,
+    ) -> Result<Tensor> {
+        let (b, t) = (input_ids.size()[0], input_ids.size()[1]);
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        let positions = match attention_mask {
+            Some(m) => {
+                let pos = m
+                    .f_cumsum(1, Kind::Int64)?
+                    .f_sub_scalar(1)?
+                    .f_clamp_min(0)?;
+                pos.f_narrow(1, past, t)?
+            }
+            None => Tensor::f_arange_start(past, past + t, (Kind::Int64, self.device))?
+                .f_expand([b, t], false)?,
+        };
+        let (cos, sin) = self.rope.cos_sin(&positions, self.kind)?;
+        let mask = match attention_mask {
+            Some(m) => Some(attention_mask_4d(m, past, t)?),
+            None if past > 0 && t > 1 => Some(causal_mask(past, t, self.device)?),
+            None => None,
+        };
+        let is_causal = mask.is_none() && t > 1;
+        let ctx = Context {
+            cos: &cos,
+            sin: &sin,
+            mask: mask.as_ref(),
+            is_causal,
+            mode,
+        };
+        let mut h = Tensor::f_embedding(&self.model.embed_tokens, input_ids, -1, false, false)?;
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            h = layer.forward(&h, &ctx, slot)?;
+        }
+        if let Some(c) = cache {
+            c.advance(t);
+        }
+        self.model.norm.forward(&h)
+    }
+
+    /// Logits `[B, T, vocab]`.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+        mode: LoraMode,
+    ) -> Result<Tensor> {
+        let h = self.hidden_states(input_ids, attention_mask, cache, mode)?;
+        self.lm_head.forward(&h, mode)
+    }
+
+    /// Every linear layer with its module path (the checkpoint key without `.weight`), in
+    /// layer order, then `lm_head`.
+    pub fn linears(&self) -> Vec<(String, &Linear)> {
+        let mut out = Vec::new();
+        for (i, l) in self.model.layers.iter().enumerate() {
+            let a = &l.self_attn;
+            let m = &l.mlp;
+            for (name, lin) in [
+                ("self_attn.q_proj", &a.q_proj),
+                ("self_attn.k_proj", &a.k_proj),
+                ("self_attn.v_proj", &a.v_proj),
+                ("self_attn.o_proj", &a.o_proj),
+                ("mlp.gate_proj", &m.gate_proj),
+                ("mlp.up_proj", &m.up_proj),
+                ("mlp.down_proj", &m.down_proj),
+            ] {
+                out.push((format!("model.layers.{i}.{name}"), lin));
+            }
+        }
+        out.push(("lm_head".to_string(), &self.lm_head));
+        out
+    }
+
+    /// As [`linears`](Self::linears), mutably.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (i, l) in self.model.layers.iter_mut().enumerate() {
+            let a = &mut l.self_attn;
+            let m = &mut l.mlp;
+            for (name, lin) in [
+                ("self_attn.q_proj", &mut a.q_proj),
+                ("self_attn.k_proj", &mut a.k_proj),
+                ("self_attn.v_proj", &mut a.v_proj),
+                ("self_attn.o_proj", &mut a.o_proj),
+                ("mlp.gate_proj", &mut m.gate_proj),
+                ("mlp.up_proj", &mut m.up_proj),
+                ("mlp.down_proj", &mut m.down_proj),
+            ] {
+                out.push((format!("model.layers.{i}.{name}"), lin));
+            }
+        }
+        out.push(("lm_head".to_string(), &mut self.lm_head));
+        out
+    }
+
+    /// Bytes held by the base weights (the tied head counted once).
+    pub fn weight_bytes(&self) -> i64 {
+        let mut seen = std::collections::HashSet::new();
+        let mut total = 0i64;
+        let mut add = |t: &Tensor| {
+            if seen.insert(t.data_ptr() as usize) {
+                total += (t.numel() * t.kind().elt_size_in_bytes()) as i64;
+            }
+        };
+        add(&self.model.embed_tokens);
+        add(&self.model.norm.weight);
+        for l in &self.model.layers {
+            add(&l.input_layernorm.weight);
+            add(&l.post_attention_layernorm.weight);
+            for n in [&l.self_attn.q_norm, &l.self_attn.k_norm]
+                .into_iter()
+                .flatten()
+            {
+                add(&n.weight);
+            }
+        }
+        for (_, lin) in self.linears() {
+            add(&lin.weight);
+            if let Some(b) = &lin.bias {
+                add(b);
+            }
+        }
+        total
+    }
+}
+
+/// Causal mask for `t` new queries after `past` cached keys: `[1, 1, t, past + t]`.
+fn causal_mask(past: i64, t: i64, device: Device) -> Result<Tensor> {
+    let q = Tensor::f_arange_start(past, past + t, (Kind::Int64, device))?.f_unsqueeze(1)?;
+    let k = Tensor::f_arange(past + t, (Kind::Int64, device))?.f_unsqueeze(0)?;
+    Ok(k.f_le_tensor(&q)?.f_unsqueeze(0)?.f_unsqueeze(0)?)
+}
+
+/// Causal-and-padding mask `[B, 1, t, S]` from a `[B, S]` attention mask. Every query may attend
+/// to itself, so rows of padding never become all-masked (which would give NaN).
+fn attention_mask_4d(mask: &Tensor, past: i64, t: i64) -> Result<Tensor> {
+    let s = mask.size()[1];
+    let device = mask.device();
+    let causal = causal_mask(past, t, device)?;
+    let keys = mask.f_ne(0)?.f_unsqueeze(1)?.f_unsqueeze(1)?;
+    let q = Tensor::f_arange_start(past, past + t, (Kind::Int64, device))?.f_unsqueeze(1)?;
+    let k = Tensor::f_arange(s, (Kind::Int64, device))?.f_unsqueeze(0)?;
+    let diag = k.f_eq_tensor(&q)?.f_unsqueeze(0)?.f_unsqueeze(0)?;
+    Ok(causal.f_logical_and(&keys)?.f_logical_or(&diag)?)
+}

@@ -1,0 +1,13 @@
+//! Llama-family decoders loaded from Hugging Face checkpoints, with LoRA slots on every linear.
+pub mod cache;
+pub mod config;
+pub mod linear;
+pub mod llama;
+pub mod rope;
+pub mod weights;
+
+pub use cache::KvCache;
+pub use config::{Architecture, ModelConfig};
+pub use linear::{Linear, LoraMode};
+pub use llama::CausalLm;
+pub use weights::Checkpoint;

@@ -1,0 +1,117 @@
+//! A Hugging Face checkpoint on disk: `model.safetensors`, or shards listed in
+//! `model.safetensors.index.json`. Files are memory-mapped; each tensor is copied once, straight
+//! from the map into its libtorch tensor of the requested dtype and device.
+use crate::error::{Error, Result};
+use crate::io::safetensors::MappedSafetensors;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+
+/// The weight files of one checkpoint, indexed by tensor name.
+pub struct Checkpoint {
+    dir: PathBuf,
+    files: Vec<MappedSafetensors>,
+    index: HashMap<String, usize>,
+}
+
+impl Checkpoint {
+    /// Opens the checkpoint in `dir`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        let index_path = dir.join("model.safetensors.index.json");
+        let mut files = Vec::new();
+        let mut index = HashMap::new();
+        if index_path.is_file() {
+            let text =
+                std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
+            let json: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
+                    path: index_path.clone(),
+                    msg: format!("malformed index: {e}"),
+                })?;
+            let map = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::Checkpoint {
+                    path: index_path.clone(),
+                    msg: "index has no \"weight_map\" object".into(),
+                })?;
+            let mut shard_ids: HashMap<String, usize> = HashMap::new();
+            let mut names: Vec<(&String, &serde_json::Value)> = map.iter().collect();
+            names.sort_by(|a, b| a.0.cmp(b.0));
+            for (name, shard) in names {
+                let shard = shard.as_str().ok_or_else(|| Error::Checkpoint {
+                    path: index_path.clone(),
+                    msg: format!("weight_map[{name:?}] is not a file name"),
+                })?;
+                let id = match shard_ids.get(shard) {
+                    Some(&id) => id,
+                    None => {
+                        files.push(MappedSafetensors::open_checkpoint(&dir.join(shard))?);
+                        shard_ids.insert(shard.to_string(), files.len() - 1);
+                        files.len() - 1
+                    }
+                };
+                index.insert(name.clone(), id);
+            }
+        } else if single.is_file() {
+            let file = MappedSafetensors::open_checkpoint(&single)?;
+            for name in file.names()? {
+                index.insert(name, 0);
+            }
+            files.push(file);
+        } else {
+            return Err(Error::io(
+                &single,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no model.safetensors or model.safetensors.index.json in the model directory",
+                ),
+            ));
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            files,
+            index,
+        })
+    }
+
+    /// Whether the checkpoint holds `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// All tensor names, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.index.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Tensor `name` as `kind` on `device`, checked to have `shape`.
+    pub fn load(&self, name: &str, shape: &[i64], kind: Kind, device: Device) -> Result<Tensor> {
+        let &file = self.index.get(name).ok_or_else(|| Error::Checkpoint {
+            path: self.dir.clone(),
+            msg: format!("missing weight {name:?}"),
+        })?;
+        let t = self.files[file].tensor(name)?;
+        if t.size() != shape {
+            return Err(Error::Checkpoint {
+                path: self.files[file].path().to_path_buf(),
+                msg: format!(
+                    "{name} has shape {:?}, the config implies {shape:?}",
+                    t.size()
+                ),
+            });
+        }
+        if !t.f_is_floating_point()? {
+            return Err(Error::Checkpoint {
+                path: self.files[file].path().to_path_buf(),
+                msg: format!("{name} is not floating point"),
+            });
+        }
+        Ok(t.f_to_device(device)?
+            .f_to_kind(kind)?
+            .set_requires_grad(false))
+    }
+}

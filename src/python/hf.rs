@@ -1,0 +1,209 @@
+//! The spec's "HuggingFace LoRA API": `torch_hf_*` functions over the model registry.
+use super::tensor::PyTensor;
+use crate::device::parse_dtype;
+use crate::error::Error;
+use crate::hf::registry::{self, lock};
+use crate::hf::{LoadOptions, LoadedModel, LoraSpec};
+use crate::lora::targets::Targets;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyString};
+use std::path::PathBuf;
+
+fn config_str(config: Option<&Bound<'_, PyDict>>, key: &str) -> PyResult<Option<String>> {
+    match config.map(|c| c.get_item(key)).transpose()?.flatten() {
+        Some(v) => Ok(Some(v.extract::<String>().map_err(|_| {
+            Error::Config(format!("config[{key:?}] must be a string"))
+        })?)),
+        None => Ok(None),
+    }
+}
+
+/// Loads a Hugging Face model directory under `model_name` (replacing a model of that name).
+/// `config` keys: `device` ("cpu", "cuda[:N]", "mps"), `dtype` ("float32", "bfloat16",
+/// "float16"). Returns the name.
+#[pyfunction]
+#[pyo3(signature = (model_name, path, config=None))]
+fn torch_hf_load_model_lora(
+    py: Python<'_>,
+    model_name: String,
+    path: PathBuf,
+    config: Option<&Bound<'_, PyDict>>,
+) -> PyResult<String> {
+    if let Some(c) = config {
+        for key in c.keys() {
+            let key: String = key.extract()?;
+            if !["device", "dtype"].contains(&key.as_str()) {
+                return Err(Error::Config(format!(
+                    "unknown config key {key:?}; known: \"device\", \"dtype\""
+                ))
+                .into());
+            }
+        }
+    }
+    let opts = LoadOptions::parse(
+        config_str(config, "device")?.as_deref(),
+        config_str(config, "dtype")?.as_deref(),
+    )?;
+    let model = py.detach(|| LoadedModel::load(&path, &opts))?;
+    registry::insert(&model_name, model);
+    Ok(model_name)
+}
+
+/// Removes a model from the registry (its memory is freed when no call uses it).
+#[pyfunction]
+fn torch_hf_unload(model_name: &str) -> PyResult<()> {
+    Ok(registry::remove(model_name)?)
+}
+
+/// Names of the loaded models, sorted.
+#[pyfunction]
+fn torch_hf_list_models() -> Vec<String> {
+    registry::names()
+}
+
+/// Logits `[B, T, vocab]` for `input_ids` `[B, T]` (or `[T]`, then B = 1).
+#[pyfunction]
+#[pyo3(signature = (model_name, input_ids, attention_mask=None))]
+fn torch_hf_forward(
+    py: Python<'_>,
+    model_name: &str,
+    input_ids: PyTensor,
+    attention_mask: Option<PyTensor>,
+) -> PyResult<PyTensor> {
+    let entry = registry::get(model_name)?;
+    let (ids, mask) = (input_ids.0, attention_mask.map(|m| m.0));
+    let logits = py.detach(move || lock(&entry).forward(&ids, mask.as_ref()))?;
+    Ok(PyTensor(logits))
+}
+
+fn targets_from_py(obj: &Bound<'_, PyAny>) -> PyResult<Targets> {
+    if let Ok(s) = obj.downcast::<PyString>() {
+        let s = s.to_string();
+        return Ok(Targets::from_json(&serde_json::Value::String(s))?);
+    }
+    if let Ok(list) = obj.extract::<Vec<String>>() {
+        return Ok(Targets::Names(list));
+    }
+    Err(pyo3::exceptions::PyTypeError::new_err(
+        "target_modules must be a list of module names, \"all-linear\", or a regex string",
+    ))
+}
+
+/// Lays fresh LoRA adapters on the target modules (a fresh adapter changes nothing).
+#[pyfunction]
+#[pyo3(signature = (model_name, rank, alpha, target_modules, dtype="float32", *, dropout=0.0, use_rslora=false, layers=None))]
+#[allow(clippy::too_many_arguments)]
+fn torch_hf_lora_init(
+    py: Python<'_>,
+    model_name: &str,
+    rank: i64,
+    alpha: f64,
+    target_modules: &Bound<'_, PyAny>,
+    dtype: &str,
+    dropout: f64,
+    use_rslora: bool,
+    layers: Option<Vec<i64>>,
+) -> PyResult<bool> {
+    let targets = targets_from_py(target_modules)?;
+    let kind = parse_dtype(dtype)?;
+    crate::lora::LoraConfig::new(rank, alpha, dropout, use_rslora)?;
+    let spec = LoraSpec {
+        dropout,
+        use_rslora,
+        layers,
+        ..LoraSpec::simple(rank, alpha, targets)
+    };
+    let entry = registry::get(model_name)?;
+    py.detach(move || lock(&entry).init_lora(spec, kind))?;
+    Ok(true)
+}
+
+/// The live adapter tensors: by layer, then module (q, k, v, o, gate, up, down), A then B.
+#[pyfunction]
+fn torch_hf_lora_get_parameters(model_name: &str) -> PyResult<Vec<PyTensor>> {
+    let params = lock(&registry::get(model_name)?).parameters()?;
+    Ok(params.into_iter().map(PyTensor).collect())
+}
+
+/// The live adapter tensors keyed by PEFT key names (same order as get_parameters).
+#[pyfunction]
+fn torch_hf_lora_named_parameters<'py>(
+    py: Python<'py>,
+    model_name: &str,
+) -> PyResult<Bound<'py, PyDict>> {
+    let named = lock(&registry::get(model_name)?).named_parameters()?;
+    let dict = PyDict::new(py);
+    for (k, t) in named {
+        dict.set_item(k, PyTensor(t))?;
+    }
+    Ok(dict)
+}
+
+/// Enables or disables the adapters (disabled = exactly the base model).
+#[pyfunction]
+fn torch_hf_lora_enable(py: Python<'_>, model_name: &str, enable: bool) -> PyResult<()> {
+    let entry = registry::get(model_name)?;
+    Ok(py.detach(move || lock(&entry).set_enabled(enable))?)
+}
+
+/// Folds the adapters into the base weights (fp32 math; NaN/Inf deltas raise, nothing changes).
+#[pyfunction]
+fn torch_hf_lora_merge(py: Python<'_>, model_name: &str) -> PyResult<()> {
+    let entry = registry::get(model_name)?;
+    Ok(py.detach(move || lock(&entry).merge())?)
+}
+
+/// Takes the adapters back out of the base weights.
+#[pyfunction]
+fn torch_hf_lora_unmerge(py: Python<'_>, model_name: &str) -> PyResult<()> {
+    let entry = registry::get(model_name)?;
+    Ok(py.detach(move || lock(&entry).unmerge())?)
+}
+
+/// Training mode (adapter dropout active) or evaluation mode (the default after loading).
+#[pyfunction]
+fn torch_hf_set_training(model_name: &str, training: bool) -> PyResult<()> {
+    lock(&registry::get(model_name)?).training = training;
+    Ok(())
+}
+
+/// Bytes held by the model: base weights + adapters + adapter gradients when allocated.
+#[pyfunction]
+fn torch_hf_memory_usage(model_name: &str) -> PyResult<i64> {
+    Ok(lock(&registry::get(model_name)?)
+        .memory_report()
+        .iter()
+        .map(|(_, b)| b)
+        .sum())
+}
+
+/// The parts of `torch_hf_memory_usage`: `{"weights", "adapters", "adapter_grads", "total"}`.
+#[pyfunction]
+fn torch_hf_memory_report<'py>(py: Python<'py>, model_name: &str) -> PyResult<Bound<'py, PyDict>> {
+    let report = lock(&registry::get(model_name)?).memory_report();
+    let dict = PyDict::new(py);
+    let mut total = 0;
+    for (k, v) in report {
+        dict.set_item(k, v)?;
+        total += v;
+    }
+    dict.set_item("total", total)?;
+    Ok(dict)
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(torch_hf_load_model_lora, m)?)?;
+    m.add_function(wrap_pyfunction!(torch_hf_unload, m)?)?;
+    m.add_function(wrap_pyfunction!(torch_hf_list_models, m)?)?;
+    m.add_function(wrap_pyfunction!(torch_hf_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(torch_hf_lora_init, m)?)?;
+    m.add_function(wrap_pyfunction!(torch_hf_lora_get_parameters, m)?)?;
+    m.add_function(wrap_pyfunction!(torch_hf_lora_named_parameters, m)?)?;
+    m.add_function(wrap_pyfunction!(torch_hf_lora_enable, m)?)?;
+    m.add_function(wrap_pyfunction!(torch_hf_lora_merge, m)?)?;
+    m.add_function(wrap_pyfunction!(torch_hf_lora_unmerge, m)?)?;
+    m.add_function(wrap_pyfunction!(torch_hf_set_training, m)?)?;
+    m.add_function(wrap_pyfunction!(torch_hf_memory_usage, m)?)?;
+    m.add_function(wrap_pyfunction!(torch_hf_memory_report, m)?)?;
+    Ok(())
+}

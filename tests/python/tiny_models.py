@@ -1,0 +1,75 @@
+"""Tiny random Llama-family models made with transformers and saved to a directory, for the
+parity tests (no hub access: every model is built from a config here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "llama3-scaled", "llama-untied"]
+
+
+def tiny_config(family: str, **overrides: Any) -> Any:
+    import transformers as tf
+
+    common: dict[str, Any] = dict(
+        vocab_size=97,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+    )
+    if family == "llama":
+        cfg = tf.LlamaConfig(**common)
+    elif family == "llama-untied":
+        cfg = tf.LlamaConfig(**{**common, "tie_word_embeddings": False, "num_key_value_heads": 6})
+    elif family == "llama3-scaled":
+        cfg = tf.LlamaConfig(
+            **{**common, "rope_theta": 500000.0},
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            },
+        )
+    elif family == "mistral":
+        cfg = tf.MistralConfig(**{**common, "tie_word_embeddings": False}, sliding_window=None)
+    elif family == "qwen2":
+        cfg = tf.Qwen2Config(**common)
+    elif family == "qwen3":
+        cfg = tf.Qwen3Config(**{**common, "head_dim": 16})
+    else:
+        raise ValueError(family)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def make_model(family: str, directory: Path, seed: int = 0, **overrides: Any) -> Any:
+    """Builds a random model of `family`, saves it (safetensors) to `directory`, returns it in
+    eval mode with fp32 weights."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(family, **overrides)
+    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():  # larger weights than the default init exercise more of the math
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif p.dim() == 1:
+                p.normal_(0.0, 0.1)
+            else:
+                p.normal_(0.0, 0.08)
+    model.eval()
+    model.save_pretrained(directory)
+    return model
