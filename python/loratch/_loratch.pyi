@@ -24,6 +24,8 @@ __all__ = [
     "torch_hf_lora_enable",
     "torch_hf_lora_get_parameters",
     "torch_hf_lora_init",
+    "torch_hf_lora_load",
+    "torch_hf_lora_save",
     "torch_hf_lora_merge",
     "torch_hf_lora_named_parameters",
     "torch_hf_lora_unmerge",
@@ -243,3 +245,14 @@ def torch_hf_memory_usage(model_name: str) -> int:
 def torch_hf_memory_report(model_name: str) -> dict[str, int]:
     """The parts of ``torch_hf_memory_usage``: ``weights``, ``adapters``, ``adapter_grads``,
     ``total``."""
+
+def torch_hf_lora_save(model_name: str, path: str | os.PathLike[str]) -> None:
+    """Save the adapters in PEFT's format (float32): a directory with ``adapter_config.json`` +
+    ``adapter_model.safetensors`` for a path without extension, or a single ``.safetensors``
+    file with the adapter config in its metadata. Writes are atomic."""
+
+def torch_hf_lora_load(model_name: str, path: str | os.PathLike[str]) -> None:
+    """Load PEFT adapters (loratch's or PEFT's own: list, regex or "all-linear" targets,
+    rank_pattern/alpha_pattern, use_rslora). Initialises LoRA from the adapter's config when
+    needed. Missing, unexpected or mis-shaped tensors, or a layout different from the
+    initialised LoRA, raise AdapterFormatError and leave the model unchanged."""

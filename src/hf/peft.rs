@@ -1,1 +1,383 @@
-//! PEFT adapter files (todo)
+//! Adapter files in Hugging Face PEFT's format, so adapters move between loratch, PEFT,
+//! transformers and serving stacks: a directory with `adapter_config.json` +
+//! `adapter_model.safetensors`, or one `.safetensors` file carrying the config in its metadata.
+//! Tensor keys are PEFT's (`base_model.model.<module>.lora_{A,B}.weight`), float32 on disk.
+//! Unlike PEFT, loading is strict: a missing, unexpected or mis-shaped tensor is an error.
+use super::loaded::{LoadedModel, LoraSpec};
+use crate::error::{Error, Result};
+use crate::io::atomic::write_atomic;
+use crate::io::safetensors::{serialize, MappedSafetensors};
+use crate::lora::targets::Targets;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+use tch::{Device, Kind, Tensor};
+
+const CONFIG_FILE: &str = "adapter_config.json";
+const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+const LEGACY_WEIGHTS_FILE: &str = "adapter_model.bin";
+
+/// How a path is written or read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// A PEFT directory.
+    Directory,
+    /// One safetensors file, the adapter config in its metadata under `adapter_config`.
+    Safetensors,
+    /// A legacy `torch.save` file (`.pt`, `.pth`, `.bin`).
+    Torch,
+}
+
+impl Layout {
+    /// By extension: `.safetensors`, `.pt`/`.pth`/`.bin`, anything else a directory.
+    pub fn of(path: &Path) -> Self {
+        match path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            Some("safetensors") => Self::Safetensors,
+            Some("pt" | "pth" | "bin") => Self::Torch,
+            _ => Self::Directory,
+        }
+    }
+}
+
+fn number(x: f64) -> Value {
+    if x.fract() == 0.0 && x.abs() < 1e15 {
+        json!(x as i64)
+    } else {
+        json!(x)
+    }
+}
+
+/// PEFT's `adapter_config.json` for `spec`.
+pub fn adapter_config(spec: &LoraSpec, base_model: &Path) -> Value {
+    let rank_pattern: serde_json::Map<String, Value> = spec
+        .rank_pattern
+        .iter()
+        .map(|(k, v)| (k.clone(), json!(v)))
+        .collect();
+    let alpha_pattern: serde_json::Map<String, Value> = spec
+        .alpha_pattern
+        .iter()
+        .map(|(k, v)| (k.clone(), number(*v)))
+        .collect();
+    json!({
+        "alpha_pattern": alpha_pattern,
+        "base_model_name_or_path": base_model.to_string_lossy(),
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "layers_pattern": null,
+        "layers_to_transform": spec.layers,
+        "lora_alpha": number(spec.alpha),
+        "lora_dropout": spec.dropout,
+        "modules_to_save": null,
+        "peft_type": "LORA",
+        "r": spec.rank,
+        "rank_pattern": rank_pattern,
+        "target_modules": spec.targets.to_json(),
+        "task_type": "CAUSAL_LM",
+        "use_dora": false,
+        "use_rslora": spec.use_rslora,
+    })
+}
+
+/// Reads a PEFT adapter config into a [`LoraSpec`]. Features loratch does not implement (DoRA,
+/// bias training, modules_to_save, fan_in_fan_out) are errors, not silently ignored.
+/// `fallback_targets` is used when `target_modules` is null (PEFT's per-model default).
+pub fn spec_from_config(cfg: &Value, fallback_targets: Vec<String>) -> Result<LoraSpec> {
+    let bad = |m: String| Error::Config(format!("adapter config: {m}"));
+    let obj = cfg
+        .as_object()
+        .ok_or_else(|| bad("not a JSON object".into()))?;
+    if let Some(t) = obj.get("peft_type").and_then(Value::as_str) {
+        if t != "LORA" {
+            return Err(bad(format!("peft_type {t:?} is not \"LORA\"")));
+        }
+    }
+    let flag = |k: &str| obj.get(k).and_then(Value::as_bool).unwrap_or(false);
+    if flag("use_dora") {
+        return Err(bad("use_dora is not supported".into()));
+    }
+    if flag("fan_in_fan_out") {
+        return Err(bad("fan_in_fan_out is not supported".into()));
+    }
+    if let Some(b) = obj.get("bias").and_then(Value::as_str) {
+        if b != "none" {
+            return Err(bad(format!("bias {b:?} is not supported (only \"none\")")));
+        }
+    }
+    if obj
+        .get("modules_to_save")
+        .is_some_and(|m| m.as_array().is_some_and(|a| !a.is_empty()))
+    {
+        return Err(bad("modules_to_save is not supported".into()));
+    }
+    let rank = match obj.get("r") {
+        None => 8,
+        Some(v) => v
+            .as_i64()
+            .ok_or_else(|| bad(format!("r must be an integer, got {v}")))?,
+    };
+    let alpha = match obj.get("lora_alpha") {
+        None => 8.0,
+        Some(v) => v
+            .as_f64()
+            .ok_or_else(|| bad(format!("lora_alpha must be a number, got {v}")))?,
+    };
+    let dropout = obj
+        .get("lora_dropout")
+        .and_then(Value::as_f64)
+        .unwrap_or(0.0);
+    let targets = match obj.get("target_modules") {
+        None | Some(Value::Null) => Targets::Names(fallback_targets),
+        Some(v) => Targets::from_json(v)?,
+    };
+    let layers = match obj.get("layers_to_transform") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => Some(vec![n
+            .as_i64()
+            .ok_or_else(|| bad("layers_to_transform".into()))?]),
+        Some(Value::Array(a)) => Some(
+            a.iter()
+                .map(|x| {
+                    x.as_i64().ok_or_else(|| {
+                        bad(format!("layers_to_transform entry {x} is not an integer"))
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?,
+        ),
+        Some(v) => {
+            return Err(bad(format!(
+                "layers_to_transform must be an int or a list, got {v}"
+            )))
+        }
+    };
+    let pattern = |k: &str| -> Result<Vec<(String, f64)>> {
+        match obj.get(k) {
+            None | Some(Value::Null) => Ok(vec![]),
+            Some(Value::Object(m)) => m
+                .iter()
+                .map(|(key, v)| {
+                    v.as_f64()
+                        .map(|x| (key.clone(), x))
+                        .ok_or_else(|| bad(format!("{k}[{key:?}] is not a number")))
+                })
+                .collect(),
+            Some(v) => Err(bad(format!("{k} must be an object, got {v}"))),
+        }
+    };
+    let rank_pattern = pattern("rank_pattern")?
+        .into_iter()
+        .map(|(k, v)| (k, v as i64))
+        .collect();
+    Ok(LoraSpec {
+        rank,
+        alpha,
+        dropout,
+        use_rslora: flag("use_rslora"),
+        targets,
+        layers,
+        rank_pattern,
+        alpha_pattern: pattern("alpha_pattern")?,
+    })
+}
+
+/// Saves the model's adapters to `path` (layout by extension), atomically per file.
+pub fn save(model: &LoadedModel, path: &Path) -> Result<()> {
+    let spec = model
+        .lora
+        .as_ref()
+        .ok_or_else(|| Error::State("LoRA is not initialised: nothing to save".into()))?;
+    let tensors = model
+        .named_parameters()?
+        .into_iter()
+        .map(|(k, t)| {
+            Ok((
+                k,
+                t.f_detach()?
+                    .f_to_device(Device::Cpu)?
+                    .f_to_kind(Kind::Float)?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let config = adapter_config(spec, &model.path);
+    match Layout::of(path) {
+        Layout::Directory => {
+            std::fs::create_dir_all(path).map_err(|e| Error::io(path, e))?;
+            let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+            write_atomic(&path.join(WEIGHTS_FILE), &serialize(&tensors, &meta)?)?;
+            let text = serde_json::to_string_pretty(&config).map_err(|e| Error::Config(e.to_string()))?;
+            write_atomic(&path.join(CONFIG_FILE), text.as_bytes())
+        }
+        Layout::Safetensors => {
+            let meta = HashMap::from([
+                ("format".to_string(), "pt".to_string()),
+                ("adapter_config".to_string(), config.to_string()),
+            ]);
+            write_atomic(path, &serialize(&tensors, &meta)?)
+        }
+        Layout::Torch => Err(Error::Config(format!(
+            "{}: writing .pt/.pth/.bin adapters is not implemented yet; use a directory or .safetensors",
+            path.display()
+        ))),
+    }
+}
+
+/// An adapter read from disk: its config and tensors (CPU).
+struct AdapterFile {
+    config: Value,
+    tensors: BTreeMap<String, Tensor>,
+}
+
+fn read(path: &Path) -> Result<AdapterFile> {
+    let read_st = |p: &Path| -> Result<(HashMap<String, String>, BTreeMap<String, Tensor>)> {
+        let f = MappedSafetensors::open(p)?;
+        let tensors = f
+            .names()?
+            .into_iter()
+            .map(|n| Ok((n.clone(), f.tensor(&n)?)))
+            .collect::<Result<_>>()?;
+        Ok((f.metadata()?, tensors))
+    };
+    let parse = |text: &str, p: &Path| -> Result<Value> {
+        serde_json::from_str(text)
+            .map_err(|e| Error::adapter(p, format!("malformed adapter config: {e}")))
+    };
+    match Layout::of(path) {
+        Layout::Directory => {
+            let cfg_path = path.join(CONFIG_FILE);
+            let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+            let config = parse(&text, &cfg_path)?;
+            let st = path.join(WEIGHTS_FILE);
+            if !st.exists() && path.join(LEGACY_WEIGHTS_FILE).exists() {
+                return Err(Error::adapter(path, "adapter_model.bin (torch pickle) is not supported yet; convert it to safetensors"));
+            }
+            let (_, tensors) = read_st(&st)?;
+            Ok(AdapterFile { config, tensors })
+        }
+        Layout::Safetensors => {
+            let (meta, tensors) = read_st(path)?;
+            let text = meta.get("adapter_config").ok_or_else(|| {
+                Error::adapter(path, "no \"adapter_config\" in the safetensors metadata")
+            })?;
+            Ok(AdapterFile {
+                config: parse(text, path)?,
+                tensors,
+            })
+        }
+        Layout::Torch => Err(Error::adapter(
+            path,
+            "reading .pt/.pth/.bin adapters is not implemented yet",
+        )),
+    }
+}
+
+/// Loads adapters from `path` into the model. When LoRA is not initialised it is initialised
+/// from the file's config; otherwise the file must have the same layout (modules, ranks,
+/// alphas). Every check runs before any tensor is written, so a failed load changes nothing.
+pub fn load(model: &mut LoadedModel, path: &Path) -> Result<()> {
+    if model.merged {
+        return Err(Error::State(
+            "the adapters are merged; unmerge before loading others".into(),
+        ));
+    }
+    let file = read(path)?;
+    let bad = |m: String| Error::adapter(path, m);
+    // target_modules null (PEFT's per-model default): take the modules present in the file.
+    let in_file: BTreeSet<String> = file
+        .tensors
+        .keys()
+        .filter_map(|k| {
+            k.strip_prefix("base_model.model.")?
+                .strip_suffix(".lora_A.weight")
+                .map(str::to_owned)
+        })
+        .collect();
+    let spec = spec_from_config(&file.config, in_file.iter().cloned().collect())?;
+    let paths: Vec<String> = model.lm.linears().into_iter().map(|(p, _)| p).collect();
+    let chosen = spec.select(&paths).map_err(|e| bad(e.to_string()))?;
+    let mut expected = BTreeMap::new();
+    for p in &chosen {
+        let cfg = spec.config_for(p)?;
+        let linears = model.lm.linears();
+        let lin = linears
+            .iter()
+            .find(|(q, _)| q == p)
+            .map(|(_, l)| l)
+            .ok_or_else(|| bad(format!("no module {p}")))?;
+        expected.insert(
+            format!("base_model.model.{p}.lora_A.weight"),
+            vec![cfg.rank, lin.in_features()],
+        );
+        expected.insert(
+            format!("base_model.model.{p}.lora_B.weight"),
+            vec![lin.out_features(), cfg.rank],
+        );
+    }
+    let missing: Vec<&String> = expected
+        .keys()
+        .filter(|k| !file.tensors.contains_key(*k))
+        .collect();
+    let unexpected: Vec<&String> = file
+        .tensors
+        .keys()
+        .filter(|k| !expected.contains_key(*k))
+        .collect();
+    if !missing.is_empty() || !unexpected.is_empty() {
+        return Err(bad(format!(
+            "tensors do not match the adapter config for this model: missing {missing:?}, unexpected {unexpected:?}"
+        )));
+    }
+    for (k, shape) in &expected {
+        let t = &file.tensors[k];
+        if t.size() != *shape {
+            return Err(bad(format!(
+                "{k} has shape {:?}, expected {shape:?} (rank/alpha or model mismatch)",
+                t.size()
+            )));
+        }
+        if !t.f_is_floating_point()? || !crate::lora::adapter::all_finite(t)? {
+            return Err(bad(format!("{k} is not a finite floating-point tensor")));
+        }
+    }
+    match &model.lora {
+        Some(current) => {
+            let current_chosen = current.select(&paths)?;
+            let same = current_chosen == chosen
+                && chosen.iter().all(|p| {
+                    matches!((current.config_for(p), spec.config_for(p)),
+                        (Ok(a), Ok(b)) if a.rank == b.rank && a.alpha == b.alpha && a.use_rslora == b.use_rslora)
+                });
+            if !same {
+                return Err(bad(
+                    "the adapter's layout (modules, rank, alpha, use_rslora) disagrees with the LoRA initialised \
+                     on this model; re-initialise with torch_hf_lora_init or load into a fresh model"
+                        .into(),
+                ));
+            }
+        }
+        None => {
+            let kind = Kind::Float;
+            model.init_lora(spec.clone(), kind)?;
+        }
+    }
+    tch::no_grad(|| -> Result<()> {
+        for (p, lin) in model.lm.linears_mut() {
+            if let Some(ad) = lin.lora.as_mut() {
+                ad.a.f_copy_(&file.tensors[&format!("base_model.model.{p}.lora_A.weight")])?;
+                ad.b.f_copy_(&file.tensors[&format!("base_model.model.{p}.lora_B.weight")])?;
+                ad.config.dropout = spec.dropout;
+            }
+        }
+        Ok(())
+    })?;
+    if let Some(current) = model.lora.as_mut() {
+        current.dropout = spec.dropout;
+    }
+    Ok(())
+}

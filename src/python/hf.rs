@@ -191,6 +191,23 @@ fn torch_hf_memory_report<'py>(py: Python<'py>, model_name: &str) -> PyResult<Bo
     Ok(dict)
 }
 
+/// Saves the adapters in PEFT's format: a directory (`adapter_config.json` +
+/// `adapter_model.safetensors`) for a path without extension, or one `.safetensors` file with the
+/// config in its metadata. Writes are atomic.
+#[pyfunction]
+fn torch_hf_lora_save(py: Python<'_>, model_name: &str, path: PathBuf) -> PyResult<()> {
+    let entry = registry::get(model_name)?;
+    Ok(py.detach(move || crate::hf::peft::save(&lock(&entry), &path))?)
+}
+
+/// Loads PEFT adapters (written by loratch or by PEFT) into the model, initialising LoRA from
+/// the adapter's config when needed. Strict: any mismatch raises and leaves the model unchanged.
+#[pyfunction]
+fn torch_hf_lora_load(py: Python<'_>, model_name: &str, path: PathBuf) -> PyResult<()> {
+    let entry = registry::get(model_name)?;
+    Ok(py.detach(move || crate::hf::peft::load(&mut lock(&entry), &path))?)
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(torch_hf_load_model_lora, m)?)?;
     m.add_function(wrap_pyfunction!(torch_hf_unload, m)?)?;
@@ -203,6 +220,8 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(torch_hf_lora_merge, m)?)?;
     m.add_function(wrap_pyfunction!(torch_hf_lora_unmerge, m)?)?;
     m.add_function(wrap_pyfunction!(torch_hf_set_training, m)?)?;
+    m.add_function(wrap_pyfunction!(torch_hf_lora_save, m)?)?;
+    m.add_function(wrap_pyfunction!(torch_hf_lora_load, m)?)?;
     m.add_function(wrap_pyfunction!(torch_hf_memory_usage, m)?)?;
     m.add_function(wrap_pyfunction!(torch_hf_memory_report, m)?)?;
     Ok(())

@@ -1,0 +1,362 @@
+"""LoRA on loaded models against PEFT (same adapter values -> same logits, <= 1e-4 in fp32),
+parameter order and names, enable/merge/unmerge, and adapter files that round-trip with PEFT."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tiny_models import make_model
+
+import loratch
+
+TOL = 1e-4
+ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def hf_model(d: Path) -> Any:
+    import transformers as tf
+
+    return tf.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+
+
+def peft_model(d: Path, **lora_kwargs: Any) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(lora_dropout=0.0, task_type="CAUSAL_LM", **lora_kwargs)
+    return get_peft_model(hf_model(d), cfg).eval()
+
+
+def randomize(name: str, std: float = 0.05, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in loratch.torch_hf_lora_get_parameters(name):
+            t.normal_(0.0, std, generator=g)
+
+
+def copy_into_peft(name: str, pm: Any) -> None:
+    ours = loratch.torch_hf_lora_named_parameters(name)
+    sd = {k.replace(".default", ""): v for k, v in pm.state_dict().items() if "lora_" in k}
+    assert set(sd) == set(ours), set(sd) ^ set(ours)
+    with torch.no_grad():
+        for k, v in pm.named_parameters():
+            if "lora_" in k:
+                v.copy_(ours[k.replace(".default", "")])
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("llama")
+    make_model("llama", d, seed=11)
+    return d
+
+
+@pytest.fixture()
+def ids() -> torch.Tensor:
+    return torch.randint(0, 97, (2, 13), generator=torch.Generator().manual_seed(3))
+
+
+def load(name: str, d: Path) -> str:
+    return loratch.torch_hf_load_model_lora(name, d)
+
+
+def logits(name: str, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return loratch.torch_hf_forward(name, ids)
+
+
+@pytest.mark.parametrize(
+    ("targets", "peft_targets", "kwargs"),
+    [
+        (["q_proj", "v_proj"], ["q_proj", "v_proj"], {}),
+        (ALL7, ALL7, {"use_rslora": True}),
+        ("all-linear", "all-linear", {}),
+        (r".*\.1\.mlp\.(gate|down)_proj", r".*\.1\.mlp\.(gate|down)_proj", {}),
+    ],
+    ids=["qv", "all7-rslora", "all-linear", "regex"],
+)
+def test_logits_equal_peft_with_same_adapters(
+    model_dir: Path, ids: torch.Tensor, targets: Any, peft_targets: Any, kwargs: dict[str, Any]
+) -> None:
+    load("m", model_dir)
+    base = logits("m", ids)
+    assert loratch.torch_hf_lora_init("m", 4, 8.0, targets, **kwargs) is True
+    assert torch.equal(logits("m", ids), base), "a fresh adapter changes nothing"
+    randomize("m")
+    pm = peft_model(model_dir, r=4, lora_alpha=8, target_modules=peft_targets, **kwargs)
+    copy_into_peft("m", pm)
+    with torch.no_grad():
+        ref = pm(ids).logits
+    ours = logits("m", ids)
+    assert (ours - ref).abs().max().item() <= TOL
+    assert (ours - base).abs().max().item() > 1e-3, "the adapters do change the output"
+
+
+def test_parameter_order_and_names(model_dir: Path) -> None:
+    load("m", model_dir)
+    loratch.torch_hf_lora_init("m", 2, 4.0, ["down_proj", "q_proj", "o_proj"])
+    named = loratch.torch_hf_lora_named_parameters("m")
+    keys = list(named)
+    expected = []
+    for i in range(2):
+        for mod in ["self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"]:
+            for ab in "AB":
+                expected.append(f"base_model.model.model.layers.{i}.{mod}.lora_{ab}.weight")
+    assert keys == expected
+    params = loratch.torch_hf_lora_get_parameters("m")
+    assert all(p is named[k] for p, k in zip(params, keys)), "the same live tensors"
+    assert all(p.requires_grad and p.is_leaf for p in params)
+    assert named[keys[0]].shape == (2, 48) and named[keys[1]].shape == (48, 2)
+
+
+def test_unknown_target_lists_valid_names(model_dir: Path) -> None:
+    load("m", model_dir)
+    with pytest.raises(loratch.ConfigError, match="qproj.*valid module names: down_proj, gate_proj"):
+        loratch.torch_hf_lora_init("m", 2, 4.0, ["qproj"])
+    with pytest.raises(loratch.ConfigError, match="rank"):
+        loratch.torch_hf_lora_init("m", 0, 4.0, ["q_proj"])
+    with pytest.raises(loratch.StateError, match="not initialised"):
+        loratch.torch_hf_lora_get_parameters("m")
+
+
+def test_enable_disable_gives_base_model(model_dir: Path, ids: torch.Tensor) -> None:
+    load("m", model_dir)
+    with torch.no_grad():
+        base_hf = hf_model(model_dir)(ids).logits
+    loratch.torch_hf_lora_init("m", 4, 16.0, ALL7)
+    randomize("m", 0.1)
+    adapted = logits("m", ids)
+    loratch.torch_hf_lora_enable("m", False)
+    assert (logits("m", ids) - base_hf).abs().max().item() <= TOL
+    loratch.torch_hf_lora_enable("m", True)
+    assert torch.equal(logits("m", ids), adapted)
+
+
+def test_merge_unmerge(model_dir: Path, ids: torch.Tensor) -> None:
+    load("m", model_dir)
+    loratch.torch_hf_lora_init("m", 4, 8.0, ALL7)
+    randomize("m", 0.05)
+    unmerged = logits("m", ids)
+    loratch.torch_hf_lora_merge("m")
+    merged = logits("m", ids)
+    assert (merged - unmerged).abs().max().item() <= TOL
+    with pytest.raises(loratch.StateError, match="already merged"):
+        loratch.torch_hf_lora_merge("m")
+    # A merged model's forward is a base forward over the merged weights: same as PEFT's merge.
+    pm = peft_model(model_dir, r=4, lora_alpha=8, target_modules=ALL7)
+    copy_into_peft("m", pm)
+    with torch.no_grad():
+        ref = pm.merge_and_unload()(ids).logits
+    assert (merged - ref).abs().max().item() <= TOL
+    loratch.torch_hf_lora_unmerge("m")
+    assert (logits("m", ids) - unmerged).abs().max().item() <= 1e-5
+    with pytest.raises(loratch.StateError, match="not merged"):
+        loratch.torch_hf_lora_unmerge("m")
+
+
+def test_non_finite_merge_raises_and_changes_nothing(model_dir: Path, ids: torch.Tensor) -> None:
+    load("m", model_dir)
+    loratch.torch_hf_lora_init("m", 2, 4.0, ["q_proj", "down_proj"])
+    randomize("m")
+    before = logits("m", ids)
+    params = loratch.torch_hf_lora_get_parameters("m")
+    saved = params[-1][0, 0].item()
+    with torch.no_grad():
+        params[-1][0, 0] = float("inf")  # the last module's B: checked before anything is merged
+    with pytest.raises(loratch.NonFiniteError):
+        loratch.torch_hf_lora_merge("m")
+    with torch.no_grad():
+        params[-1][0, 0] = saved
+    # No base weight changed (q_proj, merged first in order, would otherwise hold its delta twice).
+    assert torch.equal(logits("m", ids), before)
+    loratch.torch_hf_lora_merge("m")  # works once finite again
+    loratch.torch_hf_lora_unmerge("m")
+
+
+@settings(max_examples=8, deadline=None)
+@given(scale=st.floats(0.001, 0.3), rank=st.integers(1, 6), alpha=st.floats(0.5, 32.0), seed=st.integers(0, 10_000))
+def test_merge_unmerge_enable_properties(model_dir: Path, scale: float, rank: int, alpha: float, seed: int) -> None:
+    ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(seed))
+    load("p", model_dir)
+    base = logits("p", ids)
+    loratch.torch_hf_lora_init("p", rank, alpha, "all-linear")
+    randomize("p", scale, seed)
+    unmerged = logits("p", ids)
+    loratch.torch_hf_lora_merge("p")
+    assert (logits("p", ids) - unmerged).abs().max().item() <= TOL * max(1.0, unmerged.abs().max().item())
+    loratch.torch_hf_lora_enable("p", False)  # unmerges first
+    assert (logits("p", ids) - base).abs().max().item() <= 1e-5 * max(1.0, base.abs().max().item())
+    loratch.torch_hf_lora_enable("p", True)
+    assert (logits("p", ids) - unmerged).abs().max().item() <= 1e-5 * max(1.0, unmerged.abs().max().item())
+
+
+def test_autograd_reaches_adapters_and_torch_optim_trains(model_dir: Path, ids: torch.Tensor) -> None:
+    load("m", model_dir)
+    loratch.torch_hf_lora_init("m", 4, 8.0, ALL7)
+    params = loratch.torch_hf_lora_get_parameters("m")
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    losses = []
+    for _ in range(8):
+        out = loratch.torch_hf_forward("m", ids)
+        loss = torch.nn.functional.cross_entropy(out[:, :-1].reshape(-1, 97), ids[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        assert all(p.grad is not None for p in params)
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_save_directory_loads_in_peft(model_dir: Path, ids: torch.Tensor, tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    load("m", model_dir)
+    loratch.torch_hf_lora_init("m", 4, 8.0, ALL7, use_rslora=True)
+    randomize("m")
+    ours = logits("m", ids)
+    loratch.torch_hf_lora_save("m", tmp_path / "adapter")
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8 and cfg["use_rslora"]
+    pm = PeftModel.from_pretrained(hf_model(model_dir), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert (pm(ids).logits - ours).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("fmt", ["dir", "safetensors"])
+def test_save_load_roundtrip_into_fresh_model(model_dir: Path, ids: torch.Tensor, tmp_path: Path, fmt: str) -> None:
+    load("src", model_dir)
+    loratch.torch_hf_lora_init("src", 3, 6.0, ["q_proj", "up_proj"], dropout=0.1)
+    randomize("src")
+    path = tmp_path / ("ad" if fmt == "dir" else "ad.safetensors")
+    loratch.torch_hf_lora_save("src", path)
+    load("dst", model_dir)
+    loratch.torch_hf_lora_load("dst", path)  # initialises LoRA from the file's config
+    src, dst = loratch.torch_hf_lora_named_parameters("src"), loratch.torch_hf_lora_named_parameters("dst")
+    assert list(src) == list(dst) and all(torch.equal(src[k], dst[k]) for k in src)
+    assert torch.equal(logits("src", ids), logits("dst", ids))
+
+
+def test_peft_written_adapter_loads_with_patterns(model_dir: Path, ids: torch.Tensor, tmp_path: Path) -> None:
+    torch.manual_seed(5)
+    pm = peft_model(
+        model_dir,
+        r=4,
+        lora_alpha=8,
+        target_modules=r".*\.(q_proj|v_proj|down_proj)",
+        rank_pattern={"down_proj": 2},
+        alpha_pattern={r"layers\.1\.self_attn\.v_proj": 3},
+        use_rslora=True,
+    )
+    with torch.no_grad():
+        for k, p in pm.named_parameters():
+            if "lora_B" in k:
+                p.normal_(0.0, 0.05)
+        ref = pm(ids).logits
+    pm.save_pretrained(tmp_path / "peft")
+    load("m", model_dir)
+    loratch.torch_hf_lora_load("m", tmp_path / "peft")
+    assert (logits("m", ids) - ref).abs().max().item() <= TOL
+    named = loratch.torch_hf_lora_named_parameters("m")
+    assert named["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"].shape[0] == 2
+
+
+def test_peft_all_linear_adapter_loads(model_dir: Path, ids: torch.Tensor, tmp_path: Path) -> None:
+    pm = peft_model(model_dir, r=2, lora_alpha=4, target_modules="all-linear")
+    with torch.no_grad():
+        for k, p in pm.named_parameters():
+            if "lora_B" in k:
+                p.normal_(0.0, 0.05)
+        ref = pm(ids).logits
+    pm.save_pretrained(tmp_path / "peft")
+    load("m", model_dir)
+    loratch.torch_hf_lora_load("m", tmp_path / "peft")
+    assert (logits("m", ids) - ref).abs().max().item() <= TOL
+
+
+def test_switching_adapters_leaves_no_trace(model_dir: Path, ids: torch.Tensor, tmp_path: Path) -> None:
+    load("m", model_dir)
+    loratch.torch_hf_lora_init("m", 2, 4.0, ALL7)
+    for seed, name in [(1, "one"), (2, "two")]:
+        randomize("m", seed=seed)
+        loratch.torch_hf_lora_save("m", tmp_path / name)
+    load("fresh", model_dir)
+    loratch.torch_hf_lora_load("fresh", tmp_path / "two")
+    only_two = logits("fresh", ids)
+    loratch.torch_hf_lora_load("m", tmp_path / "one")
+    loratch.torch_hf_lora_load("m", tmp_path / "two")
+    assert torch.equal(logits("m", ids), only_two)
+
+
+def test_bad_adapter_files_raise_and_leave_model_unchanged(model_dir: Path, ids: torch.Tensor, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    load("m", model_dir)
+    loratch.torch_hf_lora_init("m", 2, 4.0, ["q_proj", "v_proj"])
+    randomize("m")
+    loratch.torch_hf_lora_save("m", tmp_path / "good")
+    before = logits("m", ids)
+    good = load_file(tmp_path / "good" / "adapter_model.safetensors")
+    cfg = (tmp_path / "good" / "adapter_config.json").read_text()
+
+    def variant(name: str, tensors: dict[str, torch.Tensor], config: str = cfg) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        save_file(tensors, d / "adapter_model.safetensors", metadata={"format": "pt"})
+        (d / "adapter_config.json").write_text(config)
+        return d
+
+    first = next(iter(good))
+    cases = {
+        "missing": (variant("missing", {k: v for k, v in good.items() if k != first}), "missing"),
+        "unexpected": (variant("unexpected", {**good, "base_model.model.x.lora_A.weight": torch.zeros(2, 2)}), "unexpected"),
+        "misshaped": (variant("misshaped", {**good, first: torch.zeros(3, 48)}), "shape"),
+        "rank": (variant("rank", {k: (v[:1] if "lora_A" in k else v[:, :1]).contiguous() for k, v in good.items()},
+                         cfg.replace('"r": 2', '"r": 1')), "disagrees"),
+        "nan": (variant("nan", {**good, first: torch.full_like(good[first], float("nan"))}), "finite"),
+    }
+    for case, (path, needle) in cases.items():
+        with pytest.raises(loratch.AdapterFormatError, match=needle):
+            loratch.torch_hf_lora_load("m", path)
+        assert torch.equal(logits("m", ids), before), case
+    (tmp_path / "trunc").mkdir()
+    data = (tmp_path / "good" / "adapter_model.safetensors").read_bytes()
+    (tmp_path / "trunc" / "adapter_model.safetensors").write_bytes(data[:100])
+    (tmp_path / "trunc" / "adapter_config.json").write_text(cfg)
+    with pytest.raises(loratch.AdapterFormatError, match="safetensors"):
+        loratch.torch_hf_lora_load("m", tmp_path / "trunc")
+    with pytest.raises(FileNotFoundError):
+        loratch.torch_hf_lora_load("m", tmp_path / "nowhere")
+    (tmp_path / "badjson").mkdir()
+    (tmp_path / "badjson" / "adapter_config.json").write_text("{oops")
+    with pytest.raises(loratch.AdapterFormatError, match="malformed"):
+        loratch.torch_hf_lora_load("m", tmp_path / "badjson")
+    assert torch.equal(logits("m", ids), before)
+
+
+def test_adapter_for_another_model_is_rejected(model_dir: Path, tmp_path: Path) -> None:
+    other = tmp_path / "qwen3"
+    make_model("qwen3", other)
+    load("q", other)
+    loratch.torch_hf_lora_init("q", 2, 4.0, ["q_proj"])
+    loratch.torch_hf_lora_save("q", tmp_path / "qwen3-adapter")
+    load("m", model_dir)
+    with pytest.raises(loratch.AdapterFormatError, match="shape"):
+        loratch.torch_hf_lora_load("m", tmp_path / "qwen3-adapter")
+    with pytest.raises(loratch.StateError):
+        loratch.torch_hf_lora_get_parameters("m")  # the failed load initialised nothing
+
+
+def test_memory_usage_counts_weights_and_adapters(model_dir: Path) -> None:
+    load("m", model_dir)
+    hf = hf_model(model_dir)
+    weights = sum(p.numel() * 4 for p in hf.parameters())  # tied head counted once
+    assert loratch.torch_hf_memory_usage("m") == weights
+    loratch.torch_hf_lora_init("m", 4, 8.0, ["q_proj"])
+    report = loratch.torch_hf_memory_report("m")
+    adapters = sum(p.numel() * 4 for p in loratch.torch_hf_lora_get_parameters("m"))
+    assert report == {"weights": weights, "adapters": adapters, "adapter_grads": 0, "total": weights + adapters}
