@@ -19,6 +19,7 @@ __all__ = [
     "torch_lora_trainable_params",
     "torch_lora_unmerge_weights",
     "torch_hf_forward",
+    "torch_hf_generate",
     "torch_hf_list_models",
     "torch_hf_load_model_lora",
     "torch_hf_lora_enable",
@@ -256,3 +257,20 @@ def torch_hf_lora_load(model_name: str, path: str | os.PathLike[str]) -> None:
     rank_pattern/alpha_pattern, use_rslora). Initialises LoRA from the adapter's config when
     needed. Missing, unexpected or mis-shaped tensors, or a layout different from the
     initialised LoRA, raise AdapterFormatError and leave the model unchanged."""
+
+def torch_hf_generate(
+    model_name: str,
+    input_ids: torch.Tensor | list[int],
+    max_new_tokens: int,
+    *,
+    eos_token_id: int | list[int] | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    greedy: bool = False,
+    seed: int | None = None,
+) -> list[int]:
+    """Generate up to ``max_new_tokens`` after one prompt (``[T]``, ``[1, T]`` or a list of ids)
+    with a KV cache; returns the new token ids only (a reached stop token included). Greedy
+    with ``greedy=True`` (equals transformers' greedy ``generate``); otherwise samples with
+    ``temperature``, ``top_k``, ``top_p`` from a generator seeded by ``seed``."""

@@ -208,6 +208,62 @@ fn torch_hf_lora_load(py: Python<'_>, model_name: &str, path: PathBuf) -> PyResu
     Ok(py.detach(move || crate::hf::peft::load(&mut lock(&entry), &path))?)
 }
 
+/// Generates up to `max_new_tokens` after `input_ids` with a KV cache and returns the new token
+/// ids (the stop token included when reached). Greedy with `greedy=True`; otherwise sampling with
+/// `temperature`, `top_k`, `top_p` from a generator seeded by `seed` (torch's RNG is untouched).
+#[pyfunction]
+#[pyo3(signature = (model_name, input_ids, max_new_tokens, *, eos_token_id=None, temperature=1.0, top_k=None, top_p=None, greedy=false, seed=None))]
+#[allow(clippy::too_many_arguments)]
+fn torch_hf_generate(
+    py: Python<'_>,
+    model_name: &str,
+    input_ids: &Bound<'_, PyAny>,
+    max_new_tokens: usize,
+    eos_token_id: Option<&Bound<'_, PyAny>>,
+    temperature: f64,
+    top_k: Option<usize>,
+    top_p: Option<f64>,
+    greedy: bool,
+    seed: Option<u64>,
+) -> PyResult<Vec<i64>> {
+    let prompt: Vec<i64> = if super::tensor::is_tensor(input_ids)? {
+        let t = input_ids.extract::<PyTensor>()?.0;
+        if t.dim() > 2 || (t.dim() == 2 && t.size()[0] != 1) {
+            return Err(Error::Shape(format!(
+                "input_ids must be one sequence ([T] or [1, T]), got {:?}",
+                t.size()
+            ))
+            .into());
+        }
+        Vec::<i64>::try_from(
+            &t.f_flatten(0, -1)
+                .and_then(|t| t.f_to_kind(tch::Kind::Int64))
+                .map_err(Error::from)?,
+        )
+        .map_err(Error::from)?
+    } else {
+        input_ids.extract()?
+    };
+    let eos_token_ids: Vec<i64> = match eos_token_id {
+        None => vec![],
+        Some(e) => match e.extract::<i64>() {
+            Ok(one) => vec![one],
+            Err(_) => e.extract()?,
+        },
+    };
+    let opts = crate::hf::generate::GenerateOptions {
+        max_new_tokens,
+        eos_token_ids,
+        greedy,
+        temperature,
+        top_k,
+        top_p,
+        seed,
+    };
+    let entry = registry::get(model_name)?;
+    Ok(py.detach(move || crate::hf::generate::generate(&lock(&entry), &prompt, &opts))?)
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(torch_hf_load_model_lora, m)?)?;
     m.add_function(wrap_pyfunction!(torch_hf_unload, m)?)?;
@@ -222,6 +278,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(torch_hf_set_training, m)?)?;
     m.add_function(wrap_pyfunction!(torch_hf_lora_save, m)?)?;
     m.add_function(wrap_pyfunction!(torch_hf_lora_load, m)?)?;
+    m.add_function(wrap_pyfunction!(torch_hf_generate, m)?)?;
     m.add_function(wrap_pyfunction!(torch_hf_memory_usage, m)?)?;
     m.add_function(wrap_pyfunction!(torch_hf_memory_report, m)?)?;
     Ok(())

@@ -1,0 +1,96 @@
+"""Generation with the KV cache: greedy equals transformers' greedy generate, with and without
+LoRA; sampling is seeded and respects its filters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from tiny_models import make_model
+
+import loratch
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3"])
+def gen_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Any, Path]:
+    d = tmp_path_factory.mktemp(request.param)
+    model = make_model(request.param, d, seed=21)
+    name = f"gen-{request.param}"
+    loratch.torch_hf_load_model_lora(name, d)
+    return name, model, d
+
+
+def hf_greedy(model: Any, prompt: list[int], n: int, eos: int | None = None) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=0,
+            min_new_tokens=0,
+        )
+    return out[0, len(prompt):].tolist()  # type: ignore[no-any-return]
+
+
+def test_greedy_equals_transformers(gen_model: tuple[str, Any, Path]) -> None:
+    name, model, _ = gen_model
+    for seed in range(3):
+        prompt = torch.randint(0, 97, (7,), generator=torch.Generator().manual_seed(seed)).tolist()
+        ours = loratch.torch_hf_generate(name, prompt, 20, greedy=True)
+        assert ours == hf_greedy(model, prompt, 20)
+
+
+def test_greedy_with_lora_equals_peft(gen_model: tuple[str, Any, Path], tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    name, _, d = gen_model
+    loratch.torch_hf_load_model_lora("gen-lora", d)
+    loratch.torch_hf_lora_init("gen-lora", 4, 8.0, "all-linear")
+    with torch.no_grad():
+        for p in loratch.torch_hf_lora_get_parameters("gen-lora"):
+            p.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(p.numel()))
+    loratch.torch_hf_lora_save("gen-lora", tmp_path / "ad")
+    import transformers as tf
+
+    pm = PeftModel.from_pretrained(tf.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32), tmp_path / "ad")
+    prompt = [5, 17, 33, 2, 90]
+    ours = loratch.torch_hf_generate("gen-lora", torch.tensor([prompt]), 16, greedy=True)
+    assert ours == hf_greedy(pm.eval(), prompt, 16)
+    assert ours != loratch.torch_hf_generate(name, prompt, 16, greedy=True), "LoRA changes the output"
+    loratch.torch_hf_unload("gen-lora")
+
+
+def test_eos_stops_generation(gen_model: tuple[str, Any, Path]) -> None:
+    name, model, _ = gen_model
+    prompt = [3, 4, 5]
+    full = loratch.torch_hf_generate(name, prompt, 12, greedy=True)
+    stop = full[4]
+    cut = loratch.torch_hf_generate(name, prompt, 12, greedy=True, eos_token_id=stop)
+    assert cut == full[: full.index(stop) + 1]
+    assert cut == hf_greedy(model, prompt, 12, eos=stop)
+
+
+def test_sampling_is_seeded_and_filtered(gen_model: tuple[str, Any, Path]) -> None:
+    name, _, _ = gen_model
+    prompt = [1, 2, 3]
+    state = torch.get_rng_state()
+    a = loratch.torch_hf_generate(name, prompt, 15, temperature=1.5, seed=7)
+    b = loratch.torch_hf_generate(name, prompt, 15, temperature=1.5, seed=7)
+    assert a == b and torch.equal(state, torch.get_rng_state()), "seeded, torch's RNG untouched"
+    assert len({tuple(loratch.torch_hf_generate(name, prompt, 15, temperature=1.5, seed=s)) for s in range(5)}) > 1
+    greedy = loratch.torch_hf_generate(name, prompt, 10, greedy=True)
+    assert loratch.torch_hf_generate(name, prompt, 10, top_k=1, seed=3) == greedy
+    assert loratch.torch_hf_generate(name, prompt, 10, top_p=1e-9, seed=4) == greedy
+
+
+def test_generate_bad_inputs(gen_model: tuple[str, Any, Path]) -> None:
+    name, _, _ = gen_model
+    with pytest.raises(loratch.ConfigError, match="temperature"):
+        loratch.torch_hf_generate(name, [1, 2], 3, temperature=0.0)
+    with pytest.raises(loratch.ConfigError, match="top_p"):
+        loratch.torch_hf_generate(name, [1, 2], 3, top_p=1.5)
+    with pytest.raises(loratch.InputError, match="vocab"):
+        loratch.torch_hf_generate(name, [1, 500], 3, greedy=True)
+    with pytest.raises(loratch.ShapeError, match="empty"):
+        loratch.torch_hf_generate(name, [], 3, greedy=True)
+    with pytest.raises(loratch.ShapeError, match="one sequence"):
+        loratch.torch_hf_generate(name, torch.zeros(2, 3, dtype=torch.long), 3, greedy=True)
