@@ -56,7 +56,7 @@ test-python: $(EXT) $(BIN)
 	LORATCH_WHEEL_DIR=$(abspath dist) LORATCH_BIN=$(BIN) $(PY) -m pytest -q
 
 bench: build
-	$(PY) benches/bench_lora_linear.py
+	$(PY) benches/bench.py
 
 clean:
 	rm -rf dist $(EXT) python/loratch/*.so

@@ -1,0 +1,180 @@
+"""`make bench`: loratch against PEFT + transformers, side by side in one run (A B A B ...,
+after a warm-up), medians and ratios, written to BENCHMARKS.md with the core count and a measured
+fp32 matmul peak. Speed targets live here, never in unit tests."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import loratch
+
+ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def alternate(cases: dict[str, Callable[[], object]], rounds: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each case, run in turn (A B C A B C ...) after `warmup` rounds."""
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for r in range(warmup + rounds):
+        for k, fn in cases.items():
+            t = timed(fn)
+            if r >= warmup:
+                times[k].append(t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def matmul_peak_gflops(n: int = 1024, reps: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(timed(lambda: a @ b) for _ in range(reps))
+    return 2 * n**3 / best / 1e9
+
+
+def bench_lora_linear(rounds: int) -> list[str]:
+    """The basic layer: forward+backward of a 1024x1024 r=16 LoRA linear on 256x1024 inputs."""
+    from peft.tuners.lora import Linear as PeftLinear
+
+    torch.manual_seed(0)
+    ours = loratch.torch_lora_linear(1024, 1024, 16, 32.0)
+    base = torch.nn.Linear(1024, 1024)
+    peft = PeftLinear(base, "default", r=16, lora_alpha=32, lora_dropout=0.0)
+    x = torch.randn(256, 1024)
+
+    def run_ours() -> None:
+        loratch.torch_lora_forward(ours, x).sum().backward()
+
+    def run_peft() -> None:
+        peft(x).sum().backward()
+
+    med = alternate({"loratch": run_ours, "peft": run_peft}, rounds, warmup=3)
+    return [
+        "## LoRA linear forward+backward (1024x1024, r=16, 256 rows)",
+        "",
+        "| | median ms | ratio to PEFT |",
+        "|---|---|---|",
+        f"| loratch | {med['loratch'] * 1e3:.2f} | {med['peft'] / med['loratch']:.2f}x faster |",
+        f"| PEFT | {med['peft'] * 1e3:.2f} | 1.00 |",
+        "",
+    ]
+
+
+def bench_model(model_dir: Path, rounds: int) -> list[str]:
+    import transformers as tf
+    from peft import PeftModel
+
+    ids = torch.randint(0, 49152, (1, 256), generator=torch.Generator().manual_seed(0))
+    # Load time, alternated.
+    load = alternate(
+        {
+            "loratch": lambda: loratch.torch_hf_load_model_lora("bench-load", model_dir),
+            "transformers": lambda: tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+        },
+        rounds=5,
+    )
+    loratch.torch_hf_unload("bench-load")
+    # Same adapters everywhere: r=16, alpha=32, 7 projections, B random.
+    loratch.torch_hf_load_model_lora("unmerged", model_dir)
+    loratch.torch_hf_lora_init("unmerged", 16, 32.0, ALL7)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in loratch.torch_hf_lora_get_parameters("unmerged"):
+            if p.shape[0] != 16:
+                p.normal_(0.0, 0.02, generator=g)
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter = Path(tmp) / "adapter"
+        save_s = statistics.median(timed(lambda: loratch.torch_hf_lora_save("unmerged", adapter)) for _ in range(5))
+        loratch.torch_hf_load_model_lora("merged", model_dir)
+        load_ad_s = statistics.median(timed(lambda: loratch.torch_hf_lora_load("merged", adapter)) for _ in range(5))
+        loratch.torch_hf_lora_merge("merged")
+        loratch.torch_hf_load_model_lora("base", model_dir)
+        hf_base = tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        peft = PeftModel.from_pretrained(
+            tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), adapter
+        ).eval()
+        with torch.no_grad():
+            diff = (loratch.torch_hf_forward("unmerged", ids) - peft(ids).logits).abs().max().item()
+
+            def fwd(name: str) -> Callable[[], object]:
+                return lambda: loratch.torch_hf_forward(name, ids)
+
+            med = alternate(
+                {
+                    "loratch unmerged": fwd("unmerged"),
+                    "loratch merged": fwd("merged"),
+                    "loratch base": fwd("base"),
+                    "PEFT unmerged": lambda: peft(ids),
+                    "transformers base": lambda: hf_base(ids),
+                },
+                rounds,
+            )
+    for n in ("unmerged", "merged", "base"):
+        loratch.torch_hf_unload(n)
+    peft_ms = med["PEFT unmerged"]
+    lines = [
+        f"## SmolLM2-135M-Instruct fp32, forward of 1x256 tokens (medians of {rounds}, alternated)",
+        "",
+        "LoRA r=16, alpha=32 on q,k,v,o,gate,up,down with the same random adapter in loratch and PEFT "
+        f"(max |logit diff| {diff:.2e}).",
+        "",
+        "| | median ms | vs PEFT unmerged |",
+        "|---|---|---|",
+    ]
+    for k, v in med.items():
+        lines.append(f"| {k} | {v * 1e3:.1f} | {peft_ms / v:.2f}x |")
+    lines += [
+        "",
+        f"- loratch unmerged vs merged: {100 * (med['loratch unmerged'] / med['loratch merged'] - 1):+.1f}% "
+        "(target: within +10%)",
+        f"- loratch merged vs loratch base: {100 * (med['loratch merged'] / med['loratch base'] - 1):+.1f}%; "
+        f"PEFT unmerged vs transformers base: {100 * (peft_ms / med['transformers base'] - 1):+.1f}%",
+        f"- load (median of 5, alternated): loratch {load['loratch'] * 1e3:.0f} ms, "
+        f"transformers {load['transformers'] * 1e3:.0f} ms (ratio {load['transformers'] / load['loratch']:.2f}x)",
+        f"- adapter save {save_s * 1e3:.1f} ms, load {load_ad_s * 1e3:.1f} ms (PEFT directory, 7 projections x 30 layers)",
+        "",
+    ]
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--model-dir", type=Path, default=None, help="default: the embedded SmolLM2-135M-Instruct")
+    ap.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
+    args = ap.parse_args()
+    peak = matmul_peak_gflops()
+    head = [
+        "# Benchmarks",
+        "",
+        f"Measured by `make bench` on {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"torch threads {torch.get_num_threads()}; fp32 matmul peak {peak:.0f} GFLOP/s (1024^3, best of 10). "
+        "Each table alternates the contenders in one process (A B A B ...) after a warm-up; numbers are medians.",
+        "",
+    ]
+    body = bench_lora_linear(args.rounds * 3)
+    model_dir = args.model_dir
+    if model_dir is None:
+        from loratch.default_model import default_model_dir
+
+        model_dir = default_model_dir()
+    body += bench_model(model_dir, args.rounds)
+    args.out.write_text("\n".join(head + body))
+    print("\n".join(head + body))
+
+
+if __name__ == "__main__":
+    main()
