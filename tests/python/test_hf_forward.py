@@ -169,3 +169,55 @@ def test_concurrent_forwards_match_sequential(family_model: tuple[str, object, P
         t.join(timeout=60)
     for r, e in zip(results, expected):
         assert r is not None and torch.equal(r, e)
+
+
+def test_bfloat16_load_is_close_to_float32(tmp_path: Path) -> None:
+    make_model("qwen2", tmp_path, seed=8)
+    loratch.torch_hf_load_model_lora("f32", tmp_path)
+    loratch.torch_hf_load_model_lora("bf16", tmp_path, {"dtype": "bfloat16"})
+    ids = torch.randint(0, 97, (2, 10))
+    with torch.no_grad():
+        a = loratch.torch_hf_forward("f32", ids)
+        b = loratch.torch_hf_forward("bf16", ids)
+    assert b.dtype == torch.bfloat16
+    assert (a - b.float()).abs().max().item() < 0.1 * max(1.0, a.abs().max().item())
+    assert loratch.torch_hf_memory_usage("bf16") * 2 == loratch.torch_hf_memory_usage("f32")
+    loratch.torch_hf_unload("f32")
+    loratch.torch_hf_unload("bf16")
+
+
+def test_two_models_in_threads_and_gil_released(tmp_path: Path) -> None:
+    make_model("llama", tmp_path / "a", seed=9, num_hidden_layers=6, hidden_size=96, intermediate_size=256)
+    make_model("qwen3", tmp_path / "b", seed=10)
+    loratch.torch_hf_load_model_lora("ta", tmp_path / "a")
+    loratch.torch_hf_load_model_lora("tb", tmp_path / "b")
+    xa, xb = torch.randint(0, 97, (4, 64)), torch.randint(0, 97, (2, 16))
+    with torch.no_grad():
+        ea, eb = loratch.torch_hf_forward("ta", xa), loratch.torch_hf_forward("tb", xb)
+    out: dict[str, torch.Tensor] = {}
+    ticks = 0
+    done = threading.Event()
+
+    def work(name: str, x: torch.Tensor) -> None:
+        with torch.no_grad():
+            for _ in range(5):
+                out[name] = loratch.torch_hf_forward(name, x)
+
+    def ticker() -> None:  # pure-Python work: progresses only while the forwards release the GIL
+        nonlocal ticks
+        while not done.is_set():
+            ticks += 1
+
+    threads = [threading.Thread(target=work, args=a) for a in (("ta", xa), ("tb", xb))]
+    tick = threading.Thread(target=ticker)
+    tick.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    done.set()
+    tick.join()
+    assert torch.equal(out["ta"], ea) and torch.equal(out["tb"], eb)
+    assert ticks > 1000
+    loratch.torch_hf_unload("ta")
+    loratch.torch_hf_unload("tb")
