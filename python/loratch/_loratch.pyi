@@ -249,12 +249,16 @@ def torch_hf_memory_report(model_name: str) -> dict[str, int]:
 
 def torch_hf_lora_save(model_name: str, path: str | os.PathLike[str]) -> None:
     """Save the adapters in PEFT's format (float32): a directory with ``adapter_config.json`` +
-    ``adapter_model.safetensors`` for a path without extension, or a single ``.safetensors``
-    file with the adapter config in its metadata. Writes are atomic."""
+    ``adapter_model.safetensors`` for a path without extension, a single ``.safetensors`` file
+    with the adapter config in its metadata, or for ``.pt``/``.pth``/``.bin`` a ``torch.save``
+    file of the tensors (PEFT's legacy ``adapter_model.bin``; no config). Writes are atomic."""
 
 def torch_hf_lora_load(model_name: str, path: str | os.PathLike[str]) -> None:
     """Load PEFT adapters (loratch's or PEFT's own: list, regex or "all-linear" targets,
-    rank_pattern/alpha_pattern, use_rslora). Initialises LoRA from the adapter's config when
+    rank_pattern/alpha_pattern, use_rslora) from a directory (``adapter_model.safetensors`` or
+    legacy ``adapter_model.bin``), a ``.safetensors`` file, or a ``.pt``/``.pth``/``.bin`` file
+    (read without executing any pickled code; having no config, it must fit the LoRA already
+    initialised). Initialises LoRA from the adapter's config when
     needed. Missing, unexpected or mis-shaped tensors, or a layout different from the
     initialised LoRA, raise AdapterFormatError and leave the model unchanged."""
 

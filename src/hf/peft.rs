@@ -211,7 +211,8 @@ pub fn save(model: &LoadedModel, path: &Path) -> Result<()> {
             std::fs::create_dir_all(path).map_err(|e| Error::io(path, e))?;
             let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
             write_atomic(&path.join(WEIGHTS_FILE), &serialize(&tensors, &meta)?)?;
-            let text = serde_json::to_string_pretty(&config).map_err(|e| Error::Config(e.to_string()))?;
+            let text =
+                serde_json::to_string_pretty(&config).map_err(|e| Error::Config(e.to_string()))?;
             write_atomic(&path.join(CONFIG_FILE), text.as_bytes())
         }
         Layout::Safetensors => {
@@ -221,17 +222,25 @@ pub fn save(model: &LoadedModel, path: &Path) -> Result<()> {
             ]);
             write_atomic(path, &serialize(&tensors, &meta)?)
         }
-        Layout::Torch => Err(Error::Config(format!(
-            "{}: writing .pt/.pth/.bin adapters is not implemented yet; use a directory or .safetensors",
-            path.display()
-        ))),
+        // The legacy `torch.save` layout holds tensors only (no config), as PEFT's adapter_model.bin.
+        Layout::Torch => crate::io::torch_pickle::write_state_dict(path, &tensors),
     }
 }
 
-/// An adapter read from disk: its config and tensors (CPU).
+/// An adapter read from disk: its config (absent in a bare `.pt` file) and tensors (CPU).
 struct AdapterFile {
-    config: Value,
+    config: Option<Value>,
     tensors: BTreeMap<String, Tensor>,
+}
+
+fn read_torch(p: &Path) -> Result<BTreeMap<String, Tensor>> {
+    let mut out = BTreeMap::new();
+    for (k, t) in crate::io::torch_pickle::read_state_dict(p)? {
+        if out.insert(k.clone(), t).is_some() {
+            return Err(Error::adapter(p, format!("duplicate tensor {k}")));
+        }
+    }
+    Ok(out)
 }
 
 fn read(path: &Path) -> Result<AdapterFile> {
@@ -254,11 +263,15 @@ fn read(path: &Path) -> Result<AdapterFile> {
             let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
             let config = parse(&text, &cfg_path)?;
             let st = path.join(WEIGHTS_FILE);
-            if !st.exists() && path.join(LEGACY_WEIGHTS_FILE).exists() {
-                return Err(Error::adapter(path, "adapter_model.bin (torch pickle) is not supported yet; convert it to safetensors"));
-            }
-            let (_, tensors) = read_st(&st)?;
-            Ok(AdapterFile { config, tensors })
+            let tensors = if !st.exists() && path.join(LEGACY_WEIGHTS_FILE).exists() {
+                read_torch(&path.join(LEGACY_WEIGHTS_FILE))?
+            } else {
+                read_st(&st)?.1
+            };
+            Ok(AdapterFile {
+                config: Some(config),
+                tensors,
+            })
         }
         Layout::Safetensors => {
             let (meta, tensors) = read_st(path)?;
@@ -266,14 +279,28 @@ fn read(path: &Path) -> Result<AdapterFile> {
                 Error::adapter(path, "no \"adapter_config\" in the safetensors metadata")
             })?;
             Ok(AdapterFile {
-                config: parse(text, path)?,
+                config: Some(parse(text, path)?),
                 tensors,
             })
         }
-        Layout::Torch => Err(Error::adapter(
-            path,
-            "reading .pt/.pth/.bin adapters is not implemented yet",
-        )),
+        Layout::Torch => {
+            // adapter_model.bin inside a PEFT directory: the config sits beside it.
+            let beside = path
+                .parent()
+                .map(|d| d.join(CONFIG_FILE))
+                .filter(|c| c.is_file());
+            let config = match beside {
+                Some(c) => Some(parse(
+                    &std::fs::read_to_string(&c).map_err(|e| Error::io(&c, e))?,
+                    &c,
+                )?),
+                None => None,
+            };
+            Ok(AdapterFile {
+                config,
+                tensors: read_torch(path)?,
+            })
+        }
     }
 }
 
@@ -298,7 +325,18 @@ pub fn load(model: &mut LoadedModel, path: &Path) -> Result<()> {
                 .map(str::to_owned)
         })
         .collect();
-    let spec = spec_from_config(&file.config, in_file.iter().cloned().collect())?;
+    let spec = match (&file.config, &model.lora) {
+        (Some(cfg), _) => spec_from_config(cfg, in_file.iter().cloned().collect())?,
+        // A bare .pt file carries no config: it must fit the LoRA already on the model.
+        (None, Some(current)) => current.clone(),
+        (None, None) => {
+            return Err(bad(
+                "a .pt/.pth/.bin adapter has no config (rank, alpha); initialise LoRA with \
+                 torch_hf_lora_init first, or load a PEFT directory / .safetensors file"
+                    .into(),
+            ))
+        }
+    };
     let paths: Vec<String> = model.lm.linears().into_iter().map(|(p, _)| p).collect();
     let chosen = spec.select(&paths).map_err(|e| bad(e.to_string()))?;
     let mut expected = BTreeMap::new();

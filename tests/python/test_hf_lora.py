@@ -360,3 +360,55 @@ def test_memory_usage_counts_weights_and_adapters(model_dir: Path) -> None:
     report = loratch.torch_hf_memory_report("m")
     adapters = sum(p.numel() * 4 for p in loratch.torch_hf_lora_get_parameters("m"))
     assert report == {"weights": weights, "adapters": adapters, "adapter_grads": 0, "total": weights + adapters}
+
+
+def test_pt_format_roundtrip_and_torch_load(model_dir: Path, ids: torch.Tensor, tmp_path: Path) -> None:
+    load("m", model_dir)
+    loratch.torch_hf_lora_init("m", 2, 4.0, ["q_proj", "down_proj"])
+    randomize("m")
+    for ext in ("pt", "pth", "bin"):
+        path = tmp_path / f"adapter.{ext}"
+        loratch.torch_hf_lora_save("m", path)
+        sd = torch.load(path, weights_only=True)
+        named = loratch.torch_hf_lora_named_parameters("m")
+        assert list(sd) == list(named) and all(torch.equal(sd[k], named[k]) for k in sd)
+    load("dst", model_dir)
+    with pytest.raises(loratch.AdapterFormatError, match="no config"):
+        loratch.torch_hf_lora_load("dst", tmp_path / "adapter.pt")
+    loratch.torch_hf_lora_init("dst", 2, 4.0, ["q_proj", "down_proj"])
+    loratch.torch_hf_lora_load("dst", tmp_path / "adapter.pt")
+    assert torch.equal(logits("dst", ids), logits("m", ids))
+
+
+def test_peft_legacy_bin_directory_loads(model_dir: Path, ids: torch.Tensor, tmp_path: Path) -> None:
+    pm = peft_model(model_dir, r=2, lora_alpha=4, target_modules=["k_proj", "up_proj"])
+    with torch.no_grad():
+        for k, p in pm.named_parameters():
+            if "lora_B" in k:
+                p.normal_(0.0, 0.05)
+        ref = pm(ids).logits
+    pm.save_pretrained(tmp_path / "legacy", safe_serialization=False)
+    assert (tmp_path / "legacy" / "adapter_model.bin").exists()
+    load("m", model_dir)
+    loratch.torch_hf_lora_load("m", tmp_path / "legacy")
+    assert (logits("m", ids) - ref).abs().max().item() <= TOL
+
+
+class _Evil:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_is_never_executed(model_dir: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    torch.save({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": _Evil(marker)}, tmp_path / "evil.pt")
+    load("m", model_dir)
+    loratch.torch_hf_lora_init("m", 2, 4.0, ["q_proj"])
+    with pytest.raises(loratch.AdapterFormatError, match="not allowed"):
+        loratch.torch_hf_lora_load("m", tmp_path / "evil.pt")
+    assert not marker.exists()
