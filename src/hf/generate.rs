@@ -23,7 +23,8 @@ pub struct GenerateOptions {
 
 impl GenerateOptions {
     fn validate(&self) -> Result<()> {
-        if !self.greedy && !(self.temperature.is_finite() && self.temperature > 0.0) {
+        let valid_temperature = self.temperature.is_finite() && self.temperature > 0.0;
+        if !self.greedy && !valid_temperature {
             return Err(Error::Config(format!(
                 "temperature must be > 0, got {}",
                 self.temperature
