@@ -104,7 +104,7 @@ def _convert(gguf: pathlib.Path, out: pathlib.Path) -> None:
     config_dict.pop("_name_or_path", None)
     config = LlamaConfig.from_dict(config_dict)
     config.dtype = torch.float32
-    model = LlamaForCausalLM(config).float()
+    model = LlamaForCausalLM(config)  # float32: config.dtype above
     state = loaded.state_dict()
     missing, unexpected = model.load_state_dict(state, strict=False)
     # lm_head.weight may be absent from a tied checkpoint; anything else is a real mismatch.
