@@ -47,8 +47,8 @@ lint: $(DEPS)
 	cargo clippy --release --all-targets -- -D warnings
 	cargo clippy --release --lib --features python -- -D warnings
 
-test-rust: $(DEPS)
-	cargo test --release
+test-rust: $(EXT)
+	LORATCH_DEFAULT_MODEL_DIR=$$($(PY) -m loratch.default_model) LORATCH_TEST_PYTHON=$(PY) cargo test --release
 
 stubtest: $(EXT)
 	$(PY) -m mypy.stubtest loratch._loratch --allowlist tests/stubtest-allowlist.txt

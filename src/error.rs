@@ -35,6 +35,10 @@ pub enum Error {
     /// A value is not finite where a finite one is required (a merge delta with NaN/Inf, ...).
     #[error("non-finite values: {0}")]
     NonFinite(String),
+    /// A tokenizer file (tokenizer.json, tokenizer_config.json, ...) is malformed, or a chat
+    /// template failed to compile or render.
+    #[error("tokenizer error: {0}")]
+    Tokenizer(String),
     /// A file system operation failed.
     #[error("{path}: {source}")]
     Io {

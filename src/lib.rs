@@ -10,6 +10,8 @@ pub mod io;
 pub mod lora;
 pub mod model;
 pub mod runtime;
+pub mod tokenizer;
+pub mod train;
 
 #[cfg(feature = "python")]
 mod python;

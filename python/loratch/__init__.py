@@ -14,6 +14,7 @@ import torch as _torch  # noqa: F401
 from loratch._loratch import (
     TORCH_VERSION,
     LoraLinear,
+    Tokenizer,
     __version__,
     torch_hf_forward,
     torch_hf_generate,
@@ -30,6 +31,7 @@ from loratch._loratch import (
     torch_hf_memory_report,
     torch_hf_memory_usage,
     torch_hf_set_training,
+    torch_hf_tokenizer_load,
     torch_hf_unload,
     torch_lora_apply_to_linear,
     torch_lora_forward,
@@ -53,6 +55,7 @@ from loratch.errors import (
     NonFiniteError,
     ShapeError,
     StateError,
+    TokenizerError,
     TorchError,
 )
 
@@ -67,6 +70,8 @@ __all__ = [
     "DeviceError",
     "LoraError",
     "LoraLinear",
+    "Tokenizer",
+    "TokenizerError",
     "NonFiniteError",
     "ShapeError",
     "StateError",
@@ -87,6 +92,7 @@ __all__ = [
     "torch_hf_memory_report",
     "torch_hf_memory_usage",
     "torch_hf_set_training",
+    "torch_hf_tokenizer_load",
     "torch_hf_unload",
     "torch_lora_apply_to_linear",
     "torch_lora_forward",

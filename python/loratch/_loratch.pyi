@@ -7,6 +7,7 @@ import torch
 
 __all__ = [
     "LoraLinear",
+    "Tokenizer",
     "TORCH_VERSION",
     "__version__",
     "torch_lora_apply_to_linear",
@@ -33,6 +34,7 @@ __all__ = [
     "torch_hf_memory_report",
     "torch_hf_memory_usage",
     "torch_hf_set_training",
+    "torch_hf_tokenizer_load",
     "torch_hf_unload",
 ]
 
@@ -278,3 +280,40 @@ def torch_hf_generate(
     with a KV cache; returns the new token ids only (a reached stop token included). Greedy
     with ``greedy=True`` (equals transformers' greedy ``generate``); otherwise samples with
     ``temperature``, ``top_k``, ``top_p`` from a generator seeded by ``seed``."""
+
+# --- Tokenizer ---------------------------------------------------------------------------------
+
+@final
+class Tokenizer:
+    """A model's tokenizer: Hugging Face ``tokenizer.json`` (the ``tokenizers`` crate), special
+    tokens from ``tokenizer_config.json``, and the model's Jinja chat template."""
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str: ...
+    def token_to_id(self, token: str) -> int | None: ...
+    def id_to_token(self, id: int) -> str | None: ...
+    @property
+    def vocab_size(self) -> int:
+        """Vocabulary size including added tokens (``len(tokenizer)`` in transformers)."""
+    @property
+    def bos_token(self) -> str | None: ...
+    @property
+    def eos_token(self) -> str | None: ...
+    @property
+    def pad_token(self) -> str | None: ...
+    @property
+    def bos_token_id(self) -> int | None: ...
+    @property
+    def eos_token_id(self) -> int | None: ...
+    @property
+    def pad_token_id(self) -> int | None: ...
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str:
+        """Render ``messages`` (dicts with "role" and "content") with the model's chat template,
+        exactly as transformers' ``apply_chat_template(..., tokenize=False)``."""
+
+def torch_hf_tokenizer_load(path: str | os.PathLike[str]) -> Tokenizer:
+    """Load a tokenizer from a model directory (``tokenizer.json`` + ``tokenizer_config.json``
+    + chat template) or from a ``tokenizer.json`` path. Raises FileNotFoundError or
+    TokenizerError."""

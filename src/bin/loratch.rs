@@ -1,5 +1,10 @@
-//! The `loratch` command line: runtime info today; training, merging and generation as they land.
+//! The `loratch` command line: runtime info and text generation (with optional adapters),
+//! running on libtorch alone (no Python).
 use clap::{Parser, Subcommand};
+use loratch::hf::generate::{generate, GenerateOptions};
+use loratch::hf::{LoadOptions, LoadedModel};
+use loratch::tokenizer::{chat::Message, Tokenizer};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -21,33 +26,138 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Generate text from a Hugging Face model directory, optionally with LoRA adapters.
+    Generate {
+        /// Model directory (config.json, model.safetensors, tokenizer.json).
+        #[arg(long)]
+        model: PathBuf,
+        /// Adapters: a PEFT directory, a .safetensors or a .pt file.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// The prompt (a user message, rendered with the model's chat template unless --raw).
+        #[arg(long)]
+        prompt: String,
+        /// Feed the prompt as plain text instead of a chat message.
+        #[arg(long)]
+        raw: bool,
+        #[arg(long, default_value_t = 128)]
+        max_new_tokens: usize,
+        /// Sample with this temperature instead of greedy decoding.
+        #[arg(long)]
+        temperature: Option<f64>,
+        #[arg(long)]
+        top_k: Option<usize>,
+        #[arg(long)]
+        top_p: Option<f64>,
+        #[arg(long)]
+        seed: Option<u64>,
+        /// "cpu", "cuda", "cuda:N" or "mps".
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// "float32", "bfloat16" or "float16".
+        #[arg(long, default_value = "float32")]
+        dtype: String,
+    },
+}
+
+fn info(json: bool) -> loratch::Result<()> {
+    let info = loratch::runtime::info();
+    if json {
+        let text = serde_json::to_string_pretty(&info)
+            .map_err(|e| loratch::Error::Config(e.to_string()))?;
+        println!("{text}");
+    } else {
+        println!("loratch {}", info.loratch_version);
+        println!("libtorch {}", info.torch_version);
+        println!("devices: {}", info.devices.join(", "));
+        println!(
+            "cuda devices: {} (cudnn: {})",
+            info.cuda_devices, info.cudnn
+        );
+        println!("mps: {}", info.mps);
+        println!("cpu threads: {}", info.threads);
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_generate(
+    model_dir: PathBuf,
+    adapter: Option<PathBuf>,
+    prompt: String,
+    raw: bool,
+    max_new_tokens: usize,
+    temperature: Option<f64>,
+    top_k: Option<usize>,
+    top_p: Option<f64>,
+    seed: Option<u64>,
+    device: String,
+    dtype: String,
+) -> loratch::Result<()> {
+    let opts = LoadOptions::parse(Some(&device), Some(&dtype))?;
+    let mut model = LoadedModel::load(&model_dir, &opts)?;
+    if let Some(path) = adapter {
+        loratch::hf::peft::load(&mut model, &path)?;
+    }
+    let tokenizer = Tokenizer::from_dir(&model_dir)?;
+    let ids = if raw || tokenizer.chat_template().is_none() {
+        tokenizer.encode(&prompt, true)?
+    } else {
+        let text = tokenizer.apply_chat_template(&[Message::user(prompt)], true)?;
+        tokenizer.encode(&text, false)?
+    };
+    let mut eos: Vec<i64> = model.lm.config.eos_token_ids.clone();
+    eos.extend(tokenizer.eos_token_id().map(i64::from));
+    let gen = GenerateOptions {
+        max_new_tokens,
+        eos_token_ids: eos,
+        greedy: temperature.is_none(),
+        temperature: temperature.unwrap_or(1.0),
+        top_k,
+        top_p,
+        seed,
+    };
+    let prompt_ids: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
+    let out = generate(&model, &prompt_ids, &gen)?;
+    let out: Vec<u32> = out.iter().filter_map(|&i| u32::try_from(i).ok()).collect();
+    println!("{}", tokenizer.decode(&out, true)?.trim());
+    Ok(())
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Info { json } => {
-            let info = loratch::runtime::info();
-            if json {
-                match serde_json::to_string_pretty(&info) {
-                    Ok(s) => println!("{s}"),
-                    Err(e) => {
-                        eprintln!("error: {e}");
-                        return ExitCode::FAILURE;
-                    }
-                }
-            } else {
-                println!("loratch {}", info.loratch_version);
-                println!("libtorch {}", info.torch_version);
-                println!("devices: {}", info.devices.join(", "));
-                println!(
-                    "cuda devices: {} (cudnn: {})",
-                    info.cuda_devices, info.cudnn
-                );
-                println!("mps: {}", info.mps);
-                println!("cpu threads: {}", info.threads);
-            }
+    let result = match Cli::parse().command {
+        Command::Info { json } => info(json),
+        Command::Generate {
+            model,
+            adapter,
+            prompt,
+            raw,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            device,
+            dtype,
+        } => run_generate(
+            model,
+            adapter,
+            prompt,
+            raw,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            device,
+            dtype,
+        ),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
         }
     }
-    ExitCode::SUCCESS
 }

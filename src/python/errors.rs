@@ -34,6 +34,7 @@ impl From<Error> for PyErr {
             Error::State(_) => typed("StateError", msg),
             Error::NonFinite(_) => typed("NonFiniteError", msg),
             Error::Torch(_) => typed("TorchError", msg),
+            Error::Tokenizer(_) => typed("TokenizerError", msg),
             Error::Io { source, .. } => match source.kind() {
                 std::io::ErrorKind::NotFound => PyFileNotFoundError::new_err(msg),
                 std::io::ErrorKind::PermissionDenied => PyPermissionError::new_err(msg),

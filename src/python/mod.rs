@@ -6,6 +6,7 @@ mod errors;
 mod hf;
 mod linear;
 mod tensor;
+mod tokenizer;
 
 /// The native module. `loratch/__init__.py` imports torch first, then re-exports this.
 #[pymodule]
@@ -15,5 +16,6 @@ fn loratch_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("TORCH_VERSION", crate::bridge::torch_version())?;
     linear::register(m)?;
     hf::register(m)?;
+    tokenizer::register(m)?;
     Ok(())
 }

@@ -49,3 +49,22 @@ def test_binary_does_not_link_python(binary: Path) -> None:
     out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, check=True)
     assert "libpython" not in out.stdout and "libtorch_python" not in out.stdout
     assert "not found" not in out.stdout, out.stdout
+
+
+def test_generate_answers_with_the_default_model(binary: Path) -> None:
+    from loratch.default_model import default_model_dir
+
+    out = subprocess.run(
+        [binary, "generate", "--model", str(default_model_dir()), "--prompt", "What is the capital of France?",
+         "--max-new-tokens", "16"],
+        capture_output=True, text=True, env=clean_env(), timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout
+
+
+def test_generate_reports_errors_without_crashing(binary: Path, tmp_path: Path) -> None:
+    out = subprocess.run(
+        [binary, "generate", "--model", str(tmp_path), "--prompt", "hi"], capture_output=True, text=True, env=clean_env()
+    )
+    assert out.returncode == 1 and out.stderr.startswith("error:") and "config.json" in out.stderr
