@@ -23,7 +23,7 @@ test: build wheel lint test-rust stubtest test-python
 
 build: $(EXT) $(BIN)
 
-$(DEPS): requirements-dev.txt
+$(DEPS): requirements-dev.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VIRTUAL_ENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
