@@ -7,6 +7,8 @@ import torch
 
 __all__ = [
     "LoraLinear",
+    "Optimizer",
+    "Scheduler",
     "Tokenizer",
     "TORCH_VERSION",
     "__version__",
@@ -36,6 +38,16 @@ __all__ = [
     "torch_hf_set_training",
     "torch_hf_tokenizer_load",
     "torch_hf_unload",
+    "torch_backward",
+    "torch_clip_grad_norm",
+    "torch_lr_scheduler",
+    "torch_mps_synchronize",
+    "torch_optimizer_add_params",
+    "torch_optimizer_step",
+    "torch_optimizer_zero_grad",
+    "torch_scheduler_get_lr",
+    "torch_scheduler_step",
+    "torch_set_grad_enabled",
 ]
 
 __version__: str
@@ -317,3 +329,72 @@ def torch_hf_tokenizer_load(path: str | os.PathLike[str]) -> Tokenizer:
     """Load a tokenizer from a model directory (``tokenizer.json`` + ``tokenizer_config.json``
     + chat template) or from a ``tokenizer.json`` path. Raises FileNotFoundError or
     TokenizerError."""
+
+# --- Optimizer and scheduler -----------------------------------------------------------------
+
+@final
+class Optimizer:
+    """AdamW (``torch.optim.AdamW``'s algorithm) with float32 state; bf16/fp16 parameters get
+    float32 master copies."""
+
+    @property
+    def lr(self) -> float: ...
+    @property
+    def step_count(self) -> int: ...
+    @property
+    def params(self) -> list[torch.Tensor]: ...
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state (moments and masters)."""
+
+@final
+class Scheduler:
+    """A learning-rate schedule that sets its optimizer's LR."""
+
+    @property
+    def step_count(self) -> int: ...
+
+def torch_optimizer_add_params(
+    params: list[torch.Tensor],
+    learning_rate: float,
+    weight_decay: float,
+    *,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-08,
+) -> Optimizer:
+    """AdamW over live tensors (leaves with ``requires_grad``). Raises ConfigError for invalid
+    hyper-parameters or parameters."""
+
+def torch_optimizer_zero_grad(optimizer: Optimizer) -> None:
+    """Set every parameter's ``.grad`` to None (torch.optim's default)."""
+
+def torch_optimizer_step(optimizer: Optimizer) -> None:
+    """One AdamW step; parameters without a gradient are skipped."""
+
+def torch_clip_grad_norm(optimizer: Optimizer, max_norm: float) -> float:
+    """Clip the gradients' total 2-norm to ``max_norm`` in place; return the norm before
+    clipping (as ``torch.nn.utils.clip_grad_norm_``)."""
+
+def torch_backward(loss: torch.Tensor, retain_graph: bool = False) -> None:
+    """``loss.backward(retain_graph=retain_graph)``."""
+
+def torch_lr_scheduler(
+    optimizer: Optimizer, scheduler_type: str, config: dict[str, float] | None = None
+) -> Scheduler:
+    """A schedule: "linear_warmup_cosine", "cosine", "linear", "linear_warmup_linear",
+    "exponential", "step" or "constant". Config keys: ``initial_lr`` (default: the optimizer's
+    LR), ``min_lr`` (0), ``total_steps`` (1000), ``warmup_steps`` (0), ``gamma`` (0.1),
+    ``step_size`` (100). Sets the optimizer's LR for step 0. The LR stays in
+    [min_lr, initial_lr] and holds after ``total_steps``. Invalid configs raise ConfigError."""
+
+def torch_scheduler_step(scheduler: Scheduler) -> None:
+    """Advance one step and set the optimizer's LR."""
+
+def torch_scheduler_get_lr(scheduler: Scheduler) -> float:
+    """The LR of the current step."""
+
+def torch_set_grad_enabled(flag: bool) -> bool:
+    """Turn autograd recording on or off for this thread; returns the previous setting."""
+
+def torch_mps_synchronize() -> bool:
+    """Wait for queued accelerator (CUDA) work; False on a CPU-only machine."""

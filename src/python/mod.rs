@@ -7,6 +7,7 @@ mod hf;
 mod linear;
 mod tensor;
 mod tokenizer;
+mod train;
 
 /// The native module. `loratch/__init__.py` imports torch first, then re-exports this.
 #[pymodule]
@@ -17,5 +18,6 @@ fn loratch_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     linear::register(m)?;
     hf::register(m)?;
     tokenizer::register(m)?;
+    train::register(m)?;
     Ok(())
 }

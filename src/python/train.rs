@@ -1,0 +1,271 @@
+//! The spec's "Optimizer and Scheduler" and "Memory Management" functions: AdamW with fp32
+//! state, LR schedules that set the optimizer's LR, gradient control and device sync.
+use super::tensor::PyTensor;
+use crate::error::Error;
+use crate::train::optim::AdamW;
+use crate::train::schedule::{Schedule, ScheduleKind};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use std::sync::{Mutex, MutexGuard};
+
+/// AdamW over live tensors, state and updates in float32 (fp32 masters for bf16/fp16 params).
+#[pyclass(name = "Optimizer", module = "loratch")]
+pub struct PyOptimizer {
+    inner: Mutex<AdamW>,
+}
+
+impl PyOptimizer {
+    fn lock(&self) -> MutexGuard<'_, AdamW> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[pymethods]
+impl PyOptimizer {
+    /// The current learning rate.
+    #[getter]
+    fn lr(&self) -> f64 {
+        self.lock().lr()
+    }
+
+    /// Number of optimizer steps taken.
+    #[getter]
+    fn step_count(&self) -> u64 {
+        self.lock().step_count()
+    }
+
+    /// The parameters (live tensors).
+    #[getter]
+    fn params(&self) -> Vec<PyTensor> {
+        self.lock()
+            .params()
+            .iter()
+            .map(|t| PyTensor(t.shallow_clone()))
+            .collect()
+    }
+
+    /// Bytes of optimizer state (moments and fp32 masters).
+    #[getter]
+    fn state_bytes(&self) -> i64 {
+        self.lock().state_bytes()
+    }
+
+    fn __repr__(&self) -> String {
+        let o = self.lock();
+        format!(
+            "Optimizer(AdamW, params={}, lr={:?}, steps={})",
+            o.params().len(),
+            o.lr(),
+            o.step_count()
+        )
+    }
+}
+
+/// A learning-rate schedule driving an optimizer's LR.
+#[pyclass(name = "Scheduler", module = "loratch")]
+pub struct PyScheduler {
+    schedule: Schedule,
+    optimizer: Py<PyOptimizer>,
+    step: Mutex<u64>,
+}
+
+#[pymethods]
+impl PyScheduler {
+    /// Scheduler steps taken.
+    #[getter]
+    fn step_count(&self) -> u64 {
+        *self.step.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Scheduler({}, step={})",
+            self.schedule.kind().name(),
+            self.step_count()
+        )
+    }
+}
+
+/// Creates AdamW (torch.optim.AdamW's algorithm) over `params`.
+#[pyfunction]
+#[pyo3(
+    signature = (params, learning_rate, weight_decay, *, betas=(0.9, 0.999), eps=1e-8),
+    text_signature = "(params, learning_rate, weight_decay, *, betas=(0.9, 0.999), eps=1e-08)"
+)]
+fn torch_optimizer_add_params(
+    params: Vec<PyTensor>,
+    learning_rate: f64,
+    weight_decay: f64,
+    betas: (f64, f64),
+    eps: f64,
+) -> PyResult<PyOptimizer> {
+    let params = params.into_iter().map(|p| p.0).collect();
+    Ok(PyOptimizer {
+        inner: Mutex::new(AdamW::new(params, learning_rate, weight_decay, betas, eps)?),
+    })
+}
+
+/// Clears the parameters' gradients (sets `.grad` to None, as `torch.optim`'s default).
+#[pyfunction]
+fn torch_optimizer_zero_grad(py: Python<'_>, optimizer: &PyOptimizer) -> PyResult<()> {
+    let params: Vec<_> = optimizer
+        .lock()
+        .params()
+        .iter()
+        .map(|t| t.shallow_clone())
+        .collect();
+    for p in params {
+        PyTensor(p).into_pyobject(py)?.setattr("grad", py.None())?;
+    }
+    Ok(())
+}
+
+/// One AdamW step (parameters without a gradient are skipped).
+#[pyfunction]
+fn torch_optimizer_step(py: Python<'_>, optimizer: &PyOptimizer) -> PyResult<()> {
+    Ok(py.detach(|| optimizer.lock().step())?)
+}
+
+/// Clips the gradients' total 2-norm to `max_norm` in place; returns the norm before clipping
+/// (as `torch.nn.utils.clip_grad_norm_`).
+#[pyfunction]
+fn torch_clip_grad_norm(py: Python<'_>, optimizer: &PyOptimizer, max_norm: f64) -> PyResult<f64> {
+    Ok(py.detach(|| optimizer.lock().clip_grad_norm(max_norm))?)
+}
+
+/// `loss.backward(retain_graph=...)`.
+#[pyfunction]
+#[pyo3(signature = (loss, retain_graph=false))]
+fn torch_backward(loss: &Bound<'_, PyAny>, retain_graph: bool) -> PyResult<()> {
+    let _: PyTensor = loss.extract()?;
+    let kwargs = PyDict::new(loss.py());
+    kwargs.set_item("retain_graph", retain_graph)?;
+    loss.call_method("backward", (), Some(&kwargs))?;
+    Ok(())
+}
+
+fn get_f64(config: Option<&Bound<'_, PyDict>>, key: &str, default: f64) -> PyResult<f64> {
+    match config.map(|c| c.get_item(key)).transpose()?.flatten() {
+        Some(v) => Ok(v
+            .extract()
+            .map_err(|_| Error::Config(format!("config[{key:?}] must be a number")))?),
+        None => Ok(default),
+    }
+}
+
+fn get_u64(config: Option<&Bound<'_, PyDict>>, key: &str, default: u64) -> PyResult<u64> {
+    match config.map(|c| c.get_item(key)).transpose()?.flatten() {
+        Some(v) => {
+            let n: i64 = v
+                .extract()
+                .map_err(|_| Error::Config(format!("config[{key:?}] must be an integer")))?;
+            Ok(u64::try_from(n)
+                .map_err(|_| Error::Config(format!("config[{key:?}] must be >= 0, got {n}")))?)
+        }
+        None => Ok(default),
+    }
+}
+
+/// Creates a schedule (`linear_warmup_cosine`, `cosine`, `linear`, `linear_warmup_linear`,
+/// `exponential`, `step`, `constant`) and sets the optimizer's LR for step 0. Config keys:
+/// `initial_lr` (default: the optimizer's LR), `min_lr` (0), `total_steps` (1000),
+/// `warmup_steps` (0), `gamma` (0.1), `step_size` (100); unknown keys raise.
+#[pyfunction]
+#[pyo3(signature = (optimizer, scheduler_type, config=None))]
+fn torch_lr_scheduler(
+    optimizer: Bound<'_, PyOptimizer>,
+    scheduler_type: &str,
+    config: Option<&Bound<'_, PyDict>>,
+) -> PyResult<PyScheduler> {
+    const KEYS: [&str; 6] = [
+        "initial_lr",
+        "min_lr",
+        "total_steps",
+        "warmup_steps",
+        "gamma",
+        "step_size",
+    ];
+    if let Some(c) = config {
+        for k in c.keys() {
+            let k: String = k.extract()?;
+            if !KEYS.contains(&k.as_str()) {
+                return Err(Error::Config(format!(
+                    "unknown scheduler config key {k:?}; known: {}",
+                    KEYS.join(", ")
+                ))
+                .into());
+            }
+        }
+    }
+    let kind = ScheduleKind::from_name(scheduler_type)?;
+    let current = optimizer.borrow().lock().lr();
+    let schedule = Schedule::new(
+        kind,
+        get_f64(config, "initial_lr", current)?,
+        get_f64(config, "min_lr", 0.0)?,
+        get_u64(config, "total_steps", 1000)?,
+        get_u64(config, "warmup_steps", 0)?,
+        get_f64(config, "gamma", 0.1)?,
+        get_u64(config, "step_size", 100)?,
+    )?;
+    optimizer.borrow().lock().set_lr(schedule.lr(0))?;
+    Ok(PyScheduler {
+        schedule,
+        optimizer: optimizer.unbind(),
+        step: Mutex::new(0),
+    })
+}
+
+/// Advances the schedule one step and sets the optimizer's LR.
+#[pyfunction]
+fn torch_scheduler_step(py: Python<'_>, scheduler: &PyScheduler) -> PyResult<()> {
+    let mut step = scheduler.step.lock().unwrap_or_else(|e| e.into_inner());
+    *step += 1;
+    let lr = scheduler.schedule.lr(*step);
+    scheduler.optimizer.bind(py).borrow().lock().set_lr(lr)?;
+    Ok(())
+}
+
+/// The learning rate of the schedule's current step.
+#[pyfunction]
+fn torch_scheduler_get_lr(scheduler: &PyScheduler) -> f64 {
+    scheduler.schedule.lr(scheduler.step_count())
+}
+
+/// Turns autograd recording on or off for this thread (as `torch.set_grad_enabled`); returns
+/// the previous setting.
+#[pyfunction]
+fn torch_set_grad_enabled(flag: bool) -> bool {
+    // SAFETY: sets libtorch's thread-local GradMode; no pointers involved.
+    unsafe { torch_sys::at_grad_set_enabled(i32::from(flag)) != 0 }
+}
+
+/// Waits for the active accelerator (every CUDA device) to finish queued work. Returns True if
+/// something was synchronised, False on a CPU-only machine. (MPS: not synchronised by loratch;
+/// use `torch.mps.synchronize()`.)
+#[pyfunction]
+fn torch_mps_synchronize(py: Python<'_>) -> bool {
+    let n = tch::Cuda::device_count();
+    py.detach(|| {
+        for i in 0..n {
+            tch::Cuda::synchronize(i);
+        }
+    });
+    n > 0
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyOptimizer>()?;
+    m.add_class::<PyScheduler>()?;
+    m.add_function(wrap_pyfunction!(torch_optimizer_add_params, m)?)?;
+    m.add_function(wrap_pyfunction!(torch_optimizer_zero_grad, m)?)?;
+    m.add_function(wrap_pyfunction!(torch_optimizer_step, m)?)?;
+    m.add_function(wrap_pyfunction!(torch_clip_grad_norm, m)?)?;
+    m.add_function(wrap_pyfunction!(torch_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(torch_lr_scheduler, m)?)?;
+    m.add_function(wrap_pyfunction!(torch_scheduler_step, m)?)?;
+    m.add_function(wrap_pyfunction!(torch_scheduler_get_lr, m)?)?;
+    m.add_function(wrap_pyfunction!(torch_set_grad_enabled, m)?)?;
+    m.add_function(wrap_pyfunction!(torch_mps_synchronize, m)?)?;
+    Ok(())
+}
