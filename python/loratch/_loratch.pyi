@@ -35,6 +35,7 @@ __all__ = [
     "torch_hf_lora_unmerge",
     "torch_hf_memory_report",
     "torch_hf_memory_usage",
+    "torch_hf_save_merged",
     "torch_hf_set_training",
     "torch_hf_tokenizer_load",
     "torch_hf_unload",
@@ -398,3 +399,8 @@ def torch_set_grad_enabled(flag: bool) -> bool:
 
 def torch_mps_synchronize() -> bool:
     """Wait for queued accelerator (CUDA) work; False on a CPU-only machine."""
+
+def torch_hf_save_merged(model_name: str, path: str | os.PathLike[str]) -> None:
+    """Write the model with its adapters merged (fp32 math; the loaded model is unchanged) as a
+    Hugging Face directory: config.json, model.safetensors and the tokenizer files. ``path``
+    must not exist or be empty."""

@@ -26,6 +26,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Fold adapters into a model and write it as a Hugging Face directory.
+    Merge {
+        /// Model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// Adapters: a PEFT directory, a .safetensors or a .pt file.
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Output directory (must not exist or be empty).
+        #[arg(long)]
+        out: PathBuf,
+        /// "float32", "bfloat16" or "float16".
+        #[arg(long, default_value = "float32")]
+        dtype: String,
+    },
     /// Generate text from a Hugging Face model directory, optionally with LoRA adapters.
     Generate {
         /// Model directory (config.json, model.safetensors, tokenizer.json).
@@ -124,9 +139,24 @@ fn run_generate(
     Ok(())
 }
 
+fn merge(model_dir: PathBuf, adapter: PathBuf, out: PathBuf, dtype: String) -> loratch::Result<()> {
+    let opts = LoadOptions::parse(Some("cpu"), Some(&dtype))?;
+    let mut model = LoadedModel::load(&model_dir, &opts)?;
+    loratch::hf::peft::load(&mut model, &adapter)?;
+    loratch::hf::export::save_merged(&model, &out)?;
+    println!("{}", out.display());
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Info { json } => info(json),
+        Command::Merge {
+            model,
+            adapter,
+            out,
+            dtype,
+        } => merge(model, adapter, out, dtype),
         Command::Generate {
             model,
             adapter,

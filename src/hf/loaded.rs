@@ -210,6 +210,12 @@ impl LoadedModel {
     pub fn init_lora(&mut self, spec: LoraSpec, kind: Kind) -> Result<()> {
         let paths: Vec<String> = self.lm.linears().into_iter().map(|(p, _)| p).collect();
         let chosen = spec.select(&paths)?;
+        if self.lm.config.tie_word_embeddings && chosen.iter().any(|p| p == "lm_head") {
+            return Err(Error::Config(
+                "lm_head is tied to embed_tokens in this model; adapting it is not supported"
+                    .into(),
+            ));
+        }
         let configs = chosen
             .iter()
             .map(|p| spec.config_for(p))

@@ -1,5 +1,6 @@
 //! The `torch_hf_*` API's core: models addressed by name (registry), LoRA on a loaded model
 //! (loaded), and adapter files in PEFT's format (peft).
+pub mod export;
 pub mod generate;
 pub mod loaded;
 pub mod peft;

@@ -429,6 +429,62 @@ impl CausalLm {
         out
     }
 
+    /// Every base weight under its checkpoint key (the tied head omitted, as transformers saves
+    /// it), with linears adapted by LoRA given as `W + scaling * B @ A` unless already merged.
+    pub fn merged_state_dict(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            self.model.embed_tokens.shallow_clone(),
+        )];
+        for (i, l) in self.model.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push((
+                format!("{p}.input_layernorm.weight"),
+                l.input_layernorm.weight.shallow_clone(),
+            ));
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                l.post_attention_layernorm.weight.shallow_clone(),
+            ));
+            if let Some(n) = &l.self_attn.q_norm {
+                out.push((
+                    format!("{p}.self_attn.q_norm.weight"),
+                    n.weight.shallow_clone(),
+                ));
+            }
+            if let Some(n) = &l.self_attn.k_norm {
+                out.push((
+                    format!("{p}.self_attn.k_norm.weight"),
+                    n.weight.shallow_clone(),
+                ));
+            }
+        }
+        out.push((
+            "model.norm.weight".to_string(),
+            self.model.norm.weight.shallow_clone(),
+        ));
+        for (path, lin) in self.linears() {
+            if path == "lm_head" && self.config.tie_word_embeddings {
+                continue;
+            }
+            let weight = match &lin.lora {
+                Some(ad) if !lin.merged => tch::no_grad(|| -> Result<Tensor> {
+                    Ok(lin
+                        .weight
+                        .f_to_kind(Kind::Float)?
+                        .f_add(&ad.delta_f32()?)?
+                        .f_to_kind(self.kind)?)
+                })?,
+                _ => lin.weight.shallow_clone(),
+            };
+            out.push((format!("{path}.weight"), weight));
+            if let Some(b) = &lin.bias {
+                out.push((format!("{path}.bias"), b.shallow_clone()));
+            }
+        }
+        Ok(out)
+    }
+
     /// Bytes held by the base weights (the tied head counted once).
     pub fn weight_bytes(&self) -> i64 {
         let mut seen = std::collections::HashSet::new();

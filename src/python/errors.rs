@@ -2,7 +2,9 @@
 //! (so they can also subclass the matching built-ins); I/O errors become `FileNotFoundError`,
 //! `PermissionError` or `OSError`.
 use crate::error::Error;
-use pyo3::exceptions::{PyFileNotFoundError, PyOSError, PyPermissionError, PyRuntimeError};
+use pyo3::exceptions::{
+    PyFileExistsError, PyFileNotFoundError, PyOSError, PyPermissionError, PyRuntimeError,
+};
 use pyo3::prelude::*;
 use pyo3::types::PyType;
 
@@ -38,6 +40,7 @@ impl From<Error> for PyErr {
             Error::Io { source, .. } => match source.kind() {
                 std::io::ErrorKind::NotFound => PyFileNotFoundError::new_err(msg),
                 std::io::ErrorKind::PermissionDenied => PyPermissionError::new_err(msg),
+                std::io::ErrorKind::AlreadyExists => PyFileExistsError::new_err(msg),
                 _ => PyOSError::new_err(msg),
             },
         }

@@ -264,6 +264,14 @@ fn torch_hf_generate(
     Ok(py.detach(move || crate::hf::generate::generate(&lock(&entry), &prompt, &opts))?)
 }
 
+/// Writes the model with its adapters merged as a Hugging Face directory (config, weights,
+/// tokenizer files) that transformers loads; the loaded model itself is left unchanged.
+#[pyfunction]
+fn torch_hf_save_merged(py: Python<'_>, model_name: &str, path: PathBuf) -> PyResult<()> {
+    let entry = registry::get(model_name)?;
+    Ok(py.detach(move || crate::hf::export::save_merged(&lock(&entry), &path))?)
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(torch_hf_load_model_lora, m)?)?;
     m.add_function(wrap_pyfunction!(torch_hf_unload, m)?)?;
@@ -279,6 +287,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(torch_hf_lora_save, m)?)?;
     m.add_function(wrap_pyfunction!(torch_hf_lora_load, m)?)?;
     m.add_function(wrap_pyfunction!(torch_hf_generate, m)?)?;
+    m.add_function(wrap_pyfunction!(torch_hf_save_merged, m)?)?;
     m.add_function(wrap_pyfunction!(torch_hf_memory_usage, m)?)?;
     m.add_function(wrap_pyfunction!(torch_hf_memory_report, m)?)?;
     Ok(())
