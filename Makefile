@@ -47,8 +47,11 @@ lint: $(DEPS)
 	cargo clippy --release --all-targets -- -D warnings
 	cargo clippy --release --lib --features python -- -D warnings
 
+FAQ_JSONL = $$($(PY) -c 'import importlib.util as u, os; print(os.path.join(u.find_spec("zaragoza_construction_faq").submodule_search_locations[0], "data", "faq-en-alpaca.jsonl"))')
+
 test-rust: $(EXT)
-	LORATCH_DEFAULT_MODEL_DIR=$$($(PY) -m loratch.default_model) LORATCH_TEST_PYTHON=$(PY) cargo test --release
+	LORATCH_DEFAULT_MODEL_DIR=$$($(PY) -m loratch.default_model) LORATCH_TEST_PYTHON=$(PY) \
+	LORATCH_FAQ_JSONL=$(FAQ_JSONL) cargo test --release
 
 stubtest: $(EXT)
 	$(PY) -m mypy.stubtest loratch._loratch --allowlist tests/stubtest-allowlist.txt

@@ -47,12 +47,19 @@ def matmul_peak_gflops(n: int = 1024, reps: int = 10) -> float:
 
 def bench_lora_linear(rounds: int) -> list[str]:
     """The basic layer: forward+backward of a 1024x1024 r=16 LoRA linear on 256x1024 inputs."""
-    from peft.tuners.lora import Linear as PeftLinear
+    from peft import LoraConfig, get_peft_model
+
+    class One(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(1024, 1024)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.proj(x)  # type: ignore[no-any-return]
 
     torch.manual_seed(0)
     ours = loratch.torch_lora_linear(1024, 1024, 16, 32.0)
-    base = torch.nn.Linear(1024, 1024)
-    peft = PeftLinear(base, "default", r=16, lora_alpha=32, lora_dropout=0.0)
+    peft = get_peft_model(One(), LoraConfig(r=16, lora_alpha=32, target_modules=["proj"], lora_dropout=0.0))
     x = torch.randn(256, 1024)
 
     def run_ours() -> None:

@@ -256,11 +256,11 @@ def torch_hf_set_training(model_name: str, training: bool) -> None:
 
 def torch_hf_memory_usage(model_name: str) -> int:
     """Bytes held by the model: base weights (a tied head counted once) + adapters + adapter
-    gradients when allocated."""
+    gradients when allocated + the state of live loratch optimizers over its adapters."""
 
 def torch_hf_memory_report(model_name: str) -> dict[str, int]:
     """The parts of ``torch_hf_memory_usage``: ``weights``, ``adapters``, ``adapter_grads``,
-    ``total``."""
+    ``optimizer_state``, ``total``."""
 
 def torch_hf_lora_save(model_name: str, path: str | os.PathLike[str]) -> None:
     """Save the adapters in PEFT's format (float32): a directory with ``adapter_config.json`` +

@@ -360,13 +360,25 @@ impl LoadedModel {
         (params, grads)
     }
 
-    /// `[(part, bytes)]`: base weights, adapters, adapter gradients.
+    /// `[(part, bytes)]`: base weights, adapters, adapter gradients, and the state of live
+    /// loratch optimizers over this model's adapters.
     pub fn memory_report(&self) -> Vec<(&'static str, i64)> {
         let (adapters, grads) = self.adapter_bytes();
+        let ptrs: std::collections::HashSet<usize> = self
+            .lm
+            .linears()
+            .into_iter()
+            .filter_map(|(_, l)| l.lora.as_ref())
+            .flat_map(|ad| [ad.a.data_ptr() as usize, ad.b.data_ptr() as usize])
+            .collect();
         vec![
             ("weights", self.lm.weight_bytes()),
             ("adapters", adapters),
             ("adapter_grads", grads),
+            (
+                "optimizer_state",
+                crate::train::optim::state_bytes_for(&ptrs),
+            ),
         ]
     }
 }

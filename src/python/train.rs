@@ -6,12 +6,12 @@ use crate::train::optim::AdamW;
 use crate::train::schedule::{Schedule, ScheduleKind};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// AdamW over live tensors, state and updates in float32 (fp32 masters for bf16/fp16 params).
 #[pyclass(name = "Optimizer", module = "loratch")]
 pub struct PyOptimizer {
-    inner: Mutex<AdamW>,
+    inner: Arc<Mutex<AdamW>>,
 }
 
 impl PyOptimizer {
@@ -100,9 +100,15 @@ fn torch_optimizer_add_params(
     eps: f64,
 ) -> PyResult<PyOptimizer> {
     let params = params.into_iter().map(|p| p.0).collect();
-    Ok(PyOptimizer {
-        inner: Mutex::new(AdamW::new(params, learning_rate, weight_decay, betas, eps)?),
-    })
+    let inner = Arc::new(Mutex::new(AdamW::new(
+        params,
+        learning_rate,
+        weight_decay,
+        betas,
+        eps,
+    )?));
+    crate::train::optim::track(&inner);
+    Ok(PyOptimizer { inner })
 }
 
 /// Clears the parameters' gradients (sets `.grad` to None, as `torch.optim`'s default).

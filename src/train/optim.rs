@@ -494,15 +494,52 @@ impl AdamW {
 
     /// Bytes of optimizer state: both moments and the fp32 masters.
     pub fn state_bytes(&self) -> i64 {
+        self.state_bytes_where(|_| true)
+    }
+
+    /// Bytes of the state of the parameters for which `keep` is true.
+    pub fn state_bytes_where(&self, keep: impl Fn(&Tensor) -> bool) -> i64 {
         let bytes =
             |t: &Tensor| t.numel() as i64 * t.f_kind().map_or(0, |k| k.elt_size_in_bytes() as i64);
-        self.states
+        self.params
             .iter()
-            .map(|st| {
+            .zip(&self.states)
+            .filter(|(p, _)| keep(p))
+            .map(|(_, st)| {
                 bytes(&st.exp_avg) + bytes(&st.exp_avg_sq) + st.master.as_ref().map_or(0, bytes)
             })
             .sum()
     }
+}
+
+/// Optimizers alive in this process (weakly held), so a model's memory report can count the
+/// state of the optimizers that train its tensors.
+static LIVE: std::sync::LazyLock<std::sync::Mutex<Vec<std::sync::Weak<std::sync::Mutex<AdamW>>>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// Makes `opt` visible to [`state_bytes_for`] while it lives.
+pub fn track(opt: &std::sync::Arc<std::sync::Mutex<AdamW>>) {
+    let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
+    live.retain(|w| w.strong_count() > 0);
+    live.push(std::sync::Arc::downgrade(opt));
+}
+
+/// Bytes of optimizer state, over every live tracked optimizer, of the parameters whose data
+/// pointer is in `data_ptrs`.
+pub fn state_bytes_for(data_ptrs: &std::collections::HashSet<usize>) -> i64 {
+    let live: Vec<_> = LIVE
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter_map(|w| w.upgrade())
+        .collect();
+    live.iter()
+        .map(|o| {
+            o.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .state_bytes_where(|p| data_ptrs.contains(&(p.data_ptr() as usize)))
+        })
+        .sum()
 }
 
 #[cfg(test)]

@@ -359,7 +359,19 @@ def test_memory_usage_counts_weights_and_adapters(model_dir: Path) -> None:
     loratch.torch_hf_lora_init("m", 4, 8.0, ["q_proj"])
     report = loratch.torch_hf_memory_report("m")
     adapters = sum(p.numel() * 4 for p in loratch.torch_hf_lora_get_parameters("m"))
-    assert report == {"weights": weights, "adapters": adapters, "adapter_grads": 0, "total": weights + adapters}
+    assert report == {
+        "weights": weights, "adapters": adapters, "adapter_grads": 0, "optimizer_state": 0, "total": weights + adapters
+    }
+    params = loratch.torch_hf_lora_get_parameters("m")
+    opt = loratch.torch_optimizer_add_params(params, 1e-3, 0.0)
+    logits("m", torch.zeros(1, 3, dtype=torch.long))
+    loratch.torch_hf_forward("m", torch.zeros(1, 3, dtype=torch.long)).sum().backward()
+    loratch.torch_optimizer_step(opt)
+    report = loratch.torch_hf_memory_report("m")
+    assert report["adapter_grads"] == adapters and report["optimizer_state"] == 2 * adapters == opt.state_bytes
+    assert loratch.torch_hf_memory_usage("m") == weights + 4 * adapters
+    del opt
+    assert loratch.torch_hf_memory_report("m")["optimizer_state"] == 0
 
 
 def test_pt_format_roundtrip_and_torch_load(model_dir: Path, ids: torch.Tensor, tmp_path: Path) -> None:
