@@ -1,10 +1,11 @@
 //! safetensors files <-> named tch tensors (+ the string metadata of the header), through the
 //! `safetensors` crate. Reads are memory-mapped; writes are atomic.
 use crate::error::{Error, Result};
-use memmap2::Mmap;
+use memmap2::{MmapMut, MmapOptions};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
 fn kind_to_dtype(kind: Kind) -> Result<Dtype> {
@@ -89,7 +90,9 @@ pub fn save(
 /// A safetensors file opened by memory map; tensors are materialised on request.
 pub struct MappedSafetensors {
     path: std::path::PathBuf,
-    mmap: Mmap,
+    /// A private copy-on-write mapping: tensors viewing it may be written (merging LoRA into
+    /// base weights) without touching the file.
+    mmap: Arc<MmapMut>,
     checkpoint: bool,
 }
 
@@ -107,9 +110,11 @@ impl MappedSafetensors {
 
     fn open_as(path: &Path, checkpoint: bool) -> Result<Self> {
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        // SAFETY: the map is read-only; loratch never writes a file it has mapped (saves go to a
-        // new file renamed into place), so the mapping stays consistent.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        // SAFETY: a private (copy-on-write) mapping; loratch never writes a file it has mapped
+        // (saves go to a new file renamed into place), so the mapping stays consistent.
+        let mmap = Arc::new(
+            unsafe { MmapOptions::new().map_copy(&file) }.map_err(|e| Error::io(path, e))?,
+        );
         let me = Self {
             path: path.to_path_buf(),
             mmap,
@@ -166,6 +171,38 @@ impl MappedSafetensors {
         })?;
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
         Ok(Tensor::f_from_data_size(view.data(), &shape, kind)?)
+    }
+
+    /// Tensor `name` as a zero-copy view of the mapping, or `None` when its data is not aligned
+    /// for its dtype. The view is only valid while the mapping lives: keep
+    /// [`mapping`](Self::mapping) alive at least as long as the tensor and every handle on it.
+    pub fn tensor_view(&self, name: &str) -> Result<Option<Tensor>> {
+        let st = self.parse()?;
+        let view = st
+            .tensor(name)
+            .map_err(|e| self.err(format!("{name}: {e}")))?;
+        let kind = dtype_to_kind(view.dtype())
+            .ok_or_else(|| self.err(format!("{name}: unsupported dtype {:?}", view.dtype())))?;
+        let data = view.data();
+        let elt = kind.elt_size_in_bytes();
+        if data.is_empty() || (data.as_ptr() as usize) % elt != 0 {
+            return Ok(None);
+        }
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        let mut strides = vec![1i64; shape.len()];
+        for i in (0..shape.len().saturating_sub(1)).rev() {
+            strides[i] = strides[i + 1] * shape[i + 1];
+        }
+        // SAFETY: `data` lies inside the writable private mapping owned by `self.mmap`, whose
+        // lifetime the caller extends over the tensor's (documented above); size and strides
+        // describe exactly `data.len()` bytes of `kind`.
+        let t = unsafe { Tensor::f_from_blob(data.as_ptr(), &shape, &strides, kind, Device::Cpu)? };
+        Ok(Some(t))
+    }
+
+    /// The mapping, to keep zero-copy views alive.
+    pub fn mapping(&self) -> Arc<MmapMut> {
+        Arc::clone(&self.mmap)
     }
 
     fn err(&self, msg: String) -> Error {

@@ -262,6 +262,8 @@ pub struct CausalLm {
     rope: Rope,
     kind: Kind,
     device: Device,
+    /// Memory maps viewed by zero-copy weights. Declared last: dropped after every weight.
+    _mappings: Vec<std::sync::Arc<memmap2::MmapMut>>,
 }
 
 impl CausalLm {
@@ -310,6 +312,7 @@ impl CausalLm {
             rope,
             kind,
             device,
+            _mappings: ck.mappings(),
         })
     }
 

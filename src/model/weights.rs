@@ -88,13 +88,28 @@ impl Checkpoint {
         v
     }
 
-    /// Tensor `name` as `kind` on `device`, checked to have `shape`.
+    /// The memory maps that zero-copy weights view: whoever keeps such weights must keep these.
+    pub fn mappings(&self) -> Vec<std::sync::Arc<memmap2::MmapMut>> {
+        self.files.iter().map(|f| f.mapping()).collect()
+    }
+
+    /// Tensor `name` as `kind` on `device`, checked to have `shape`. A CPU weight already of
+    /// `kind` is a zero-copy view of the (private, copy-on-write) file mapping: keep
+    /// [`mappings`](Self::mappings) alive as long as it; anything else is copied once.
     pub fn load(&self, name: &str, shape: &[i64], kind: Kind, device: Device) -> Result<Tensor> {
         let &file = self.index.get(name).ok_or_else(|| Error::Checkpoint {
             path: self.dir.clone(),
             msg: format!("missing weight {name:?}"),
         })?;
-        let t = self.files[file].tensor(name)?;
+        let view = if device == Device::Cpu {
+            self.files[file].tensor_view(name)?
+        } else {
+            None
+        };
+        let t = match view {
+            Some(v) if v.f_kind()? == kind => v,
+            _ => self.files[file].tensor(name)?,
+        };
         if t.size() != shape {
             return Err(Error::Checkpoint {
                 path: self.files[file].path().to_path_buf(),

@@ -138,6 +138,7 @@ def test_enable_disable_gives_base_model(model_dir: Path, ids: torch.Tensor) -> 
 
 
 def test_merge_unmerge(model_dir: Path, ids: torch.Tensor) -> None:
+    weights_file = (model_dir / "model.safetensors").read_bytes()
     load("m", model_dir)
     loratch.torch_hf_lora_init("m", 4, 8.0, ALL7)
     randomize("m", 0.05)
@@ -157,6 +158,8 @@ def test_merge_unmerge(model_dir: Path, ids: torch.Tensor) -> None:
     assert (logits("m", ids) - unmerged).abs().max().item() <= 1e-5
     with pytest.raises(loratch.StateError, match="not merged"):
         loratch.torch_hf_lora_unmerge("m")
+    # Weights are zero-copy views of a private mapping: merging never writes the checkpoint file.
+    assert (model_dir / "model.safetensors").read_bytes() == weights_file
 
 
 def test_non_finite_merge_raises_and_changes_nothing(model_dir: Path, ids: torch.Tensor) -> None:
