@@ -1,7 +1,7 @@
 //! A projection of the model (`q_proj`, `down_proj`, ...): frozen weight and bias, plus an
 //! optional LoRA adapter that can be enabled, disabled, merged and unmerged.
 use super::weights::Checkpoint;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::lora::Adapter;
 use tch::{Device, Kind, Tensor};
 
@@ -114,12 +114,5 @@ impl Linear {
         self.unmerge()?;
         self.lora = None;
         Ok(())
-    }
-
-    /// Error unless an adapter is present.
-    pub fn adapter(&self) -> Result<&Adapter> {
-        self.lora
-            .as_ref()
-            .ok_or_else(|| Error::State("no LoRA adapter on this module".into()))
     }
 }
