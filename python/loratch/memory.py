@@ -15,4 +15,6 @@ def tensor_in_memory() -> int:
     weights) are not Python objects and are not counted: use ``torch_hf_memory_usage`` for
     those bytes."""
     gc.collect()
-    return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+    # type(o), not isinstance: isinstance reads `o.__class__`, which on some torch objects (the
+    # deprecated `torch.distributed.reduce_op`) emits a FutureWarning.
+    return sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor))

@@ -1,11 +1,13 @@
-//! The `loratch` command line: runtime info and text generation (with optional adapters),
-//! running on libtorch alone (no Python).
+//! The `loratch` command line: training, merging, text generation (with optional adapters) and
+//! runtime info, running on libtorch alone (no Python).
 use clap::{Parser, Subcommand};
 use loratch::hf::generate::{generate, GenerateOptions};
 use loratch::hf::{LoadOptions, LoadedModel};
 use loratch::tokenizer::{chat::Message, Tokenizer};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(
@@ -20,6 +22,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Fine-tune LoRA adapters as a TOML config says (see README "Training").
+    Train {
+        /// The TOML configuration.
+        #[arg(long)]
+        config: PathBuf,
+        /// Override a config value: `section.key=value` (TOML syntax), repeatable.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Resume from a checkpoint directory, or from the newest checkpoint of an output dir.
+        #[arg(long)]
+        resume: Option<PathBuf>,
+    },
     /// Show the libtorch version, the available devices and the thread count.
     Info {
         /// Print JSON instead of text.
@@ -148,8 +162,59 @@ fn merge(model_dir: PathBuf, adapter: PathBuf, out: PathBuf, dtype: String) -> l
     Ok(())
 }
 
+/// Stops the trainer at the next step on the first Ctrl-C (it saves a checkpoint); a second
+/// Ctrl-C exits at once.
+struct CtrlC(Arc<AtomicBool>);
+
+impl loratch::train::Hooks for CtrlC {
+    fn should_stop(&mut self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Exit status of a run stopped by Ctrl-C (128 + SIGINT, as shells report it).
+const INTERRUPTED: u8 = 130;
+
+fn run_train(config: PathBuf, set: Vec<String>, resume: Option<PathBuf>) -> loratch::Result<bool> {
+    let cfg = loratch::train::TrainConfig::from_toml_file(&config, &set)?;
+    let flag = Arc::new(AtomicBool::new(false));
+    let handler_flag = flag.clone();
+    ctrlc::set_handler(move || {
+        if handler_flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(i32::from(INTERRUPTED));
+        }
+        eprintln!("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to quit now)");
+    })
+    .map_err(|e| loratch::Error::State(format!("cannot install the Ctrl-C handler: {e}")))?;
+    let out = loratch::train::train(&cfg, resume.as_deref(), &mut CtrlC(flag))?;
+    let show = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+    if let (Some(a), Some(b)) = (out.initial_eval_loss, out.final_eval_loss) {
+        println!("held-out loss: {a:.4} -> {b:.4}");
+    }
+    if let Some(a) = show(&out.adapter_dir) {
+        println!("adapter: {a}");
+    }
+    if let Some(c) = show(&out.last_checkpoint) {
+        println!("checkpoint: {c}");
+    }
+    println!("metrics: {}", out.metrics_file.display());
+    if let Some(p) = show(&out.plot_file) {
+        println!("plot: {p}");
+    }
+    Ok(!out.interrupted)
+}
+
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
+        Command::Train {
+            config,
+            set,
+            resume,
+        } => match run_train(config, set, resume) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::from(INTERRUPTED),
+            Err(e) => Err(e),
+        },
         Command::Info { json } => info(json),
         Command::Merge {
             model,

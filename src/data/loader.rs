@@ -153,6 +153,11 @@ impl DataLoader {
         self.plan.len()
     }
 
+    /// The number of batches of `epoch`.
+    pub fn batches_in_epoch(&self, epoch: u64) -> Result<usize> {
+        Ok(self.plan_epoch(epoch)?.len())
+    }
+
     /// Moves to `position`, as saved from [`DataLoader::position`].
     pub fn seek(&mut self, position: Position) -> Result<()> {
         let plan = self.plan_epoch(position.epoch)?;

@@ -334,7 +334,7 @@ impl CausalLm {
         &self,
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
         mode: LoraMode,
     ) -> Result<Tensor> {
         let (b, t) = (input_ids.size()[0], input_ids.size()[1]);
@@ -350,18 +350,45 @@ impl CausalLm {
             None => Tensor::f_arange_start(past, past + t, (Kind::Int64, self.device))?
                 .f_expand([b, t], false)?,
         };
-        let (cos, sin) = self.rope.cos_sin(&positions, self.kind)?;
         let mask = match attention_mask {
             Some(m) => Some(attention_mask_4d(m, past, t)?),
             None if past > 0 && t > 1 => Some(causal_mask(past, t, self.device)?),
             None => None,
         };
-        let is_causal = mask.is_none() && t > 1;
+        self.run(input_ids, &positions, mask.as_ref(), cache, mode)
+    }
+
+    /// Final hidden states for a training batch whose rows may hold several examples:
+    /// `position_ids` `[B, T]` restart at 0 for each example, and `mask` (bool `[B, 1, T, T]`,
+    /// true = attend, e.g. [`crate::data::block_diagonal_mask`]) keeps examples apart. Without
+    /// a mask attention is plain causal (right-padded rows need none: no real token attends to
+    /// the padding after it).
+    pub fn hidden_states_packed(
+        &self,
+        input_ids: &Tensor,
+        position_ids: &Tensor,
+        mask: Option<&Tensor>,
+        mode: LoraMode,
+    ) -> Result<Tensor> {
+        self.run(input_ids, position_ids, mask, None, mode)
+    }
+
+    /// The decoder stack: embeddings, layers (appending to `cache`), final norm.
+    fn run(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        mask: Option<&Tensor>,
+        mut cache: Option<&mut KvCache>,
+        mode: LoraMode,
+    ) -> Result<Tensor> {
+        let t = input_ids.size()[1];
+        let (cos, sin) = self.rope.cos_sin(positions, self.kind)?;
         let ctx = Context {
             cos: &cos,
             sin: &sin,
-            mask: mask.as_ref(),
-            is_causal,
+            mask,
+            is_causal: mask.is_none() && t > 1,
             mode,
         };
         let mut h = Tensor::f_embedding(&self.model.embed_tokens, input_ids, -1, false, false)?;

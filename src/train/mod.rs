@@ -1,3 +1,12 @@
-//! The training core: the AdamW optimizer and learning-rate schedules.
+//! The training core: the AdamW optimizer, learning-rate schedules, the chunked causal-LM loss,
+//! the trainer loop with its configuration and checkpoints, and the loss-curve plot.
+pub mod checkpoint;
+pub mod config;
+pub mod loss;
 pub mod optim;
+pub mod plot;
 pub mod schedule;
+pub mod trainer;
+
+pub use config::TrainConfig;
+pub use trainer::{train, Hooks, NoHooks, Outcome};

@@ -1,0 +1,219 @@
+//! Training checkpoints: `output_dir/checkpoint-{step}/` holds the adapters in PEFT layout, the
+//! optimizer state, the trainer state (step, data position, schedule, RNG seed) and the spec's
+//! metadata JSON. A checkpoint is written into a hidden temporary directory, synced, and renamed
+//! into place, so a `checkpoint-*` directory is always complete: a kill or a full disk during a
+//! save leaves the previous checkpoints as they were.
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tch::Tensor;
+
+use crate::error::{Error, Result};
+use crate::io::safetensors::MappedSafetensors;
+
+/// The adapter files (PEFT layout) inside a checkpoint directory.
+pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+/// Optimizer moments (and fp32 masters), safetensors.
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// [`TrainerState`] as JSON.
+pub const STATE_FILE: &str = "trainer_state.json";
+/// The spec's metadata: `epoch, global_step, best_loss, current_lr, lora_config,
+/// training_config`.
+pub const INFO_FILE: &str = "training_info.json";
+
+/// Everything besides tensors that an exact resume needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps taken (updates and skipped non-finite steps).
+    pub global_step: u64,
+    /// The data position: the epoch of the next batch...
+    pub epoch: u64,
+    /// ...and its index in that epoch.
+    pub batch: usize,
+    /// The optimizer's own step count (updates actually applied).
+    pub optimizer_steps: u64,
+    /// The schedule: its kind and total steps (the learning rate is a function of the step).
+    pub scheduler_type: String,
+    pub total_steps: u64,
+    /// Dropout's generator is reseeded from (seed, step, rank) at every step, so the seed is its
+    /// whole state.
+    pub seed: u64,
+    /// The lowest validation loss so far.
+    pub best_loss: Option<f64>,
+    /// Non-finite steps in a row at this point.
+    pub nonfinite_in_a_row: u32,
+    /// Target tokens trained on so far.
+    pub tokens_seen: u64,
+    /// Processes the run had (resuming with another number changes the data order).
+    pub world_size: usize,
+}
+
+/// The step of a `checkpoint-{step}` directory name.
+pub fn step_of(path: &Path) -> Option<u64> {
+    path.file_name()?
+        .to_str()?
+        .strip_prefix("checkpoint-")?
+        .parse()
+        .ok()
+}
+
+/// The complete checkpoints in `output_dir`, oldest first.
+pub fn list(output_dir: &Path) -> Result<Vec<PathBuf>> {
+    let entries = match fs::read_dir(output_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(output_dir, e)),
+    };
+    let mut found: Vec<(u64, PathBuf)> = Vec::new();
+    for entry in entries {
+        let path = entry.map_err(|e| Error::io(output_dir, e))?.path();
+        if let Some(step) = step_of(&path) {
+            if path.join(STATE_FILE).is_file() {
+                found.push((step, path));
+            }
+        }
+    }
+    found.sort();
+    Ok(found.into_iter().map(|(_, p)| p).collect())
+}
+
+/// `path` itself when it is a checkpoint, else the newest checkpoint in it.
+pub fn resolve(path: &Path) -> Result<PathBuf> {
+    if path.join(STATE_FILE).is_file() {
+        return Ok(path.to_path_buf());
+    }
+    if !path.is_dir() {
+        return Err(Error::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no checkpoint here"),
+        ));
+    }
+    list(path)?.pop().ok_or_else(|| Error::Checkpoint {
+        path: path.to_path_buf(),
+        msg: "no complete checkpoint-* directory to resume from".into(),
+    })
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(dir, e))
+}
+
+/// Writes a checkpoint of `step` into `output_dir` through `fill`, which writes the files into
+/// the directory it is given. Returns the checkpoint's path.
+pub fn write(
+    output_dir: &Path,
+    step: u64,
+    fill: impl FnOnce(&Path) -> Result<()>,
+) -> Result<PathBuf> {
+    fs::create_dir_all(output_dir).map_err(|e| Error::io(output_dir, e))?;
+    let target = output_dir.join(format!("checkpoint-{step}"));
+    let partial = output_dir.join(format!(".checkpoint-{step}.partial"));
+    if partial.exists() {
+        fs::remove_dir_all(&partial).map_err(|e| Error::io(&partial, e))?;
+    }
+    fs::create_dir(&partial).map_err(|e| Error::io(&partial, e))?;
+    let filled = fill(&partial).and_then(|()| {
+        for entry in fs::read_dir(&partial).map_err(|e| Error::io(&partial, e))? {
+            let p = entry.map_err(|e| Error::io(&partial, e))?.path();
+            fs::File::open(&p)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| Error::io(&p, e))?;
+        }
+        sync_dir(&partial)
+    });
+    if let Err(e) = filled {
+        let _ = fs::remove_dir_all(&partial);
+        return Err(e);
+    }
+    if target.exists() {
+        // Re-saving a step (after a resume): swap the old one out only once the new one is done.
+        let old = output_dir.join(format!(".checkpoint-{step}.old"));
+        let _ = fs::remove_dir_all(&old);
+        fs::rename(&target, &old).map_err(|e| Error::io(&target, e))?;
+        fs::rename(&partial, &target).map_err(|e| Error::io(&target, e))?;
+        let _ = fs::remove_dir_all(&old);
+    } else {
+        fs::rename(&partial, &target).map_err(|e| Error::io(&target, e))?;
+    }
+    sync_dir(output_dir)?;
+    Ok(target)
+}
+
+/// Writes `value` as pretty JSON to `path` (inside a checkpoint being filled).
+pub fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
+    let text = serde_json::to_vec_pretty(value)
+        .map_err(|e| Error::State(format!("cannot serialise {}: {e}", path.display())))?;
+    fs::write(path, text).map_err(|e| Error::io(path, e))
+}
+
+/// Reads the trainer state of checkpoint `dir`.
+pub fn read_state(dir: &Path) -> Result<TrainerState> {
+    let path = dir.join(STATE_FILE);
+    let text = fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
+        path: path.clone(),
+        msg: format!("invalid trainer state: {e}"),
+    })
+}
+
+/// Reads the optimizer state tensors of checkpoint `dir` (copied out of the file).
+pub fn read_optimizer(dir: &Path) -> Result<Vec<(String, Tensor)>> {
+    let path = dir.join(OPTIMIZER_FILE);
+    let file = MappedSafetensors::open(&path)?;
+    file.names()?
+        .into_iter()
+        .map(|n| Ok((n.clone(), file.tensor(&n)?)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(step: u64) -> TrainerState {
+        TrainerState {
+            global_step: step,
+            epoch: 0,
+            batch: 3,
+            optimizer_steps: step,
+            scheduler_type: "cosine".into(),
+            total_steps: 10,
+            seed: 1,
+            best_loss: Some(1.5),
+            nonfinite_in_a_row: 0,
+            tokens_seen: 99,
+            world_size: 1,
+        }
+    }
+
+    #[test]
+    fn checkpoints_appear_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path();
+        assert!(list(out).unwrap().is_empty());
+        let c2 = write(out, 2, |d| write_json(&d.join(STATE_FILE), &state(2))).unwrap();
+        assert_eq!(step_of(&c2), Some(2));
+        // A failing save leaves nothing behind and the earlier checkpoint untouched.
+        let e = write(out, 4, |d| {
+            write_json(&d.join(STATE_FILE), &state(4))?;
+            Err(Error::State("disk full".into()))
+        });
+        assert!(e.is_err());
+        assert_eq!(list(out).unwrap(), vec![c2.clone()]);
+        assert!(!out.join(".checkpoint-4.partial").exists());
+        let c10 = write(out, 10, |d| write_json(&d.join(STATE_FILE), &state(10))).unwrap();
+        assert_eq!(list(out).unwrap(), vec![c2.clone(), c10.clone()]);
+        assert_eq!(resolve(out).unwrap(), c10);
+        assert_eq!(resolve(&c2).unwrap(), c2);
+        assert_eq!(read_state(&c10).unwrap(), state(10));
+        // Re-saving a step replaces it.
+        let mut s = state(10);
+        s.tokens_seen = 7;
+        write(out, 10, |d| write_json(&d.join(STATE_FILE), &s)).unwrap();
+        assert_eq!(read_state(&c10).unwrap().tokens_seen, 7);
+        assert!(resolve(&out.join("nothing")).is_err());
+    }
+}

@@ -1,0 +1,517 @@
+//! Tests of the chunked loss and the trainer on a tiny random Llama written here (config.json +
+//! safetensors) with the default model's tokenizer (`LORATCH_DEFAULT_MODEL_DIR`, set by
+//! `make test-rust`).
+//!
+//! An integration test (its own process), and every test holds [`RNG`]: torch's generator is
+//! global, and exact-reproducibility checks need no other test drawing from it meanwhile.
+use std::path::{Path, PathBuf};
+
+use serde_json::json;
+use tch::{Device, Kind, Tensor};
+
+use std::sync::Mutex;
+
+use loratch::data::batch::{packed_batch, pad_batch};
+use loratch::data::{self, block_diagonal_mask, Example, IGNORE_INDEX};
+use loratch::hf::loaded::{LoadOptions, LoadedModel, LoraSpec};
+use loratch::lora::targets::Targets;
+use loratch::model::LoraMode;
+use loratch::train::checkpoint;
+use loratch::train::config::TrainConfig;
+use loratch::train::loss::causal_lm_loss;
+use loratch::train::trainer::{read_metrics, train, Hooks, NoHooks};
+
+const VOCAB: i64 = 49152;
+
+static RNG: Mutex<()> = Mutex::new(());
+
+fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    RNG.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn default_model_dir() -> PathBuf {
+    std::env::var_os("LORATCH_DEFAULT_MODEL_DIR")
+        .map(PathBuf::from)
+        .expect("LORATCH_DEFAULT_MODEL_DIR must name the default model (make test-rust sets it)")
+}
+
+/// A tiny Llama (hidden 32, 2 layers, GQA 4/2 heads, tied head) with SmolLM2's vocabulary and
+/// tokenizer, random weights from `seed`.
+fn tiny_model(dir: &Path, seed: i64) {
+    let (h, inter, layers, heads, kv, hd) = (32i64, 64i64, 2, 4i64, 2i64, 8i64);
+    let config = json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": h, "intermediate_size": inter, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv, "vocab_size": VOCAB,
+        "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "tie_word_embeddings": true, "hidden_act": "silu", "torch_dtype": "float32"
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    tch::manual_seed(seed);
+    let mut t: Vec<(String, Tensor)> = vec![(
+        "model.embed_tokens.weight".into(),
+        Tensor::randn([VOCAB, h], (Kind::Float, Device::Cpu)) * 0.1,
+    )];
+    let lin = |o: i64, i: i64| Tensor::randn([o, i], (Kind::Float, Device::Cpu)) * 0.15;
+    for l in 0..layers {
+        let p = format!("model.layers.{l}");
+        for (name, shape) in [
+            ("self_attn.q_proj", (heads * hd, h)),
+            ("self_attn.k_proj", (kv * hd, h)),
+            ("self_attn.v_proj", (kv * hd, h)),
+            ("self_attn.o_proj", (h, heads * hd)),
+            ("mlp.gate_proj", (inter, h)),
+            ("mlp.up_proj", (inter, h)),
+            ("mlp.down_proj", (h, inter)),
+        ] {
+            t.push((format!("{p}.{name}.weight"), lin(shape.0, shape.1)));
+        }
+        for n in ["input_layernorm", "post_attention_layernorm"] {
+            t.push((
+                format!("{p}.{n}.weight"),
+                Tensor::ones([h], (Kind::Float, Device::Cpu)),
+            ));
+        }
+    }
+    t.push((
+        "model.norm.weight".into(),
+        Tensor::ones([h], (Kind::Float, Device::Cpu)),
+    ));
+    loratch::io::safetensors::save(&dir.join("model.safetensors"), &t, &Default::default())
+        .unwrap();
+    let src = default_model_dir();
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "special_tokens_map.json",
+    ] {
+        if src.join(f).exists() {
+            std::fs::copy(src.join(f), dir.join(f)).unwrap();
+        }
+    }
+}
+
+/// `n` alpaca records about numbers, as JSONL.
+fn write_data(path: &Path, n: usize) {
+    let mut text = String::new();
+    for i in 0..n {
+        let r = json!({
+            "instruction": format!("What comes after {i}?"),
+            "input": "",
+            "output": format!("After {i} comes {}. It is the next whole number.", i + 1),
+        });
+        text.push_str(&r.to_string());
+        text.push('\n');
+    }
+    std::fs::write(path, text).unwrap();
+}
+
+fn model_with_lora(dir: &Path) -> LoadedModel {
+    let mut m = LoadedModel::load(
+        dir,
+        &LoadOptions {
+            device: Device::Cpu,
+            kind: Kind::Float,
+        },
+    )
+    .unwrap();
+    tch::manual_seed(3);
+    m.init_lora(LoraSpec::simple(4, 8.0, Targets::AllLinear), Kind::Float)
+        .unwrap();
+    // Non-zero B so adapters change the output and get a gradient in A too.
+    tch::no_grad(|| {
+        for (_, lin) in m.lm.linears() {
+            if let Some(ad) = &lin.lora {
+                let _ = ad.b.shallow_clone().normal_(0.0, 0.1);
+            }
+        }
+    });
+    m
+}
+
+fn example(ids: Vec<i64>, prompt: usize) -> Example {
+    let labels = ids
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| if i < prompt { IGNORE_INDEX } else { t })
+        .collect();
+    Example {
+        input_ids: ids,
+        labels,
+    }
+}
+
+fn grads(m: &LoadedModel) -> Vec<Tensor> {
+    m.parameters()
+        .unwrap()
+        .iter()
+        .map(|p| p.grad().copy())
+        .collect()
+}
+
+fn zero_grads(m: &LoadedModel) {
+    for p in m.parameters().unwrap() {
+        let mut g = p.grad();
+        if g.defined() {
+            let _ = g.zero_();
+        }
+    }
+}
+
+fn max_diff(a: &[Tensor], b: &[Tensor]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs().max().double_value(&[]))
+        .fold(0.0, f64::max)
+}
+
+const MODE: LoraMode = LoraMode {
+    enabled: true,
+    training: false,
+};
+
+#[test]
+fn chunked_loss_and_gradients_equal_full_logits_cross_entropy() {
+    let _rng = rng_lock();
+    let dir = tempfile::tempdir().unwrap();
+    tiny_model(dir.path(), 1);
+    let m = model_with_lora(dir.path());
+    let a = example((0..40).map(|i| (i * 977 + 5) % VOCAB).collect(), 10);
+    let b = example((0..23).map(|i| (i * 131 + 7) % VOCAB).collect(), 4);
+    let batch = pad_batch(&[&a, &b], 2).unwrap();
+    // Reference: full [B, T, V] logits, torch's cross_entropy (mean over targets), autograd.
+    let logits =
+        m.lm.forward(&batch.input_ids, Some(&batch.attention_mask), None, MODE)
+            .unwrap();
+    let t = batch.input_ids.size()[1];
+    let shifted = logits.narrow(1, 0, t - 1).reshape([-1, VOCAB]);
+    let targets = batch.labels.narrow(1, 1, t - 1).reshape([-1]);
+    let reference = shifted.cross_entropy_loss::<&Tensor>(
+        &targets,
+        None,
+        tch::Reduction::Mean,
+        IGNORE_INDEX,
+        0.0,
+    );
+    reference.backward();
+    let ref_grads = grads(&m);
+    zero_grads(&m);
+    // loratch: chunked head, manual head backward, normalised by the target count.
+    let hidden =
+        m.lm.hidden_states_packed(&batch.input_ids, &batch.position_ids, None, MODE)
+            .unwrap();
+    let n = batch.n_target_tokens as f64;
+    let out = causal_lm_loss(&m.lm, &hidden, &batch.labels, MODE, Some(1.0 / n)).unwrap();
+    assert_eq!(out.n_tokens, batch.n_target_tokens);
+    let diff = (out.sum / n - reference.double_value(&[])).abs();
+    assert!(diff < 1e-5, "loss differs by {diff}");
+    let g = grads(&m);
+    let gdiff = max_diff(&g, &ref_grads);
+    let scale = ref_grads
+        .iter()
+        .map(|x| x.abs().max().double_value(&[]))
+        .fold(0.0, f64::max);
+    assert!(scale > 0.0);
+    assert!(
+        gdiff <= 1e-5 * scale.max(1.0),
+        "gradients differ by {gdiff} (max {scale})"
+    );
+}
+
+#[test]
+fn packed_rows_give_the_per_example_losses_of_unpacked_rows() {
+    let _rng = rng_lock();
+    let dir = tempfile::tempdir().unwrap();
+    tiny_model(dir.path(), 2);
+    let m = model_with_lora(dir.path());
+    let exs: Vec<Example> = (0..5)
+        .map(|k| {
+            example(
+                (0..(7 + 5 * k))
+                    .map(|i| (i * 613 + 97 * k + 1) % VOCAB)
+                    .collect(),
+                3,
+            )
+        })
+        .collect();
+    let alone: Vec<Tensor> = exs
+        .iter()
+        .map(|e| {
+            let b = pad_batch(&[e], 0).unwrap();
+            let h =
+                m.lm.hidden_states_packed(&b.input_ids, &b.position_ids, None, MODE)
+                    .unwrap();
+            tch::no_grad(|| causal_lm_loss(&m.lm, &h, &b.labels, MODE, None))
+                .unwrap()
+                .token_losses
+        })
+        .collect();
+    let rows = vec![vec![&exs[0], &exs[1], &exs[2]], vec![&exs[3], &exs[4]]];
+    let b = packed_batch(&rows, 0).unwrap();
+    let mask = block_diagonal_mask(&b.segment_ids).unwrap();
+    let h =
+        m.lm.hidden_states_packed(&b.input_ids, &b.position_ids, Some(&mask), MODE)
+            .unwrap();
+    let packed = tch::no_grad(|| causal_lm_loss(&m.lm, &h, &b.labels, MODE, None)).unwrap();
+    let expected = Tensor::cat(&alone, 0);
+    assert_eq!(packed.token_losses.size(), expected.size());
+    let diff = (&packed.token_losses - &expected)
+        .abs()
+        .max()
+        .double_value(&[]);
+    assert!(diff < 1e-5, "packed per-token losses differ by {diff}");
+    // Without the block mask, examples see each other: the losses differ (the test can fail).
+    let leaky =
+        m.lm.hidden_states_packed(&b.input_ids, &b.position_ids, None, MODE)
+            .unwrap();
+    let leaky = tch::no_grad(|| causal_lm_loss(&m.lm, &leaky, &b.labels, MODE, None)).unwrap();
+    assert!(
+        (&leaky.token_losses - &expected)
+            .abs()
+            .max()
+            .double_value(&[])
+            > 1e-3
+    );
+}
+
+#[test]
+fn accumulation_is_normalised_by_the_target_tokens_of_the_window() {
+    let _rng = rng_lock();
+    let dir = tempfile::tempdir().unwrap();
+    tiny_model(dir.path(), 3);
+    let m = model_with_lora(dir.path());
+    // Micro-batches with very different target counts: 30 and 3.
+    let long = example((0..34).map(|i| (i * 37 + 11) % VOCAB).collect(), 3);
+    let short = example((0..6).map(|i| (i * 53 + 2) % VOCAB).collect(), 2);
+    let whole = pad_batch(&[&long, &short], 0).unwrap();
+    let n = whole.n_target_tokens as f64;
+    let h =
+        m.lm.hidden_states_packed(&whole.input_ids, &whole.position_ids, None, MODE)
+            .unwrap();
+    let one = causal_lm_loss(&m.lm, &h, &whole.labels, MODE, Some(1.0 / n)).unwrap();
+    let g_whole = grads(&m);
+    zero_grads(&m);
+    let mut sum = 0.0;
+    for e in [&long, &short] {
+        let b = pad_batch(&[e], 0).unwrap();
+        let h =
+            m.lm.hidden_states_packed(&b.input_ids, &b.position_ids, None, MODE)
+                .unwrap();
+        sum += causal_lm_loss(&m.lm, &h, &b.labels, MODE, Some(1.0 / n))
+            .unwrap()
+            .sum;
+    }
+    let g_acc = grads(&m);
+    assert!((sum / n - one.sum / n).abs() < 1e-6);
+    assert!(
+        max_diff(&g_acc, &g_whole) < 1e-6,
+        "{}",
+        max_diff(&g_acc, &g_whole)
+    );
+    // A mean of per-batch means (the original's way) weights the 3-token batch 10x: different.
+    zero_grads(&m);
+    for e in [&long, &short] {
+        let b = pad_batch(&[e], 0).unwrap();
+        let h =
+            m.lm.hidden_states_packed(&b.input_ids, &b.position_ids, None, MODE)
+                .unwrap();
+        causal_lm_loss(
+            &m.lm,
+            &h,
+            &b.labels,
+            MODE,
+            Some(0.5 / b.n_target_tokens as f64),
+        )
+        .unwrap();
+    }
+    assert!(max_diff(&grads(&m), &g_whole) > 1e-4);
+}
+
+/// A config for a short run on the tiny model in `dir`.
+fn tiny_config(dir: &Path, out: &Path, steps: u64) -> TrainConfig {
+    let text = format!(
+        "model = {:?}\ndata = {:?}\noutput_dir = {:?}\nseed = 5\nvalidation_split = 0.2\n\
+         [lora]\nrank = 4\nalpha = 8\ntarget_modules = \"all-linear\"\ndropout = 0.1\n\
+         [training]\nmax_steps = {steps}\nbatch_size = 2\ngradient_accumulation_steps = 2\n\
+         learning_rate = 3e-3\nlogging_steps = 1\nsave_steps = 2\neval_steps = 3\n\
+         warmup_steps = 1\nmax_seq_length = 64\n",
+        dir.display().to_string(),
+        dir.join("data.jsonl").display().to_string(),
+        out.display().to_string(),
+    );
+    TrainConfig::from_toml_str(&text, &[], "test").unwrap()
+}
+
+fn losses(out: &Path) -> Vec<(u64, f64)> {
+    read_metrics(&out.join("metrics.jsonl"))
+        .unwrap()
+        .iter()
+        .filter_map(|r| Some((r["step"].as_u64()?, r.get("loss")?.as_f64()?)))
+        .collect()
+}
+
+fn adapter_tensors(dir: &Path) -> Vec<(String, Tensor)> {
+    let f =
+        loratch::io::safetensors::MappedSafetensors::open(&dir.join("adapter_model.safetensors"))
+            .unwrap();
+    f.names()
+        .unwrap()
+        .into_iter()
+        .map(|n| (n.clone(), f.tensor(&n).unwrap()))
+        .collect()
+}
+
+struct StopAt(u64, u64);
+impl Hooks for StopAt {
+    fn should_stop(&mut self) -> bool {
+        self.1 += 1;
+        self.1 > self.0
+    }
+}
+
+#[test]
+fn a_run_learns_and_resuming_reproduces_it_exactly() {
+    let _rng = rng_lock();
+    let dir = tempfile::tempdir().unwrap();
+    tiny_model(dir.path(), 4);
+    write_data(&dir.path().join("data.jsonl"), 40);
+    let full_out = dir.path().join("full");
+    let cfg = tiny_config(dir.path(), &full_out, 8);
+    let full = train(&cfg, None, &mut NoHooks).unwrap();
+    assert_eq!(full.global_step, 8);
+    assert!(!full.interrupted);
+    let (before, after) = (
+        full.initial_eval_loss.unwrap(),
+        full.final_eval_loss.unwrap(),
+    );
+    assert!(after < before - 0.1, "held-out loss {before} -> {after}");
+    let full_losses = losses(&full_out);
+    assert_eq!(full_losses.len(), 8);
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        assert!(full_out.join("adapter").join(f).is_file());
+    }
+    assert!(full_out.join("loss.svg").is_file());
+    let steps: Vec<u64> = checkpoint::list(&full_out)
+        .unwrap()
+        .iter()
+        .filter_map(|p| checkpoint::step_of(p))
+        .collect();
+    assert_eq!(steps, vec![2, 4, 6, 8]);
+    let info: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(full_out.join("checkpoint-4").join("training_info.json")).unwrap(),
+    )
+    .unwrap();
+    for key in [
+        "epoch",
+        "global_step",
+        "best_loss",
+        "current_lr",
+        "lora_config",
+        "training_config",
+    ] {
+        assert!(info.get(key).is_some(), "training_info.json lacks {key}");
+    }
+
+    // Interrupted after 3 steps (a checkpoint is saved at the stop), then resumed.
+    let part_out = dir.path().join("part");
+    let cfg2 = tiny_config(dir.path(), &part_out, 8);
+    let stopped = train(&cfg2, None, &mut StopAt(3, 0)).unwrap();
+    assert!(stopped.interrupted);
+    assert_eq!(stopped.global_step, 3);
+    assert!(stopped.adapter_dir.is_none());
+    let resumed = train(&cfg2, Some(&part_out), &mut NoHooks).unwrap();
+    assert_eq!(resumed.global_step, 8);
+    assert_eq!(
+        losses(&part_out),
+        full_losses,
+        "resumed losses differ from the uninterrupted run"
+    );
+    let (a, b) = (
+        adapter_tensors(&full_out.join("adapter")),
+        adapter_tensors(&part_out.join("adapter")),
+    );
+    assert_eq!(a.len(), b.len());
+    for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        assert!(ta.equal(tb), "{na} differs after resume");
+    }
+}
+
+/// Replaces the loss of the listed steps with NaN.
+struct NanAt(Vec<u64>);
+impl Hooks for NanAt {
+    fn inspect_loss(&mut self, step: u64, loss: f64) -> f64 {
+        if self.0.contains(&step) {
+            f64::NAN
+        } else {
+            loss
+        }
+    }
+}
+
+#[test]
+fn non_finite_steps_are_skipped_and_too_many_in_a_row_abort() {
+    let _rng = rng_lock();
+    let dir = tempfile::tempdir().unwrap();
+    tiny_model(dir.path(), 5);
+    write_data(&dir.path().join("data.jsonl"), 30);
+    let out = dir.path().join("skip");
+    let cfg = tiny_config(dir.path(), &out, 6);
+    let done = train(&cfg, None, &mut NanAt(vec![1, 2])).unwrap();
+    assert_eq!(done.global_step, 6);
+    let records = read_metrics(&out.join("metrics.jsonl")).unwrap();
+    let skipped: Vec<u64> = records
+        .iter()
+        .filter(|r| r["skipped"] == json!(true))
+        .filter_map(|r| r["step"].as_u64())
+        .collect();
+    assert_eq!(skipped, vec![2, 3]);
+    let state = checkpoint::read_state(&out.join("checkpoint-6")).unwrap();
+    assert_eq!(state.optimizer_steps, 4);
+    // Three in a row (the default limit) abort, naming the last good checkpoint, which stays.
+    let out2 = dir.path().join("abort");
+    let cfg2 = tiny_config(dir.path(), &out2, 8);
+    let err = train(&cfg2, None, &mut NanAt(vec![2, 3, 4])).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, loratch::Error::NonFinite(_)), "{msg}");
+    assert!(msg.contains("checkpoint-2"), "{msg}");
+    assert_eq!(
+        checkpoint::list(&out2).unwrap(),
+        vec![out2.join("checkpoint-2")]
+    );
+    LoadedModel::load(
+        dir.path(),
+        &LoadOptions {
+            device: Device::Cpu,
+            kind: Kind::Float,
+        },
+    )
+    .and_then(|mut m| loratch::hf::peft::load(&mut m, &out2.join("checkpoint-2")))
+    .unwrap();
+}
+
+#[test]
+fn data_problems_are_clear_errors() {
+    let _rng = rng_lock();
+    let dir = tempfile::tempdir().unwrap();
+    tiny_model(dir.path(), 6);
+    std::fs::write(
+        dir.path().join("data.jsonl"),
+        "{\"instruction\": \"q\", \"output\": \"a\"}\n{\"bogus\": 1}\n",
+    )
+    .unwrap();
+    let cfg = tiny_config(dir.path(), &dir.path().join("o"), 2);
+    let e = train(&cfg, None, &mut NoHooks).unwrap_err().to_string();
+    assert!(e.contains("data.jsonl") && e.contains('2'), "{e}");
+    let cfg = tiny_config(dir.path(), &dir.path().join("o"), 2);
+    let e = train(
+        &cfg,
+        Some(&dir.path().join("no-such-checkpoint")),
+        &mut NoHooks,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("no-such-checkpoint"), "{e}");
+    let _ = data::IGNORE_INDEX;
+}
