@@ -57,6 +57,7 @@ from loratch._loratch import (
     torch_lora_unmerge_weights,
 )
 from loratch.memory import tensor_in_memory
+from loratch.trainer import TrainResult, train
 from loratch.errors import (
     AdapterFormatError,
     CheckpointError,
@@ -75,6 +76,8 @@ from loratch.errors import (
 
 __all__ = [
     "TORCH_VERSION",
+    "TrainResult",
+    "train",
     "AdapterFormatError",
     "CheckpointError",
     "InputError",

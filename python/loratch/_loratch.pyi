@@ -36,6 +36,7 @@ __all__ = [
     "torch_hf_memory_report",
     "torch_hf_memory_usage",
     "torch_hf_save_merged",
+    "_train",
     "torch_hf_set_training",
     "torch_hf_tokenizer_load",
     "torch_hf_unload",
@@ -404,3 +405,8 @@ def torch_hf_save_merged(model_name: str, path: str | os.PathLike[str]) -> None:
     """Write the model with its adapters merged (fp32 math; the loaded model is unchanged) as a
     Hugging Face directory: config.json, model.safetensors and the tokenizer files. ``path``
     must not exist or be empty."""
+
+def _train(
+    config_json: str, resume: str | os.PathLike[str] | None = None, dist: object | None = None
+) -> dict[str, object]:
+    """Run the Rust trainer on a JSON configuration (use ``loratch.train``)."""

@@ -8,6 +8,7 @@ mod linear;
 mod tensor;
 mod tokenizer;
 mod train;
+mod trainer;
 
 /// The native module. `loratch/__init__.py` imports torch first, then re-exports this.
 #[pymodule]
@@ -19,5 +20,6 @@ fn loratch_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     hf::register(m)?;
     tokenizer::register(m)?;
     train::register(m)?;
+    trainer::register(m)?;
     Ok(())
 }

@@ -87,6 +87,9 @@ pub struct Outcome {
     pub last_checkpoint: Option<PathBuf>,
     pub metrics_file: PathBuf,
     pub plot_file: Option<PathBuf>,
+    /// A checksum of this process's adapters (`sum_i (i + 1) * sum(param_i)` in float64): equal
+    /// on every rank of a data-parallel run whose ranks stayed in sync.
+    pub adapter_fingerprint: f64,
 }
 
 /// Everything loaded for a run.
@@ -649,7 +652,16 @@ impl<'a> Run<'a> {
             last_checkpoint,
             metrics_file: self.metrics.path.clone(),
             plot_file,
+            adapter_fingerprint: self.fingerprint()?,
         })
+    }
+
+    fn fingerprint(&self) -> Result<f64> {
+        let mut acc = 0.0;
+        for (i, p) in self.optimizer.params().iter().enumerate() {
+            acc += (i + 1) as f64 * p.f_sum(Kind::Double)?.f_double_value(&[])?;
+        }
+        Ok(acc)
     }
 
     /// Writes `checkpoint-{global_step}` (rank 0; the other ranks only return its path).

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,40 +13,19 @@ from typing import Any
 
 import pytest
 import torch
-from tiny_models import make_model
+from tiny_models import make_trainable_model, write_records
 
 import loratch
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "lora_training.py"
-TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"]
 METADATA_KEYS = {"epoch", "global_step", "best_loss", "current_lr", "lora_config", "training_config"}
-TOPICS = ["building permits", "roof repairs", "drainage", "facade changes", "extensions", "fire safety"]
 
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from loratch.default_model import default_model_dir
-
     d = tmp_path_factory.mktemp("tiny-smollm2")
-    make_model("llama", d, vocab_size=49152)
-    source = default_model_dir()
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copy(source / name, d / name)
+    make_trainable_model(d)
     return d
-
-
-def write_records(path: Path, n: int = 24) -> None:
-    """Alpaca records whose answers share their wording: learnable by a tiny random model."""
-    with path.open("w", encoding="utf-8") as f:
-        for i in range(n):
-            topic = TOPICS[i % len(TOPICS)]
-            record = {
-                "instruction": f"Question {i}: who handles {topic}?",
-                "input": "In Helsingborg." if i % 3 == 0 else "",
-                "output": f"The municipality handles {topic}. Ask the building committee first.",
-            }
-            f.write(json.dumps(record) + "\n")
 
 
 def printed_float(pattern: str, text: str) -> float:

@@ -73,3 +73,37 @@ def make_model(family: str, directory: Path, seed: int = 0, **overrides: Any) ->
     model.eval()
     model.save_pretrained(directory)
     return model
+
+
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"]
+TOPICS = ["building permits", "roof repairs", "drainage", "facade changes", "extensions", "fire safety"]
+
+
+def make_trainable_model(directory: Path, seed: int = 0) -> Any:
+    """A tiny random Llama with SmolLM2's vocabulary size and its tokenizer files (copied from the
+    default model), so the trainer can tokenize real text for it. Returns the transformers model."""
+    import shutil
+
+    from loratch.default_model import default_model_dir
+
+    model = make_model("llama", directory, seed=seed, vocab_size=49152)
+    source = default_model_dir()
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy(source / name, directory / name)
+    return model
+
+
+def write_records(path: Path, n: int = 24) -> None:
+    """Alpaca records whose answers share their wording: learnable by a tiny random model."""
+    import json
+
+    with path.open("w", encoding="utf-8") as f:
+        for i in range(n):
+            topic = TOPICS[i % len(TOPICS)]
+            record = {
+                "instruction": f"Question {i}: who handles {topic}?",
+                "input": "In Helsingborg." if i % 3 == 0 else "",
+                "output": f"The municipality handles {topic}. Ask the building committee first.",
+            }
+            f.write(json.dumps(record) + "\n")

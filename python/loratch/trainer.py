@@ -1,0 +1,96 @@
+"""``loratch.train``: the trainer of ``loratch train``, driven by a dict with the TOML file's
+structure. The training loop runs in Rust with the GIL released; Python is only called between
+steps (Ctrl-C, and the all-reduces of data-parallel runs).
+
+Data parallelism: launch the script with ``torchrun --nproc-per-node N`` and call
+``torch.distributed.init_process_group`` (gloo on CPU, nccl on CUDA) before ``train``. Every rank
+builds the same batch plan, runs its share of each accumulation window, and the LoRA gradients
+(plus loss and token sums) are summed over ranks with ``all_reduce`` before each update, so the
+ranks keep identical adapters. Rank 0 writes the checkpoints, metrics, plot and final adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, TypedDict
+
+import torch
+
+from loratch._loratch import _train
+
+__all__ = ["TrainResult", "train"]
+
+
+class TrainResult(TypedDict):
+    """What ``train`` returns."""
+
+    global_step: int
+    total_steps: int
+    interrupted: bool
+    initial_eval_loss: float | None
+    final_eval_loss: float | None
+    last_train_loss: float | None
+    adapter_dir: str | None
+    last_checkpoint: str | None
+    metrics_file: str
+    plot_file: str | None
+    adapter_fingerprint: float
+
+
+class _Distributed:
+    """The all-reduces the Rust trainer calls back, over the default process group."""
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self._dist = dist
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        backend = dist.get_backend()
+        self._device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else None
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self._device)
+        self._dist.all_reduce(t)
+        return [float(v) for v in t.tolist()]
+
+    def all_reduce_grads(self, grads: list[torch.Tensor]) -> None:
+        if not grads:
+            return
+        # One flat buffer: one collective per step instead of one per tensor.
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        self._dist.all_reduce(flat)
+        offset = 0
+        for g in grads:
+            n = g.numel()
+            g.copy_(flat[offset : offset + n].view_as(g))
+            offset += n
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"training config value of type {type(value).__name__} is not JSON: {value!r}")
+
+
+def train(config: dict[str, Any], *, resume: str | os.PathLike[str] | None = None) -> TrainResult:
+    """Fine-tunes LoRA adapters as ``config`` says and returns where everything was written.
+
+    ``config`` has the structure of ``loratch train``'s TOML file: top-level ``model``, ``data``,
+    ``output_dir`` (required), ``validation_data``, ``validation_split``, ``seed``; a ``lora`` dict
+    (``rank, alpha, target_modules, dropout, use_rslora``); a ``training`` dict (the spec's keys
+    ``learning_rate, weight_decay, num_epochs, batch_size, gradient_accumulation_steps,
+    max_seq_length, logging_steps, save_steps, eval_steps, warmup_steps, max_grad_norm,
+    scheduler_type, min_lr, device`` plus ``max_steps, packing, train_on_inputs, dtype,
+    max_nonfinite_steps``). Unknown keys raise ``ConfigError``.
+
+    ``resume``: a checkpoint directory, or an output directory (its newest checkpoint).
+    Ctrl-C saves a checkpoint, then raises ``KeyboardInterrupt``.
+    """
+    import torch.distributed as dist
+
+    hooks = _Distributed() if dist.is_available() and dist.is_initialized() else None
+    text = json.dumps(config, default=_jsonable)
+    result = _train(text, resume, hooks)
+    return result  # type: ignore[return-value]

@@ -1,0 +1,279 @@
+"""The trainer end to end on a tiny random Llama with SmolLM2's tokenizer: `loratch train` (the
+Rust binary, TOML config), `loratch.train` (Python), Ctrl-C, non-finite losses, and 2-rank
+data parallelism under torchrun (gloo on loopback)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from tiny_models import make_trainable_model, write_records
+
+import loratch
+
+
+@pytest.fixture(scope="module")
+def binary() -> Path:
+    path = os.environ.get("LORATCH_BIN") or str(Path(__file__).resolve().parents[2] / "target" / "release" / "loratch")
+    assert Path(path).is_file(), f"build the binary first (make build): {path} missing"
+    return Path(path)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("tiny-trainable")
+    make_trainable_model(d)
+    write_records(d / "data.jsonl", 40)
+    return d
+
+
+def toml_config(model_dir: Path, out: Path, **training: Any) -> str:
+    settings = {
+        "max_steps": 12,
+        "batch_size": 2,
+        "gradient_accumulation_steps": 2,
+        "learning_rate": 1e-2,
+        "logging_steps": 1,
+        "save_steps": 4,
+        "eval_steps": 6,
+        "warmup_steps": 2,
+        "max_seq_length": 64,
+        **training,
+    }
+    lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in settings.items())
+    return textwrap.dedent(
+        f"""\
+        model = {json.dumps(str(model_dir))}
+        data = {json.dumps(str(model_dir / "data.jsonl"))}
+        output_dir = {json.dumps(str(out))}
+        seed = 3
+        validation_split = 0.2
+
+        [lora]
+        rank = 8
+        alpha = 16
+        target_modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        dropout = 0.0
+
+        [training]
+        """
+    ) + lines + "\n"
+
+
+def metrics(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def peft_logits(model_dir: Path, adapter: Path, ids: torch.Tensor) -> torch.Tensor:
+    import transformers as tf
+    from peft import PeftModel
+
+    base = tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, adapter).eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def loratch_logits(model_dir: Path, adapter: Path, ids: torch.Tensor) -> torch.Tensor:
+    name = f"check-{adapter.parent.name}"
+    loratch.torch_hf_load_model_lora(name, model_dir, {"device": "cpu"})
+    try:
+        loratch.torch_hf_lora_load(name, adapter)
+        with torch.no_grad():
+            return loratch.torch_hf_forward(name, ids)
+    finally:
+        loratch.torch_hf_unload(name)
+
+
+def test_cli_trains_writes_everything_and_peft_loads_the_adapter(binary: Path, model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cfg = tmp_path / "train.toml"
+    cfg.write_text(toml_config(model_dir, out))
+    proc = subprocess.run(
+        [binary, "train", "--config", cfg, "--set", "training.logging_steps=2"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "held-out loss:" in proc.stdout
+    records = metrics(out)
+    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    losses = [r["loss"] for r in records if r.get("loss") is not None]
+    assert len(evals) == 3  # before, at step 6, at the end
+    assert evals[-1] < evals[0] - 0.5, evals
+    assert losses[-1] < losses[0], losses
+    assert [r["step"] for r in records if "loss" in r] == [2, 4, 6, 8, 10, 12]  # --set applied
+    for r in records:
+        if "loss" in r:
+            assert {"lr", "grad_norm", "tokens_per_s", "rss_bytes"} <= r.keys()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-4", "checkpoint-8"]
+    info = json.loads((out / "checkpoint-8" / "training_info.json").read_text())
+    assert {"epoch", "global_step", "best_loss", "current_lr", "lora_config", "training_config"} <= info.keys()
+    assert info["global_step"] == 8
+    svg = (out / "loss.svg").read_text()
+    assert svg.startswith("<svg") and "validation" in svg
+    # The final adapter is a PEFT adapter: PEFT computes the same logits as loratch with it.
+    adapter = out / "adapter"
+    ids = torch.tensor([[1, 500, 1000, 42, 7, 9000, 3]])
+    expected = loratch_logits(model_dir, adapter, ids)
+    got = peft_logits(model_dir, adapter, ids)
+    base = loratch_logits(model_dir, out / "checkpoint-4", ids)
+    assert (expected - base).abs().max() > 1e-3  # training changed the adapter
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_python_train_matches_the_cli_run_and_rejects_unknown_keys(binary: Path, model_dir: Path, tmp_path: Path) -> None:
+    config: dict[str, Any] = {
+        "model": model_dir,
+        "data": model_dir / "data.jsonl",
+        "output_dir": tmp_path / "py",
+        "seed": 3,
+        "validation_split": 0.2,
+        "lora": {"rank": 8, "alpha": 16, "target_modules": "all-linear", "dropout": 0.0},
+        "training": {"max_steps": 4, "batch_size": 2, "learning_rate": 1e-2, "logging_steps": 1, "max_seq_length": 64},
+    }
+    result = loratch.train(config)
+    assert result["global_step"] == 4 and not result["interrupted"]
+    assert result["final_eval_loss"] is not None and result["initial_eval_loss"] is not None
+    assert result["final_eval_loss"] < result["initial_eval_loss"]
+    assert result["adapter_dir"] is not None and Path(result["adapter_dir"]).is_dir()
+    # The same config through the binary gives the same losses (one core, two front ends).
+    cfg = tmp_path / "same.toml"
+    out_cli = tmp_path / "cli"
+    cfg.write_text(
+        toml_config(model_dir, out_cli, max_steps=4, batch_size=2, gradient_accumulation_steps=4, learning_rate=1e-2,
+                    logging_steps=1, max_seq_length=64, save_steps=100, eval_steps=50, warmup_steps=0)
+        .replace('["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]', '"all-linear"')
+    )
+    subprocess.run([binary, "train", "--config", cfg], check=True, capture_output=True, timeout=600)
+    py_losses = [r["loss"] for r in metrics(tmp_path / "py") if "loss" in r]
+    cli_losses = [r["loss"] for r in metrics(out_cli) if "loss" in r]
+    assert py_losses == pytest.approx(cli_losses, rel=1e-6)
+    for bad, word in [
+        ({**config, "learning_rate": 1.0}, "learning_rate"),
+        ({**config, "training": {"lerning_rate": 1.0}}, "lerning_rate"),
+        ({**config, "lora": {"rnak": 4}}, "rnak"),
+    ]:
+        with pytest.raises(loratch.ConfigError, match=word):
+            loratch.train(bad)
+    with pytest.raises(FileNotFoundError):
+        loratch.train({**config, "data": tmp_path / "missing.jsonl"})
+    with pytest.raises(TypeError):
+        loratch.train({**config, "seed": object()})
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(binary: Path, model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "int"
+    cfg = tmp_path / "int.toml"
+    cfg.write_text(toml_config(model_dir, out, max_steps=400, save_steps=1000, eval_steps=0))
+    proc = subprocess.Popen([binary, "train", "--config", cfg], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any("loss" in r for r in (metrics(out) if (out / "metrics.jsonl").exists() else [])):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupt" in err and "--resume" in err
+    ckpts = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert len(ckpts) == 1
+    stopped_at = int(ckpts[0].name.split("-")[1])
+    assert 0 < stopped_at < 400
+    assert not (out / "adapter").exists()  # an interrupted run has no final adapter yet
+    done = subprocess.run(
+        [binary, "train", "--config", cfg, "--set", f"training.max_steps={stopped_at + 3}", "--resume", out],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert [r["step"] for r in metrics(out) if "loss" in r][-1] == stopped_at + 3
+
+
+def test_a_diverging_run_stops_with_a_clear_error_and_keeps_its_last_good_checkpoint(model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "nan"
+    config: dict[str, Any] = {
+        "model": model_dir,
+        "data": model_dir / "data.jsonl",
+        "output_dir": out,
+        "validation_split": 0.0,
+        "lora": {"rank": 8, "alpha": 16, "target_modules": "all-linear", "dropout": 0.0},
+        # An absurd learning rate: the adapters blow up after the first updates.
+        "training": {"max_steps": 30, "batch_size": 2, "gradient_accumulation_steps": 1, "learning_rate": 1e30,
+                     "max_grad_norm": 0.0, "logging_steps": 1, "save_steps": 1, "max_seq_length": 64,
+                     "scheduler_type": "constant"},
+    }
+    with pytest.raises(loratch.NonFiniteError, match="non-finite") as info:
+        loratch.train(config)
+    message = str(info.value)
+    assert "last good checkpoint" in message
+    skipped = [r for r in metrics(out) if r.get("skipped")]
+    assert len(skipped) == 3
+    kept = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+    assert kept.name in message
+    assert int(kept.name.split("-")[1]) < skipped[0]["step"]
+    name = "nan-check"
+    loratch.torch_hf_load_model_lora(name, model_dir, {"device": "cpu"})
+    try:
+        loratch.torch_hf_lora_load(name, kept)
+    finally:
+        loratch.torch_hf_unload(name)
+
+
+DDP_SCRIPT = """
+import json, sys
+import torch.distributed as dist
+import loratch
+dist.init_process_group("gloo")
+config = json.loads(sys.argv[1])
+result = loratch.train(config)
+dist.destroy_process_group()
+print("RESULT", json.dumps(result))
+"""
+
+
+def test_two_ranks_under_torchrun_equal_one_process_on_the_combined_batch(model_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    def config(out: Path, accum: int) -> dict[str, Any]:
+        return {
+            "model": str(model_dir), "data": str(model_dir / "data.jsonl"), "output_dir": str(out),
+            "seed": 11, "validation_split": 0.2,
+            "lora": {"rank": 4, "alpha": 8, "target_modules": "all-linear", "dropout": 0.0},
+            "training": {"max_steps": 5, "batch_size": 2, "gradient_accumulation_steps": accum,
+                         "learning_rate": 5e-3, "logging_steps": 1, "save_steps": 0, "max_seq_length": 64},
+        }
+
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp_out = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+         "--master-port", str(29500 + os.getpid() % 1000), str(script), json.dumps(config(ddp_out, 1))],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = [json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(results) == 2 and all(r["global_step"] == 5 for r in results)
+    # One process, accumulating the two ranks' micro-batches: the same window per step.
+    single_out = tmp_path / "single"
+    loratch.train(config(single_out, 2))
+    ddp = load_file(ddp_out / "adapter" / "adapter_model.safetensors")
+    single = load_file(single_out / "adapter" / "adapter_model.safetensors")
+    assert ddp.keys() == single.keys()
+    for k in ddp:
+        torch.testing.assert_close(ddp[k], single[k], atol=1e-5, rtol=1e-4, msg=k)
+    # Both ranks ended with the same adapters (each reports a checksum of its own live copy).
+    assert results[0]["adapter_fingerprint"] == results[1]["adapter_fingerprint"]
+    ddp_losses = [r["loss"] for r in metrics(ddp_out) if "loss" in r]
+    single_losses = [r["loss"] for r in metrics(single_out) if "loss" in r]
+    assert ddp_losses == pytest.approx(single_losses, rel=1e-5)
