@@ -17,7 +17,7 @@ RUST_SRC := Cargo.toml build.rs $(shell find src csrc -type f)
 .PHONY: demo test lint test-rust test-python stubtest wheel build bench clean
 
 demo: build
-	$(PY) examples/basic_lora_demo.py
+	$(PY) examples/faq_demo.py
 
 test: build wheel lint test-rust stubtest test-python
 

