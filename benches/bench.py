@@ -8,6 +8,7 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -162,6 +163,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--model-dir", type=Path, default=None, help="default: the embedded SmolLM2-135M-Instruct")
     ap.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
+    ap.add_argument("--train-rounds", type=int, default=3, help="fixed-length training runs per side")
+    ap.add_argument("--real-rounds", type=int, default=1, help="real-data training runs per side (minutes each)")
     args = ap.parse_args()
     peak = matmul_peak_gflops()
     head = [
@@ -179,6 +182,12 @@ def main() -> None:
 
         model_dir = default_model_dir()
     body += bench_model(model_dir, args.rounds)
+    if args.train_rounds > 0:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from train_bench import bench_training
+
+        with tempfile.TemporaryDirectory() as work:
+            body += bench_training(model_dir, Path(work), peak, args.train_rounds, args.real_rounds)
     args.out.write_text("\n".join(head + body))
     print("\n".join(head + body))
 

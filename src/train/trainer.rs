@@ -208,6 +208,22 @@ impl<'a> Run<'a> {
         };
 
         let mut model = LoadedModel::load(&config.model, &LoadOptions { device, kind })?;
+        let vocab = model.lm.config.vocab_size;
+        let max_id = loader
+            .examples()
+            .iter()
+            .chain(validation.iter().flat_map(|v| v.examples()))
+            .flat_map(|e| e.input_ids.iter().copied())
+            .max()
+            .unwrap_or(0)
+            .max(pad_id);
+        if max_id >= vocab {
+            return Err(Error::Input(format!(
+                "the tokenizer in {} produces token id {max_id}, but the model's vocab_size is \
+                 {vocab}: tokenizer and model do not match",
+                config.model.display()
+            )));
+        }
         let mut spec = LoraSpec::simple(config.lora.rank, config.lora.alpha, config.targets()?);
         spec.dropout = config.lora.dropout;
         spec.use_rslora = config.lora.use_rslora;
@@ -452,6 +468,8 @@ impl<'a> Run<'a> {
         let mut window_loss = (0.0f64, 0.0f64);
         let mut window_tokens = 0u64;
         let mut window_start = Instant::now();
+        // Seconds spent in training steps (batches, forward, backward, update) by this run.
+        let mut train_time = 0.0f64;
         let mut last_train_loss = None;
         let mut last_eval = None;
         let mut interrupted = false;
@@ -461,6 +479,7 @@ impl<'a> Run<'a> {
                 break;
             }
             let step = self.state.global_step;
+            let step_start = Instant::now();
             let window = self.next_window()?;
             if window.is_empty() {
                 continue;
@@ -547,6 +566,7 @@ impl<'a> Run<'a> {
                 }
             }
             self.optimizer.zero_grad()?;
+            train_time += step_start.elapsed().as_secs_f64();
             self.state.global_step += 1;
             window_tokens += sums[1] as u64;
             self.state.tokens_seen += n_targets.max(0) as u64;
@@ -569,6 +589,7 @@ impl<'a> Run<'a> {
                     "tokens_per_s": window_tokens as f64 / elapsed,
                     "rss_bytes": rss_bytes(),
                     "tokens_seen": self.state.tokens_seen,
+                    "train_time_s": train_time,
                 });
                 if let Some(m) = mean {
                     last_train_loss = Some(m);
