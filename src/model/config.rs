@@ -180,6 +180,12 @@ impl ModelConfig {
             }
         }
         let kv_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
+        if !(raw.rms_norm_eps.is_finite() && raw.rms_norm_eps > 0.0) {
+            return Err(Error::Config(format!(
+                "rms_norm_eps must be a finite number > 0, got {}",
+                raw.rms_norm_eps
+            )));
+        }
         if kv_heads <= 0 || raw.num_attention_heads % kv_heads != 0 {
             return Err(Error::Config(format!(
                 "num_attention_heads ({}) must be a multiple of num_key_value_heads ({kv_heads})",

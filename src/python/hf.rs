@@ -228,6 +228,14 @@ fn torch_hf_generate(
 ) -> PyResult<Vec<i64>> {
     let prompt: Vec<i64> = if super::tensor::is_tensor(input_ids)? {
         let t = input_ids.extract::<PyTensor>()?.0;
+        let kind = t.f_kind().map_err(Error::from)?;
+        if !matches!(kind, tch::Kind::Int64 | tch::Kind::Int) {
+            return Err(Error::Dtype(format!(
+                "input_ids must be int64 (or int32), got {}",
+                crate::device::dtype_name(kind)
+            ))
+            .into());
+        }
         if t.dim() > 2 || (t.dim() == 2 && t.size()[0] != 1) {
             return Err(Error::Shape(format!(
                 "input_ids must be one sequence ([T] or [1, T]), got {:?}",

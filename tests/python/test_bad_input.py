@@ -10,7 +10,7 @@ abort, a segfault or a hang (a per-case watchdog) is pinned on the case that cau
 then fails, and a new worker carries on with the remaining cases. Every case gets a fresh model
 registry and its own temporary directory.
 
-The table holds 292 cases (``test_case_table_size`` checks the count): 31 of them are real bugs
+The table holds 292 cases (``test_case_table_size`` checks the count): 29 of them are real bugs
 the table found, marked ``xfail(strict=True)`` with the bug in their reason (see ``BUGS``). The
 six ``*-chmod`` cases are skipped where ``chmod 000`` does not stop reads (root); the
 ``*-is-a-directory`` cases cover unreadable paths there.
@@ -555,7 +555,6 @@ _OVERFLOW = "pyo3's OverflowError for a negative int names neither the argument 
 _ADAPTER_CFG = ("a bad adapter_config.json value raises ConfigError without the file's path, while malformed JSON "
                 "in the same file raises AdapterFormatError")
 BUGS: dict[str, str] = {
-    "load-config-negative-rms-norm-eps": "rms_norm_eps = -1 is accepted and every forward then returns NaN logits",
     "lora-load-weights-is-a-directory": "an adapter_model.safetensors that is a directory reports 'No such device (os error 19)'",
     "lora-load-pt-non-tensor-values": ("float values in a .pt adapter report 'pickle opcode 0x47 is not supported' (int, str "
                                        "or None values report 'value of ... is not a tensor')"),
@@ -572,7 +571,6 @@ BUGS: dict[str, str] = {
     "lora-load-config-targets-wrong-type": _ADAPTER_CFG,
     "lora-load-config-rslora-wrong-type": ("a non-boolean use_rslora (\"yes\") is silently read as false, so the adapter "
                                            "loads with the wrong scaling (alpha/r instead of alpha/sqrt(r))"),
-    "generate-float-tensor-prompt": "a float prompt tensor is silently truncated to int64 ([1.7, 2.2] -> [1, 2]); torch_hf_forward raises DTypeError",
     "generate-prompt-string": "TypeError \"Can't extract `str` to `Vec`\" names neither input_ids nor the accepted types",
     "generate-eos-wrong-type": "TypeError \"Can't extract `str` to `Vec`\" does not name eos_token_id",
     "generate-max-new-tokens-negative": _OVERFLOW,
