@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -18,6 +20,7 @@ from typing import Any
 import torch
 
 import loratch
+from criterion_summary import criterion_dir, summary_lines
 
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -77,6 +80,32 @@ def bench_lora_linear(rounds: int) -> list[str]:
         "|---|---|---|",
         f"| loratch | {med['loratch'] * 1e3:.2f} | {med['peft'] / med['loratch']:.2f}x faster |",
         f"| PEFT | {med['peft'] * 1e3:.2f} | 1.00 |",
+        "",
+    ]
+
+
+def bench_rust_lora_linear() -> list[str]:
+    """`cargo bench --bench lora_linear` (criterion; benches/lora_linear.rs): the Rust LoraLinear
+    against the same ops written in plain tch. Results land in $CARGO_TARGET_DIR/criterion."""
+    head = ["## Rust LoRA linear (criterion)", ""]
+    if shutil.which("cargo") is None:
+        return head + ["Skipped: `cargo` is not on PATH.", ""]
+    repo = Path(__file__).resolve().parent.parent
+    started = time.time()
+    # criterion's report goes to stderr so that this script's stdout stays the markdown.
+    subprocess.run(
+        ["cargo", "bench", "--bench", "lora_linear"], cwd=repo, check=True, stdout=sys.stderr
+    )
+    # Only this run's results (older ones may linger in the target dir).
+    table = summary_lines(criterion_dir(), since=started - 1)
+    return head + [
+        "fp32 CPU, 256 rows (1 in `forward_1row`), r=16, alpha=32, no bias, torch threads as libtorch sets them. `loratch` "
+        "is `LoraLinear::forward`; `raw_tch` the same layer's tensors in plain tch ops, "
+        "`x W^T + scaling * (x A^T) B^T`. `forward`, `forward_1row` and `merge` run under no_grad; `forward_backward` "
+        "adds `sum().backward()` and reads/zeroes the grads of A and B. Criterion runs the contenders one "
+        "after the other (not alternated): 20 samples of 3 s after 1 s of warm-up; medians.",
+        "",
+        *table,
         "",
     ]
 
@@ -163,6 +192,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--model-dir", type=Path, default=None, help="default: the embedded SmolLM2-135M-Instruct")
     ap.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
+    ap.add_argument("--no-rust", action="store_true", help="skip `cargo bench --bench lora_linear`")
     ap.add_argument("--train-rounds", type=int, default=3, help="fixed-length training runs per side")
     ap.add_argument("--real-rounds", type=int, default=1, help="real-data training runs per side (minutes each)")
     args = ap.parse_args()
@@ -182,6 +212,8 @@ def main() -> None:
 
         model_dir = default_model_dir()
     body += bench_model(model_dir, args.rounds)
+    if not args.no_rust:
+        body += bench_rust_lora_linear()
     if args.train_rounds > 0:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from train_bench import bench_training

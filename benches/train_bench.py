@@ -120,7 +120,7 @@ def loratch_real(model: Path, work: Path, tag: str) -> tuple[float, float, float
     cfg = loratch_config(model, work / "real-train.jsonl", out, work / "real-val.jsonl", {
         "num_epochs": 1, "batch_size": 8, "gradient_accumulation_steps": 1, "max_seq_length": SEQ,
         "learning_rate": LR, "max_grad_norm": 1.0, "logging_steps": 1, "save_steps": 0, "eval_steps": 0,
-        "scheduler_type": "constant", "packing": True, "seed": 0,
+        "scheduler_type": "constant", "packing": True,
     })
     _, rss = run_with_rss([str(binary()), "train", "--config", str(cfg)])
     metrics = loratch_metrics(out)
