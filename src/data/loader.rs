@@ -11,8 +11,8 @@ use crate::data::batch::{pack_first_fit, packed_batch, pad_batch, Batch};
 use crate::data::tokenize::Example;
 use crate::error::{Error, Result};
 
-/// SplitMix64: decorrelates nearby seeds.
-fn mix(x: u64) -> u64 {
+/// SplitMix64: decorrelates nearby seeds (also the trainer's per-step dropout seeds).
+pub(crate) fn mix(x: u64) -> u64 {
     let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);

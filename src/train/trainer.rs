@@ -16,6 +16,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{json, Value};
 use tch::{Kind, Tensor};
 
+use crate::data::loader::mix;
 use crate::data::{self, block_diagonal_mask, Batch, DataLoader, LoaderConfig, Position};
 use crate::device::{parse_device, parse_dtype};
 use crate::error::{Error, Result};
@@ -105,14 +106,6 @@ struct Run<'a> {
     world: usize,
     metrics: Metrics,
     progress: ProgressBar,
-}
-
-/// Seeds mixed into one (SplitMix64 finaliser).
-fn mix(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 fn seed_i64(x: u64) -> i64 {
