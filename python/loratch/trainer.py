@@ -12,12 +12,15 @@ ranks keep identical adapters. Rank 0 writes the checkpoints, metrics, plot and 
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections.abc import Mapping
 from typing import Any, TypedDict
 
 import torch
 
 from loratch._loratch import _train
+from loratch.errors import ConfigError
 
 __all__ = ["TrainResult", "train"]
 
@@ -74,6 +77,18 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"training config value of type {type(value).__name__} is not JSON: {value!r}")
 
 
+def _check_finite(value: Any, path: str) -> None:
+    """Raises ``ConfigError`` naming the key of a NaN or infinite number (JSON has neither)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"training config: {path}: {value} is not a finite number")
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _check_finite(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_finite(v, f"{path}[{i}]")
+
+
 def train(config: dict[str, Any], *, resume: str | os.PathLike[str] | None = None) -> TrainResult:
     """Fine-tunes LoRA adapters as ``config`` says and returns where everything was written.
 
@@ -90,7 +105,10 @@ def train(config: dict[str, Any], *, resume: str | os.PathLike[str] | None = Non
     """
     import torch.distributed as dist
 
+    if not isinstance(config, Mapping):
+        raise TypeError(f"loratch.train: config must be a dict, got {type(config).__name__}")
+    _check_finite(config, "")
     hooks = _Distributed() if dist.is_available() and dist.is_initialized() else None
-    text = json.dumps(config, default=_jsonable)
+    text = json.dumps(config, default=_jsonable, allow_nan=False)
     result = _train(text, resume, hooks)
     return result  # type: ignore[return-value]

@@ -11,10 +11,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         _ => Path::new("."),
     };
     if !dir.is_dir() {
-        return Err(Error::io(
-            dir,
-            std::io::Error::new(std::io::ErrorKind::NotFound, "directory does not exist"),
-        ));
+        return Err(missing_dir(dir));
     }
     let mut tmp = tempfile::Builder::new()
         .prefix(".loratch-tmp-")
@@ -28,6 +25,24 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = d.sync_all();
     }
     Ok(())
+}
+
+/// Why `dir` cannot hold files: an ancestor that is a file (not a directory), or it is missing.
+fn missing_dir(dir: &Path) -> Error {
+    let file_ancestor = dir.ancestors().find(|a| a.is_file());
+    match file_ancestor {
+        Some(f) => Error::io(
+            dir,
+            std::io::Error::new(
+                std::io::ErrorKind::NotADirectory,
+                format!("not a directory: {} is a file", f.display()),
+            ),
+        ),
+        None => Error::io(
+            dir,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "directory does not exist"),
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -51,5 +66,20 @@ mod tests {
             Error::Io { source, .. } => assert_eq!(source.kind(), std::io::ErrorKind::NotFound),
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn parent_that_is_a_file_is_not_a_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("f");
+        std::fs::write(&f, b"x").unwrap();
+        let err = write_atomic(&f.join("sub").join("x"), b"x").unwrap_err();
+        match &err {
+            Error::Io { source, .. } => {
+                assert_eq!(source.kind(), std::io::ErrorKind::NotADirectory)
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(err.to_string().contains("not a directory"), "{err}");
     }
 }

@@ -218,14 +218,18 @@ fn torch_hf_generate(
     py: Python<'_>,
     model_name: &str,
     input_ids: &Bound<'_, PyAny>,
-    max_new_tokens: usize,
+    max_new_tokens: &Bound<'_, PyAny>,
     eos_token_id: Option<&Bound<'_, PyAny>>,
     temperature: f64,
-    top_k: Option<usize>,
+    top_k: Option<&Bound<'_, PyAny>>,
     top_p: Option<f64>,
     greedy: bool,
-    seed: Option<u64>,
+    seed: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<Vec<i64>> {
+    use super::args::{int_in_range, int_list};
+    let max_new_tokens: usize = int_in_range(max_new_tokens, "max_new_tokens")?;
+    let top_k: Option<usize> = top_k.map(|k| int_in_range(k, "top_k")).transpose()?;
+    let seed: Option<u64> = seed.map(|s| int_in_range(s, "seed")).transpose()?;
     let prompt: Vec<i64> = if super::tensor::is_tensor(input_ids)? {
         let t = input_ids.extract::<PyTensor>()?.0;
         let kind = t.f_kind().map_err(Error::from)?;
@@ -250,14 +254,18 @@ fn torch_hf_generate(
         )
         .map_err(Error::from)?
     } else {
-        input_ids.extract()?
+        int_list(
+            input_ids,
+            "input_ids",
+            "a list of token ids (ints) or an int64 tensor",
+        )?
     };
     let eos_token_ids: Vec<i64> = match eos_token_id {
         None => vec![],
-        Some(e) => match e.extract::<i64>() {
-            Ok(one) => vec![one],
-            Err(_) => e.extract()?,
-        },
+        Some(e) if e.is_instance_of::<pyo3::types::PyInt>() => {
+            vec![int_in_range(e, "eos_token_id")?]
+        }
+        Some(e) => int_list(e, "eos_token_id", "an int or a list of ints")?,
     };
     let opts = crate::hf::generate::GenerateOptions {
         max_new_tokens,

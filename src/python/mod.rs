@@ -2,6 +2,7 @@
 //! file. Tensors cross as real `torch.Tensor`s (tensor.rs); errors as typed exceptions (errors.rs).
 use pyo3::prelude::*;
 
+mod args;
 mod errors;
 mod hf;
 mod linear;

@@ -22,6 +22,13 @@ impl<'py> FromPyObject<'py> for PyTensor {
                 "expected a torch.Tensor, got {name}"
             )));
         }
+        if ob.getattr("is_meta")?.is_truthy()? {
+            return Err(crate::error::Error::Device(
+                "a meta-device tensor has no data; move it to a real device (cpu, cuda) first"
+                    .into(),
+            )
+            .into());
+        }
         let impl_ptr: usize = ob.getattr("_cdata")?.extract()?;
         // SAFETY: `ob` is a live torch.Tensor for the duration of this call, so its TensorImpl
         // is alive; the new handle takes its own reference.

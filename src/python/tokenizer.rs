@@ -1,5 +1,6 @@
 //! `torch_hf_tokenizer_load` and the `Tokenizer` class: Hugging Face `tokenizer.json` through the
 //! `tokenizers` crate, with the model's Jinja chat template.
+use super::args::{int_in_range, int_list};
 use crate::tokenizer::{chat::Message, Tokenizer};
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
@@ -22,7 +23,8 @@ impl PyTokenizer {
 
     /// The text of `ids`.
     #[pyo3(signature = (ids, skip_special_tokens=false))]
-    fn decode(&self, ids: Vec<u32>, skip_special_tokens: bool) -> PyResult<String> {
+    fn decode(&self, ids: &Bound<'_, PyAny>, skip_special_tokens: bool) -> PyResult<String> {
+        let ids: Vec<u32> = int_list(ids, "argument 'ids'", "a list of token ids (ints)")?;
         Ok(self.inner.decode(&ids, skip_special_tokens)?)
     }
 
@@ -32,8 +34,8 @@ impl PyTokenizer {
     }
 
     /// The token string of an id, or None.
-    fn id_to_token(&self, id: u32) -> Option<String> {
-        self.inner.id_to_token(id)
+    fn id_to_token(&self, id: &Bound<'_, PyAny>) -> PyResult<Option<String>> {
+        Ok(self.inner.id_to_token(int_in_range(id, "argument 'id'")?))
     }
 
     /// Size of the vocabulary including added tokens.
@@ -83,9 +85,16 @@ impl PyTokenizer {
         let mut msgs = Vec::with_capacity(messages.len());
         for m in &messages {
             let field = |k: &str| -> PyResult<String> {
-                m.get_item(k)?
-                    .ok_or_else(|| PyTypeError::new_err(format!("each message needs a {k:?} key")))?
-                    .extract()
+                let v = m.get_item(k)?.ok_or_else(|| {
+                    PyTypeError::new_err(format!("each message needs a {k:?} key"))
+                })?;
+                v.extract().map_err(|_| {
+                    let got = v.get_type().name().map(|n| n.to_string());
+                    PyTypeError::new_err(format!(
+                        "message {k:?} must be a string, got {}",
+                        got.unwrap_or_else(|_| "?".into())
+                    ))
+                })
             };
             msgs.push(Message::new(field("role")?, field("content")?));
         }

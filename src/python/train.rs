@@ -143,11 +143,46 @@ fn torch_clip_grad_norm(py: Python<'_>, optimizer: &PyOptimizer, max_norm: f64) 
 #[pyfunction]
 #[pyo3(signature = (loss, retain_graph=false))]
 fn torch_backward(loss: &Bound<'_, PyAny>, retain_graph: bool) -> PyResult<()> {
-    let _: PyTensor = loss.extract()?;
+    let t: PyTensor = loss.extract()?;
+    let t = &t.0;
+    if t.numel() != 1 {
+        return Err(Error::Shape(format!(
+            "torch_backward: the loss must be a scalar (one element), got shape {:?}",
+            t.size()
+        ))
+        .into());
+    }
+    if !t.requires_grad() {
+        return Err(Error::State(
+            "torch_backward: the loss does not require grad: it was not computed from tensors \
+             that require grad (LoRA parameters, or grad mode was off)"
+                .into(),
+        )
+        .into());
+    }
     let kwargs = PyDict::new(loss.py());
     kwargs.set_item("retain_graph", retain_graph)?;
-    loss.call_method("backward", (), Some(&kwargs))?;
+    loss.call_method("backward", (), Some(&kwargs))
+        .map_err(|e| backward_error(loss.py(), e))?;
     Ok(())
+}
+
+/// torch's untyped `RuntimeError` from `backward()` as a loratch error: a second backward through
+/// a freed graph is a [`Error::State`], anything else a [`Error::Torch`].
+fn backward_error(py: Python<'_>, e: PyErr) -> PyErr {
+    if !e.is_instance_of::<pyo3::exceptions::PyRuntimeError>(py) {
+        return e;
+    }
+    let msg = e.value(py).to_string();
+    if msg.contains("second time") {
+        Error::State(format!(
+            "torch_backward: the graph of this loss was already freed by an earlier backward \
+             (pass retain_graph=True to the first one): {msg}"
+        ))
+        .into()
+    } else {
+        Error::Torch(tch::TchError::Torch(format!("backward: {msg}"))).into()
+    }
 }
 
 fn get_f64(config: Option<&Bound<'_, PyDict>>, key: &str, default: f64) -> PyResult<f64> {

@@ -132,6 +132,27 @@ fn config_error(source: &str, e: impl std::fmt::Display) -> Error {
     Error::Config(format!("{source}: {e}"))
 }
 
+/// A deserialisation error with the path of the key it is about (`training.batch_size: ...`).
+fn keyed_error<E: std::fmt::Display>(source: &str, e: serde_path_to_error::Error<E>) -> Error {
+    let path = e.path().to_string();
+    if path == "." {
+        config_error(source, e.inner())
+    } else {
+        Error::Config(format!("{source}: {path}: {}", e.inner()))
+    }
+}
+
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "a list",
+        serde_json::Value::Object(_) => "a table",
+    }
+}
+
 impl TrainConfig {
     /// Reads a TOML file and applies `overrides` (`section.key=value`, the value in TOML syntax;
     /// a bare word is taken as a string).
@@ -146,17 +167,25 @@ impl TrainConfig {
         for o in overrides {
             apply_override(&mut table, o)?;
         }
-        let config: Self = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e| config_error(source, e))?;
+        let config: Self = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| keyed_error(source, e))?;
         config.validate()?;
         Ok(config)
     }
 
-    /// From JSON text (what `loratch.train(dict)` passes).
+    /// From JSON text (what `loratch.train(dict)` passes). Errors name the key
+    /// (`training.batch_size`), never a line and column of text the caller did not write.
     pub fn from_json_str(text: &str) -> Result<Self> {
-        let config: Self =
+        let value: serde_json::Value =
             serde_json::from_str(text).map_err(|e| config_error("training config", e))?;
+        if !value.is_object() {
+            return Err(Error::Config(format!(
+                "training config: expected a table of keys, got {}",
+                json_kind(&value)
+            )));
+        }
+        let config: Self = serde_path_to_error::deserialize(value)
+            .map_err(|e| keyed_error("training config", e))?;
         config.validate()?;
         Ok(config)
     }

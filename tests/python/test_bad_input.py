@@ -549,21 +549,13 @@ CASES: list[tuple[str, str, str, str]] = [
 ]
 
 # Real bugs the table found: case id -> reason (the case is an expected failure until fixed).
-_SERDE = ("the serde error names the JSON type and a line/column of text the caller never wrote (the dict "
-          "is serialised by loratch.train), not the key")
-_OVERFLOW = "pyo3's OverflowError for a negative int names neither the argument nor the problem in its words"
 _ADAPTER_CFG = ("a bad adapter_config.json value raises ConfigError without the file's path, while malformed JSON "
                 "in the same file raises AdapterFormatError")
 BUGS: dict[str, str] = {
     "lora-load-weights-is-a-directory": "an adapter_model.safetensors that is a directory reports 'No such device (os error 19)'",
     "lora-load-pt-non-tensor-values": ("float values in a .pt adapter report 'pickle opcode 0x47 is not supported' (int, str "
                                        "or None values report 'value of ... is not a tensor')"),
-    "train-config-not-a-dict": ("a list config is read as a serde struct sequence: ConfigError 'invalid type: sequence, "
-                                "expected path string at line 1 column 1'"),
     "load-config-wrong-type": "malformed config.json: invalid type: string \"48\", expected i64 at line 1 column N: the key is not named",
-    "forward-ids-meta-device": "a meta-device input_ids tensor raises TorchError with libtorch's C++ backtrace instead of a DeviceError",
-    "lora-forward-meta-input": "a meta-device input is reported as 'input is on Mps but the layer is on Cpu' (wrong device name)",
-    "lora-save-parent-is-a-file": "a parent path that is a file is reported as 'directory does not exist' (FileNotFoundError)",
     "lora-load-config-not-an-object": _ADAPTER_CFG,
     "lora-load-config-rank-wrong-type": _ADAPTER_CFG,
     "lora-load-config-rank-zero": _ADAPTER_CFG,
@@ -571,22 +563,6 @@ BUGS: dict[str, str] = {
     "lora-load-config-targets-wrong-type": _ADAPTER_CFG,
     "lora-load-config-rslora-wrong-type": ("a non-boolean use_rslora (\"yes\") is silently read as false, so the adapter "
                                            "loads with the wrong scaling (alpha/r instead of alpha/sqrt(r))"),
-    "generate-prompt-string": "TypeError \"Can't extract `str` to `Vec`\" names neither input_ids nor the accepted types",
-    "generate-eos-wrong-type": "TypeError \"Can't extract `str` to `Vec`\" does not name eos_token_id",
-    "generate-max-new-tokens-negative": _OVERFLOW,
-    "generate-seed-negative": _OVERFLOW,
-    "tokenizer-decode-negative-id": _OVERFLOW,
-    "tokenizer-id-to-token-negative": _OVERFLOW,
-    "tokenizer-chat-content-not-a-string": "TypeError \"'int' object cannot be converted to 'PyString'\" does not name the content field",
-    "backward-non-scalar-loss": "torch's untyped RuntimeError passes through torch_backward (not a loratch error)",
-    "backward-without-graph": "torch's untyped RuntimeError passes through torch_backward (not a loratch error)",
-    "backward-twice-without-retain": "torch's untyped RuntimeError passes through torch_backward (not a loratch error)",
-    "train-batch-size-string": _SERDE,
-    "train-batch-size-negative": _SERDE,
-    "train-rank-string": _SERDE,
-    "train-seed-negative": _SERDE,
-    "train-learning-rate-nan": _SERDE + "; NaN is written as the non-JSON token NaN: 'expected value at line 1 column N'",
-    "train-learning-rate-inf": _SERDE + "; Infinity is written as a non-JSON token: 'expected value at line 1 column N'",
 }
 
 CHMOD_CASES = {cid for cid, *_ in CASES if cid.endswith("-chmod")}

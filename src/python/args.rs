@@ -1,0 +1,68 @@
+//! Python argument conversion whose errors name the argument and the accepted types, instead of
+//! pyo3's generic "Can't extract `str` to `Vec`" or an `OverflowError` for a negative int.
+use crate::error::Error;
+use pyo3::exceptions::PyTypeError;
+use pyo3::prelude::*;
+
+/// A Python int in the range of `T` (e.g. a `u32` token id or a `usize` count); a non-int is a
+/// `TypeError`, an int out of range a `ConfigError` (a `ValueError`), both naming `what`.
+pub fn int_in_range<T>(ob: &Bound<'_, PyAny>, what: &str) -> PyResult<T>
+where
+    T: TryFrom<i128> + num_bounds::Bounds,
+{
+    let v: i128 = ob.extract().map_err(|_| not_an_int(ob, what))?;
+    T::try_from(v).map_err(|_| {
+        Error::Config(format!(
+            "{what} must be in [{}, {}], got {v}",
+            T::MIN_I128,
+            T::MAX_I128
+        ))
+        .into()
+    })
+}
+
+/// A list (or other sequence) of ints in the range of `T`, naming `what` in errors.
+pub fn int_list<T>(ob: &Bound<'_, PyAny>, what: &str, accepted: &str) -> PyResult<Vec<T>>
+where
+    T: TryFrom<i128> + num_bounds::Bounds,
+{
+    if ob.is_instance_of::<pyo3::types::PyString>() || ob.is_instance_of::<pyo3::types::PyBytes>() {
+        return Err(type_error(ob, what, accepted));
+    }
+    let items: Vec<Bound<'_, PyAny>> = ob.extract().map_err(|_| type_error(ob, what, accepted))?;
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| int_in_range(item, &format!("{what}[{i}]")))
+        .collect()
+}
+
+fn not_an_int(ob: &Bound<'_, PyAny>, what: &str) -> PyErr {
+    type_error(ob, what, "an int")
+}
+
+fn type_error(ob: &Bound<'_, PyAny>, what: &str, accepted: &str) -> PyErr {
+    let got = ob
+        .get_type()
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "?".into());
+    PyTypeError::new_err(format!("{what} must be {accepted}, got {got}"))
+}
+
+/// The bounds of the integer types used in arguments, for error messages.
+pub mod num_bounds {
+    pub trait Bounds {
+        const MIN_I128: i128;
+        const MAX_I128: i128;
+    }
+    macro_rules! bounds {
+        ($($t:ty),*) => {$(
+            impl Bounds for $t {
+                const MIN_I128: i128 = <$t>::MIN as i128;
+                const MAX_I128: i128 = <$t>::MAX as i128;
+            }
+        )*};
+    }
+    bounds!(u32, u64, usize, i64);
+}
