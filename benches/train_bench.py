@@ -6,7 +6,7 @@ runs alternate (loratch, PEFT, loratch, PEFT, ...), and medians are reported.
    projections, AdamW + clip 1.0: tokens/s, ratio, MFU against the measured matmul peak.
 2. Real data: 256 FAQ examples, batch 8, max 256 tokens, one pass; loratch packs, PEFT pads
    dynamically: examples/s and the held-out loss each reaches.
-4. Peak RSS of each run.
+4. Peak RSS of each run (VmHWM, read by the run itself over its training phase).
 
 `python benches/train_bench.py --worker peft-fixed|peft-real ...` is the PEFT side (internal).
 """
@@ -39,17 +39,21 @@ def binary() -> Path:
     return Path(os.environ.get("LORATCH_BIN") or ROOT / "target" / "release" / "loratch")
 
 
-def run_with_rss(cmd: list[str]) -> tuple[str, float]:
-    """Runs `cmd` (own process); returns its stdout and its peak RSS in bytes."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stdout is not None and proc.stderr is not None
-    out = proc.stdout.read()
-    err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+def peak_rss() -> float:
+    """This process's peak RSS in bytes (VmHWM). A parent's `ru_maxrss` of a child is no use: it
+    keeps the high-water mark of the forked parent (this script holds GiBs) across exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return float(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def run(cmd: list[str]) -> str:
+    """Runs `cmd` (own process); returns its stdout."""
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:3])} failed ({proc.returncode}):\n{err[-3000:]}")
-    return out, float(usage.ru_maxrss) * 1024
+        raise RuntimeError(f"{' '.join(cmd[:3])} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc.stdout
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -108,8 +112,10 @@ def loratch_fixed(model: Path, work: Path, tag: str) -> tuple[float, float]:
         "learning_rate": LR, "max_grad_norm": 1.0, "logging_steps": 1, "save_steps": 0, "eval_steps": 0,
         "scheduler_type": "constant", "train_on_inputs": True, "packing": False,
     })
-    _, rss = run_with_rss([str(binary()), "train", "--config", str(cfg)])
-    times = [r["train_time_s"] for r in loratch_metrics(out) if "train_time_s" in r]
+    run([str(binary()), "train", "--config", str(cfg)])
+    metrics = loratch_metrics(out)
+    rss = max(r["peak_rss_bytes"] for r in metrics if "peak_rss_bytes" in r)
+    times = [r["train_time_s"] for r in metrics if "train_time_s" in r]
     steps = [b - a for a, b in zip(times, times[1:])]  # drops the first (warm-up) step
     return statistics.median(steps), rss
 
@@ -120,10 +126,12 @@ def loratch_real(model: Path, work: Path, tag: str) -> tuple[float, float, float
     cfg = loratch_config(model, work / "real-train.jsonl", out, work / "real-val.jsonl", {
         "num_epochs": 1, "batch_size": 8, "gradient_accumulation_steps": 1, "max_seq_length": SEQ,
         "learning_rate": LR, "max_grad_norm": 1.0, "logging_steps": 1, "save_steps": 0, "eval_steps": 0,
-        "scheduler_type": "constant", "packing": True,
+        "scheduler_type": "constant", "packing": "examples",
     })
-    _, rss = run_with_rss([str(binary()), "train", "--config", str(cfg)])
+    run([str(binary()), "train", "--config", str(cfg)])
     metrics = loratch_metrics(out)
+    # The last record is logged after the last step; evaluation (no grad) needs less.
+    rss = max(r["peak_rss_bytes"] for r in metrics if "peak_rss_bytes" in r)
     train_time = max(r["train_time_s"] for r in metrics if "train_time_s" in r)
     final = [r["eval_loss"] for r in metrics if "eval_loss" in r][-1]
     return train_time, final, rss
@@ -160,7 +168,7 @@ def worker_peft_fixed(model_dir: Path, work: Path) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
-    print(json.dumps({"step_s": statistics.median(times[1:])}))
+    print(json.dumps({"step_s": statistics.median(times[1:]), "peak_rss": peak_rss()}))
 
 
 def encode_chat(tok: Any, record: dict[str, str]) -> tuple[list[int], list[int]]:
@@ -220,6 +228,7 @@ def worker_peft_real(model_dir: Path, work: Path) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
     train_time = time.perf_counter() - t0
+    train_rss = peak_rss()
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
@@ -227,12 +236,13 @@ def worker_peft_real(model_dir: Path, work: Path) -> None:
             loss, n = token_loss_sum(model, *padded(val[start : start + 8], pad))
             total += float(loss)
             count += n
-    print(json.dumps({"train_s": train_time, "eval_loss": total / count}))
+    print(json.dumps({"train_s": train_time, "eval_loss": total / count, "peak_rss": train_rss}))
 
 
 def peft_run(kind: str, model: Path, work: Path) -> tuple[dict[str, float], float]:
-    out, rss = run_with_rss([sys.executable, __file__, "--worker", kind, "--model", str(model), "--work", str(work)])
-    return json.loads(out.strip().splitlines()[-1]), rss
+    out = run([sys.executable, __file__, "--worker", kind, "--model", str(model), "--work", str(work)])
+    res = json.loads(out.strip().splitlines()[-1])
+    return res, float(res["peak_rss"])
 
 
 # --- the report ----------------------------------------------------------------------------------
@@ -295,8 +305,9 @@ def bench_training(model: Path, work: Path, peak_gflops: float, rounds: int, rea
         "",
         f"## Real data (FAQ, {REAL_EXAMPLES} examples, batch 8, max {SEQ} tokens, one pass, lr {LR})",
         "",
-        f"loratch: its trainer, packing on (8 rows of up to {SEQ} tokens per step). PEFT: a plain loop, dynamic "
-        f"padding, 8 examples per step. Held-out loss: mean per answer token over {HELD_OUT} other FAQ records. "
+        f"loratch: its trainer, padding-free packing (`packing = \"examples\"`: the step's 8 examples packed into rows "
+        f"of up to {SEQ} tokens, so both sides take the same {REAL_EXAMPLES // 8} optimizer steps). PEFT: a plain loop, "
+        f"dynamic padding, 8 examples per step. Held-out loss: mean per answer token over {HELD_OUT} other FAQ records. "
         f"{real_rounds} alternated run(s) per side.",
         "",
         "| | train s | examples/s | ratio to PEFT | held-out loss | target |",

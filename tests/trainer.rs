@@ -12,7 +12,7 @@ use tch::{Device, Kind, Tensor};
 use std::sync::Mutex;
 
 use loratch::data::batch::{packed_batch, pad_batch};
-use loratch::data::{self, block_diagonal_mask, Example, IGNORE_INDEX};
+use loratch::data::{self, block_diagonal_mask, Example, Packing, IGNORE_INDEX};
 use loratch::hf::loaded::{LoadOptions, LoadedModel, LoraSpec};
 use loratch::lora::targets::Targets;
 use loratch::model::LoraMode;
@@ -437,6 +437,46 @@ fn a_run_learns_and_resuming_reproduces_it_exactly() {
         assert_eq!(na, nb);
         assert!(ta.equal(tb), "{na} differs after resume");
     }
+}
+
+#[test]
+fn padding_free_packing_trains_like_padded_batches() {
+    // `packing = "examples"` puts each step's examples into fewer rows without padding; with
+    // dropout off it must take the same steps with the same losses and reach the same adapter.
+    let _rng = rng_lock();
+    let dir = tempfile::tempdir().unwrap();
+    tiny_model(dir.path(), 6);
+    write_data(&dir.path().join("data.jsonl"), 40);
+    let run = |packing: Packing, name: &str| {
+        let out = dir.path().join(name);
+        let mut cfg = tiny_config(dir.path(), &out, 4);
+        cfg.lora.dropout = 0.0;
+        cfg.training.packing = packing;
+        cfg.training.save_steps = 0;
+        // Room for two or three of these ~35-token examples in a row.
+        cfg.training.max_seq_length = 128;
+        train(&cfg, None, &mut NoHooks).unwrap();
+        (losses(&out), adapter_tensors(&out.join("adapter")))
+    };
+    let (padded_losses, padded) = run(Packing::Off, "padded");
+    let (packed_losses, packed) = run(Packing::Examples, "packed");
+    assert_eq!(padded_losses.len(), 4);
+    for ((sa, la), (sb, lb)) in padded_losses.iter().zip(&packed_losses) {
+        assert_eq!(sa, sb);
+        assert!(
+            (la - lb).abs() <= 1e-5 * la.abs().max(1.0),
+            "step {sa}: {la} vs {lb}"
+        );
+    }
+    let (a, b): (Vec<Tensor>, Vec<Tensor>) = (
+        padded.into_iter().map(|(_, t)| t).collect(),
+        packed.into_iter().map(|(_, t)| t).collect(),
+    );
+    let diff = max_diff(&a, &b);
+    assert!(diff <= 1e-5, "adapters differ by {diff}");
+    // Rows packing takes fewer, larger steps over the same data: different losses.
+    let (rows_losses, _) = run(Packing::Rows, "rows");
+    assert_ne!(rows_losses, padded_losses);
 }
 
 /// Replaces the loss of the listed steps with NaN.

@@ -6,6 +6,7 @@
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
 
 use crate::data::batch::{pack_first_fit, packed_batch, pad_batch, Batch};
 use crate::data::tokenize::Example;
@@ -61,15 +62,69 @@ pub fn train_validation_split<T>(
     Ok((train, val))
 }
 
+/// How examples are laid out in rows. In a config: `false` (off), `true` (rows), or one of the
+/// names `"off"`, `"rows"`, `"examples"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(try_from = "PackingSetting", into = "PackingSetting")]
+pub enum Packing {
+    /// One example per row, right-padded; a batch is `batch_size` examples.
+    Off,
+    /// Rows of up to `max_seq_length` tokens, each filled first-fit with several examples (TRL's
+    /// packing); a batch is `batch_size` such rows.
+    #[default]
+    Rows,
+    /// Padding-free batches: a batch is `batch_size` examples (as with `Off`, so the same number
+    /// of optimizer steps), packed first-fit into as few rows of up to `max_seq_length` as hold
+    /// them (as transformers' `DataCollatorWithFlattening`).
+    Examples,
+}
+
+/// [`Packing`] as written in a config file.
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum PackingSetting {
+    Flag(bool),
+    Name(String),
+}
+
+impl TryFrom<PackingSetting> for Packing {
+    type Error = String;
+
+    fn try_from(v: PackingSetting) -> std::result::Result<Self, String> {
+        match v {
+            PackingSetting::Flag(false) => Ok(Packing::Off),
+            PackingSetting::Flag(true) => Ok(Packing::Rows),
+            PackingSetting::Name(n) => match n.as_str() {
+                "off" => Ok(Packing::Off),
+                "rows" => Ok(Packing::Rows),
+                "examples" => Ok(Packing::Examples),
+                _ => Err(format!(
+                    "packing must be true, false, \"off\", \"rows\" or \"examples\", got {n:?}"
+                )),
+            },
+        }
+    }
+}
+
+impl From<Packing> for PackingSetting {
+    fn from(p: Packing) -> Self {
+        match p {
+            Packing::Off => PackingSetting::Flag(false),
+            Packing::Rows => PackingSetting::Flag(true),
+            Packing::Examples => PackingSetting::Name("examples".into()),
+        }
+    }
+}
+
 /// How a [`DataLoader`] batches.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoaderConfig {
-    /// Rows per batch.
+    /// Rows per batch with [`Packing::Rows`]; examples per batch otherwise.
     pub batch_size: usize,
     /// The longest row (examples must already be truncated to it).
     pub max_seq_length: usize,
-    /// Pack several examples into each row (greedy first-fit in epoch order).
-    pub packing: bool,
+    /// How examples are put into rows.
+    pub packing: Packing,
     /// Shuffle the examples each epoch (off for validation).
     pub shuffle: bool,
     /// The shuffle seed.
@@ -188,19 +243,23 @@ impl DataLoader {
     /// The batches of `epoch`, each a list of rows of example indices.
     fn plan_epoch(&self, epoch: u64) -> Result<Vec<Vec<Vec<usize>>>> {
         let order = self.epoch_order(epoch);
-        let rows: Vec<Vec<usize>> = if self.config.packing {
-            let lengths: Vec<usize> = order.iter().map(|&i| self.examples[i].len()).collect();
-            pack_first_fit(&lengths, self.config.max_seq_length)?
+        let (bs, max_len) = (self.config.batch_size, self.config.max_seq_length);
+        // First-fit rows of `ids` (indices into `examples`), in the given order.
+        let pack = |ids: &[usize]| -> Result<Vec<Vec<usize>>> {
+            let lengths: Vec<usize> = ids.iter().map(|&i| self.examples[i].len()).collect();
+            Ok(pack_first_fit(&lengths, max_len)?
                 .into_iter()
-                .map(|row| row.into_iter().map(|j| order[j]).collect())
-                .collect()
-        } else {
-            order.into_iter().map(|i| vec![i]).collect()
+                .map(|row| row.into_iter().map(|j| ids[j]).collect())
+                .collect())
         };
-        Ok(rows
-            .chunks(self.config.batch_size)
-            .map(<[Vec<usize>]>::to_vec)
-            .collect())
+        match self.config.packing {
+            Packing::Off => Ok(order
+                .chunks(bs)
+                .map(|c| c.iter().map(|&i| vec![i]).collect())
+                .collect()),
+            Packing::Rows => Ok(pack(&order)?.chunks(bs).map(<[_]>::to_vec).collect()),
+            Packing::Examples => order.chunks(bs).map(pack).collect(),
+        }
     }
 
     /// The example indices of each row of the next batch, if the epoch has one left.
@@ -209,7 +268,7 @@ impl DataLoader {
     }
 
     fn build(&self, rows: &[Vec<usize>]) -> Result<Batch> {
-        if self.config.packing {
+        if self.config.packing != Packing::Off {
             let rows: Vec<Vec<&Example>> = rows
                 .iter()
                 .map(|r| r.iter().map(|&i| &self.examples[i]).collect())

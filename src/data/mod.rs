@@ -9,7 +9,7 @@ pub mod tokenize;
 use std::path::Path;
 
 pub use batch::{block_diagonal_mask, Batch};
-pub use loader::{train_validation_split, DataLoader, LoaderConfig, Position};
+pub use loader::{train_validation_split, DataLoader, LoaderConfig, Packing, Position};
 pub use records::{parse_records, read_records, Record};
 pub use tokenize::{tokenize, Example, IGNORE_INDEX};
 

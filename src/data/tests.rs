@@ -23,7 +23,7 @@ fn synthetic(n: usize) -> Vec<Example> {
         .collect()
 }
 
-fn config(packing: bool, seed: u64) -> LoaderConfig {
+fn config(packing: Packing, seed: u64) -> LoaderConfig {
     LoaderConfig {
         batch_size: 3,
         max_seq_length: 10,
@@ -43,9 +43,9 @@ fn all_input_rows(loader: &mut DataLoader) -> Vec<Vec<Vec<i64>>> {
 
 #[test]
 fn loader_shuffle_deterministic_per_seed_and_epoch() {
-    let mut a = DataLoader::new(synthetic(20), config(false, 7)).unwrap();
-    let mut b = DataLoader::new(synthetic(20), config(false, 7)).unwrap();
-    let mut c = DataLoader::new(synthetic(20), config(false, 8)).unwrap();
+    let mut a = DataLoader::new(synthetic(20), config(Packing::Off, 7)).unwrap();
+    let mut b = DataLoader::new(synthetic(20), config(Packing::Off, 7)).unwrap();
+    let mut c = DataLoader::new(synthetic(20), config(Packing::Off, 8)).unwrap();
     let (a0, b0, c0) = (
         all_input_rows(&mut a),
         all_input_rows(&mut b),
@@ -66,7 +66,7 @@ fn loader_shuffle_deterministic_per_seed_and_epoch() {
         synthetic(5),
         LoaderConfig {
             shuffle: false,
-            ..config(false, 7)
+            ..config(Packing::Off, 7)
         },
     )
     .unwrap();
@@ -76,7 +76,7 @@ fn loader_shuffle_deterministic_per_seed_and_epoch() {
 
 #[test]
 fn loader_resume_yields_same_remaining_batches() {
-    for packing in [false, true] {
+    for packing in [Packing::Off, Packing::Rows, Packing::Examples] {
         let mut full = DataLoader::new(synthetic(30), config(packing, 3)).unwrap();
         all_input_rows(&mut full); // epoch 0
         let mut seen = Vec::new();
@@ -96,7 +96,7 @@ fn loader_resume_yields_same_remaining_batches() {
             .by_ref()
             .map(|b| rows_of(&b.unwrap().labels))
             .collect();
-        assert_eq!(rest, seen[3..].to_vec(), "packing={packing}");
+        assert_eq!(rest, seen[3..].to_vec(), "packing={packing:?}");
         assert!(resumed
             .seek(Position {
                 epoch: 0,
@@ -109,7 +109,7 @@ fn loader_resume_yields_same_remaining_batches() {
 #[test]
 fn loader_packing_every_example_once_rows_bounded() {
     let examples = synthetic(41);
-    let mut loader = DataLoader::new(examples.clone(), config(true, 11)).unwrap();
+    let mut loader = DataLoader::new(examples.clone(), config(Packing::Rows, 11)).unwrap();
     let mut counts: BTreeMap<Vec<i64>, usize> = BTreeMap::new();
     let mut n_rows = 0;
     for batch in loader.by_ref() {
@@ -158,16 +158,109 @@ fn loader_packing_every_example_once_rows_bounded() {
 }
 
 #[test]
+fn loader_packing_by_examples_keeps_batch_size_examples_per_batch() {
+    // Padding-free batches hold the same examples, in the same order of batches, as unpacked
+    // ones (so the same optimizer steps), packed into rows of at most max_seq_length.
+    let examples = synthetic(41);
+    let mut off = DataLoader::new(examples.clone(), config(Packing::Off, 5)).unwrap();
+    let mut by_examples = DataLoader::new(examples, config(Packing::Examples, 5)).unwrap();
+    assert_eq!(off.num_batches(), by_examples.num_batches());
+    let seg_count = |b: &Batch| -> usize {
+        rows_of(&b.segment_ids)
+            .iter()
+            .map(|r| r.iter().copied().max().unwrap_or(0) as usize)
+            .sum()
+    };
+    let mut fewer_rows = false;
+    for (a, b) in off.by_ref().zip(by_examples.by_ref()) {
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert!(b.packed && !a.packed);
+        assert_eq!(seg_count(&b), a.shape().0 as usize);
+        assert!(b.shape().1 <= 10);
+        let mut want: Vec<Vec<i64>> = rows_of(&a.input_ids)
+            .into_iter()
+            .zip(rows_of(&a.attention_mask))
+            .map(|(ids, m)| {
+                ids.into_iter()
+                    .zip(m)
+                    .filter(|(_, m)| *m != 0)
+                    .map(|(i, _)| i)
+                    .collect()
+            })
+            .collect();
+        let mut got: Vec<Vec<i64>> = Vec::new();
+        for (ids, seg) in rows_of(&b.input_ids)
+            .into_iter()
+            .zip(rows_of(&b.segment_ids))
+        {
+            for k in 1..=seg.iter().copied().max().unwrap_or(0) {
+                got.push(
+                    ids.iter()
+                        .zip(&seg)
+                        .filter(|(_, s)| **s == k)
+                        .map(|(i, _)| *i)
+                        .collect(),
+                );
+            }
+        }
+        want.sort();
+        got.sort();
+        assert_eq!(got, want);
+        fewer_rows |= b.shape().0 < a.shape().0;
+    }
+    assert!(
+        fewer_rows,
+        "packing by examples never used fewer rows than padding"
+    );
+}
+
+#[test]
+fn packing_setting_reads_bools_and_names() {
+    #[derive(Debug, serde::Deserialize)]
+    struct S {
+        packing: Packing,
+    }
+    let read =
+        |v: serde_json::Value| serde_json::from_value::<S>(serde_json::json!({ "packing": v }));
+    assert_eq!(
+        read(serde_json::json!(true)).unwrap().packing,
+        Packing::Rows
+    );
+    assert_eq!(
+        read(serde_json::json!(false)).unwrap().packing,
+        Packing::Off
+    );
+    assert_eq!(
+        read(serde_json::json!("examples")).unwrap().packing,
+        Packing::Examples
+    );
+    assert_eq!(
+        read(serde_json::json!("rows")).unwrap().packing,
+        Packing::Rows
+    );
+    let err = read(serde_json::json!("yes")).unwrap_err().to_string();
+    assert!(err.contains("examples"), "{err}");
+    assert_eq!(
+        serde_json::to_value(Packing::Examples).unwrap(),
+        serde_json::json!("examples")
+    );
+    assert_eq!(
+        serde_json::to_value(Packing::Rows).unwrap(),
+        serde_json::json!(true)
+    );
+}
+
+#[test]
 fn loader_rejects_bad_input() {
-    assert!(DataLoader::new(Vec::new(), config(false, 0)).is_err());
+    assert!(DataLoader::new(Vec::new(), config(Packing::Off, 0)).is_err());
     let long = Example {
         input_ids: vec![1; 11],
         labels: vec![1; 11],
     };
-    assert!(DataLoader::new(vec![long], config(true, 0)).is_err());
+    assert!(DataLoader::new(vec![long], config(Packing::Rows, 0)).is_err());
     let zero = LoaderConfig {
         batch_size: 0,
-        ..config(false, 0)
+        ..config(Packing::Off, 0)
     };
     assert!(DataLoader::new(synthetic(3), zero).is_err());
 }
@@ -248,7 +341,7 @@ fn pipeline_real_faq_dataset() {
     let cfg = LoaderConfig {
         batch_size: 8,
         max_seq_length: 512,
-        packing: true,
+        packing: Packing::Rows,
         shuffle: true,
         seed: 42,
         pad_id: pad_id(tok).unwrap(),

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::data::loader::Packing;
 use crate::error::{Error, Result};
 use crate::lora::targets::Targets;
 use crate::train::schedule::ScheduleKind;
@@ -66,7 +67,8 @@ pub struct TrainingSection {
     pub learning_rate: f64,
     pub weight_decay: f64,
     pub num_epochs: u64,
-    /// Rows per micro-batch (with packing a row holds several examples).
+    /// Rows per micro-batch with `packing = true` ("rows": a row holds several examples);
+    /// examples per micro-batch with `packing = false` or `"examples"`.
     pub batch_size: usize,
     pub gradient_accumulation_steps: usize,
     pub max_seq_length: usize,
@@ -84,8 +86,9 @@ pub struct TrainingSection {
     pub device: String,
     /// Stop after this many optimizer steps (overrides `num_epochs`).
     pub max_steps: Option<u64>,
-    /// Pack several examples per row (block-diagonal attention, per-example positions).
-    pub packing: bool,
+    /// Several examples per row (block-diagonal attention, per-example positions): `true` or
+    /// `"rows"` (batch_size full rows), `"examples"` (batch_size examples, padding-free), `false`.
+    pub packing: Packing,
     /// Train on prompt tokens too (default: only on completions / assistant turns).
     pub train_on_inputs: bool,
     /// The model's dtype: float32, bfloat16 or float16 (adapters and optimizer state stay fp32).
@@ -112,7 +115,7 @@ impl Default for TrainingSection {
             min_lr: 1e-6,
             device: "cpu".into(),
             max_steps: None,
-            packing: true,
+            packing: Packing::Rows,
             train_on_inputs: false,
             dtype: "float32".into(),
             max_nonfinite_steps: 3,
@@ -346,7 +349,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.training.learning_rate, 1e-3);
-        assert!(!c.training.packing);
+        assert_eq!(c.training.packing, Packing::Off);
         assert_eq!(c.lora.target_modules, serde_json::json!(["q_proj"]));
         assert_eq!(c.training.scheduler_type, "cosine");
         assert_eq!(c.seed, 7);

@@ -120,6 +120,18 @@ pub fn rss_bytes() -> u64 {
         .map_or(0, |pages| pages * 4096)
 }
 
+/// The peak resident set size of this process in bytes (`VmHWM`, Linux), else 0. Unlike a
+/// parent's `ru_maxrss` of the child, it never includes memory of the process that spawned it.
+pub fn peak_rss_bytes() -> u64 {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map_or(0, |kib| kib * 1024)
+}
+
 /// Trains as `config` says, from scratch or from the checkpoint `resume` (a checkpoint
 /// directory, or an output directory: its newest checkpoint).
 pub fn train(
@@ -581,6 +593,7 @@ impl<'a> Run<'a> {
                     "grad_norm": norm,
                     "tokens_per_s": window_tokens as f64 / elapsed,
                     "rss_bytes": rss_bytes(),
+                    "peak_rss_bytes": peak_rss_bytes(),
                     "tokens_seen": self.state.tokens_seen,
                     "train_time_s": train_time,
                 });
