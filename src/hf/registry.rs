@@ -41,7 +41,10 @@ pub fn get(name: &str) -> Result<Entry> {
 /// Removes `name`; its memory is freed once no call is using it.
 pub fn remove(name: &str) -> Result<()> {
     get(name)?;
-    models().remove(name);
+    let removed = models().remove(name);
+    // Dropped after the map's lock is released: freeing a model can take the GIL (adapter
+    // tensors whose Python objects torch keeps alive from C++).
+    drop(removed);
     Ok(())
 }
 
@@ -51,7 +54,8 @@ pub fn names() -> Vec<String> {
 }
 
 /// Locks an entry (a poisoned lock is recovered: model state changes are single calls that
-/// either completed or returned an error before writing).
+/// either completed or returned an error before writing). Python bindings must not call this
+/// while holding the GIL (see `with_model` in `python/hf.rs`).
 pub fn lock(entry: &Entry) -> MutexGuard<'_, LoadedModel> {
     entry.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -9,6 +9,20 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 use std::path::PathBuf;
 
+/// Runs `f` on the model called `name` with the GIL released. A model's lock must never be
+/// waited for while holding the GIL: a call holding that lock with the GIL released can need the
+/// GIL (dropping an adapter tensor whose Python object torch keeps alive from C++, as
+/// `torch_hf_lora_init` does when it replaces adapters, takes the GIL), so that wait would
+/// deadlock.
+fn with_model<T: Send>(
+    py: Python<'_>,
+    name: &str,
+    f: impl FnOnce(&mut LoadedModel) -> crate::error::Result<T> + Send,
+) -> PyResult<T> {
+    let entry = registry::get(name)?;
+    Ok(py.detach(move || f(&mut lock(&entry)))?)
+}
+
 fn config_str(config: Option<&Bound<'_, PyDict>>, key: &str) -> PyResult<Option<String>> {
     match config.map(|c| c.get_item(key)).transpose()?.flatten() {
         Some(v) => Ok(Some(v.extract::<String>().map_err(|_| {
@@ -120,8 +134,8 @@ fn torch_hf_lora_init(
 
 /// The live adapter tensors: by layer, then module (q, k, v, o, gate, up, down), A then B.
 #[pyfunction]
-fn torch_hf_lora_get_parameters(model_name: &str) -> PyResult<Vec<PyTensor>> {
-    let params = lock(&registry::get(model_name)?).parameters()?;
+fn torch_hf_lora_get_parameters(py: Python<'_>, model_name: &str) -> PyResult<Vec<PyTensor>> {
+    let params = with_model(py, model_name, |m| m.parameters())?;
     Ok(params.into_iter().map(PyTensor).collect())
 }
 
@@ -131,7 +145,7 @@ fn torch_hf_lora_named_parameters<'py>(
     py: Python<'py>,
     model_name: &str,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let named = lock(&registry::get(model_name)?).named_parameters()?;
+    let named = with_model(py, model_name, |m| m.named_parameters())?;
     let dict = PyDict::new(py);
     for (k, t) in named {
         dict.set_item(k, PyTensor(t))?;
@@ -162,25 +176,24 @@ fn torch_hf_lora_unmerge(py: Python<'_>, model_name: &str) -> PyResult<()> {
 
 /// Training mode (adapter dropout active) or evaluation mode (the default after loading).
 #[pyfunction]
-fn torch_hf_set_training(model_name: &str, training: bool) -> PyResult<()> {
-    lock(&registry::get(model_name)?).training = training;
-    Ok(())
+fn torch_hf_set_training(py: Python<'_>, model_name: &str, training: bool) -> PyResult<()> {
+    with_model(py, model_name, |m| {
+        m.training = training;
+        Ok(())
+    })
 }
 
 /// Bytes held by the model: base weights + adapters + adapter gradients when allocated.
 #[pyfunction]
-fn torch_hf_memory_usage(model_name: &str) -> PyResult<i64> {
-    Ok(lock(&registry::get(model_name)?)
-        .memory_report()
-        .iter()
-        .map(|(_, b)| b)
-        .sum())
+fn torch_hf_memory_usage(py: Python<'_>, model_name: &str) -> PyResult<i64> {
+    let report = with_model(py, model_name, |m| Ok(m.memory_report()))?;
+    Ok(report.iter().map(|(_, b)| b).sum())
 }
 
 /// The parts of `torch_hf_memory_usage`: `{"weights", "adapters", "adapter_grads", "total"}`.
 #[pyfunction]
 fn torch_hf_memory_report<'py>(py: Python<'py>, model_name: &str) -> PyResult<Bound<'py, PyDict>> {
-    let report = lock(&registry::get(model_name)?).memory_report();
+    let report = with_model(py, model_name, |m| Ok(m.memory_report()))?;
     let dict = PyDict::new(py);
     let mut total = 0;
     for (k, v) in report {
