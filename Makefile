@@ -14,12 +14,12 @@ EXT := python/loratch/.ext-stamp
 BIN := $(CARGO_TARGET_DIR)/release/loratch
 RUST_SRC := Cargo.toml build.rs $(shell find src csrc -type f)
 
-.PHONY: demo test lint test-rust test-python stubtest wheel build bench clean
+.PHONY: demo test lint test-rust test-python stubtest wheel build bench clean fuzz fuzz-short fuzz-build
 
 demo: build
 	$(PY) examples/faq_demo.py
 
-test: build wheel lint test-rust stubtest test-python
+test: build wheel lint test-rust stubtest test-python fuzz-short
 
 build: $(EXT) $(BIN)
 
@@ -60,9 +60,32 @@ stubtest: $(EXT)
 test-python: $(EXT) $(BIN)
 	LORATCH_WHEEL_DIR=$(abspath dist) LORATCH_BIN=$(BIN) $(PY) -m pytest -q
 
+# Fuzzing (cargo-fuzz + libFuzzer, fuzz/): each parser of outside data for FUZZ_SECONDS (`make
+# fuzz`), or FUZZ_SHORT_SECONDS in `make test`. Seeds come from fuzz/gen_seeds.py; a crash stops
+# make and leaves its input in fuzz/artifacts/<target>/ (replay: cargo fuzz run <target> <file>).
+# `-s none`: no sanitizer, so stable Rust builds it (AddressSanitizer needs nightly); the parsers
+# are safe Rust, and libFuzzer still catches panics, aborts, timeouts and memory blow-ups.
+FUZZ_TARGETS := safetensors torch_pickle adapter_config linear_adapter model_config records
+FUZZ_SECONDS ?= 60
+FUZZ_SHORT_SECONDS ?= 10
+CARGO_FUZZ_VERSION := 0.13.2
+FUZZ_FLAGS := -s none --fuzz-dir fuzz --target-dir $(CARGO_TARGET_DIR)/fuzz
+FUZZ_ARGS := -timeout=20 -rss_limit_mb=4096
+
+fuzz-build: $(DEPS)
+	command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz --version $(CARGO_FUZZ_VERSION)
+	cargo fuzz build $(FUZZ_FLAGS)
+	$(PY) fuzz/gen_seeds.py fuzz/corpus
+
+fuzz fuzz-short: fuzz-build
+	for t in $(FUZZ_TARGETS); do \
+	  cargo fuzz run $(FUZZ_FLAGS) $$t fuzz/corpus/$$t -- $(FUZZ_ARGS) \
+	    -max_total_time=$(if $(filter fuzz-short,$@),$(FUZZ_SHORT_SECONDS),$(FUZZ_SECONDS)) || exit 1; \
+	done
+
 bench: build
 	$(PY) benches/bench.py
 
 clean:
-	rm -rf dist $(EXT) python/loratch/*.so
+	rm -rf dist $(EXT) python/loratch/*.so fuzz/corpus fuzz/artifacts
 	cargo clean

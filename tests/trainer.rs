@@ -555,3 +555,37 @@ fn data_problems_are_clear_errors() {
     assert!(e.to_string().contains("no-such-checkpoint"), "{e}");
     let _ = data::IGNORE_INDEX;
 }
+
+#[test]
+fn a_fresh_run_into_a_used_output_dir_is_refused_unless_overwrite_is_set() {
+    let _rng = rng_lock();
+    let dir = tempfile::tempdir().unwrap();
+    tiny_model(dir.path(), 7);
+    write_data(&dir.path().join("data.jsonl"), 20);
+    let out = dir.path().join("used");
+    // An earlier run's checkpoint, further along than the new run will get.
+    let old = checkpoint::write(&out, 50, |d| {
+        std::fs::write(d.join(checkpoint::STATE_FILE), "{}").map_err(|e| loratch::Error::io(d, e))
+    })
+    .unwrap();
+    std::fs::create_dir_all(out.join("adapter")).unwrap();
+    std::fs::write(out.join("adapter").join("stale"), "old run").unwrap();
+    let cfg = tiny_config(dir.path(), &out, 2);
+    let err = train(&cfg, None, &mut NoHooks).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, loratch::Error::Config(_)), "{msg}");
+    for part in ["checkpoint-50", "--resume", "overwrite_output_dir"] {
+        assert!(msg.contains(part), "{msg} lacks {part}");
+    }
+    assert!(
+        old.join(checkpoint::STATE_FILE).is_file(),
+        "the refusal deleted something"
+    );
+    let mut cfg = cfg;
+    cfg.training.overwrite_output_dir = true;
+    let done = train(&cfg, None, &mut NoHooks).unwrap();
+    assert_eq!(done.global_step, 2);
+    assert!(!old.exists() && !out.join("adapter").join("stale").exists());
+    // A later resume finds this run's checkpoint, not the old run's.
+    assert_eq!(checkpoint::resolve(&out).unwrap(), out.join("checkpoint-2"));
+}

@@ -98,7 +98,9 @@ def train(config: dict[str, Any], *, resume: str | os.PathLike[str] | None = Non
     ``learning_rate, weight_decay, num_epochs, batch_size, gradient_accumulation_steps,
     max_seq_length, logging_steps, save_steps, eval_steps, warmup_steps, max_grad_norm,
     scheduler_type, min_lr, device`` plus ``max_steps, packing, train_on_inputs, dtype,
-    max_nonfinite_steps``). Unknown keys raise ``ConfigError``.
+    max_nonfinite_steps, overwrite_output_dir``). Unknown keys raise ``ConfigError``. A fresh
+    run (no ``resume``) into an ``output_dir`` that holds checkpoints raises ``ConfigError``
+    unless ``overwrite_output_dir`` is true (then they are deleted).
 
     ``resume``: a checkpoint directory, or an output directory (its newest checkpoint).
     Ctrl-C saves a checkpoint, then raises ``KeyboardInterrupt``.

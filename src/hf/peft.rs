@@ -10,7 +10,7 @@ use crate::io::safetensors::{serialize, MappedSafetensors};
 use crate::lora::targets::Targets;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
 const CONFIG_FILE: &str = "adapter_config.json";
@@ -87,104 +87,189 @@ pub fn adapter_config(spec: &LoraSpec, base_model: &Path) -> Value {
 }
 
 /// Reads a PEFT adapter config into a [`LoraSpec`]. Features loratch does not implement (DoRA,
-/// bias training, modules_to_save, fan_in_fan_out) are errors, not silently ignored.
-/// `fallback_targets` is used when `target_modules` is null (PEFT's per-model default).
-pub fn spec_from_config(cfg: &Value, fallback_targets: Vec<String>) -> Result<LoraSpec> {
-    let bad = |m: String| Error::Config(format!("adapter config: {m}"));
+/// bias training, modules_to_save, fan_in_fan_out) are errors, not silently ignored; so is a
+/// value of the wrong type or out of range. `fallback_targets` is used when `target_modules` is
+/// null (PEFT's per-model default). Errors are [`Error::AdapterFormat`] for `source` (the file
+/// the config was read from) and name the key.
+pub fn spec_from_config(
+    cfg: &Value,
+    fallback_targets: Vec<String>,
+    source: &Path,
+) -> Result<LoraSpec> {
+    let bad = |m: String| Error::adapter(source, format!("adapter config: {m}"));
     let obj = cfg
         .as_object()
-        .ok_or_else(|| bad("not a JSON object".into()))?;
-    if let Some(t) = obj.get("peft_type").and_then(Value::as_str) {
+        .ok_or_else(|| bad(format!("not a JSON object (got {})", json_type(cfg))))?;
+    // An absent or null key takes PEFT's default; any other value must have the key's type.
+    let get = |k: &str| obj.get(k).filter(|v| !v.is_null());
+    let string = |k: &str| -> Result<Option<&str>> {
+        get(k)
+            .map(|v| {
+                v.as_str()
+                    .ok_or_else(|| bad(format!("{k} must be a string, got {}", short(v))))
+            })
+            .transpose()
+    };
+    let flag = |k: &str| -> Result<bool> {
+        get(k).map_or(Ok(false), |v| {
+            v.as_bool()
+                .ok_or_else(|| bad(format!("{k} must be true or false, got {}", short(v))))
+        })
+    };
+    let number = |k: &str, default: f64| -> Result<f64> {
+        get(k).map_or(Ok(default), |v| {
+            v.as_f64()
+                .ok_or_else(|| bad(format!("{k} must be a number, got {}", short(v))))
+        })
+    };
+    if let Some(t) = string("peft_type")? {
         if t != "LORA" {
             return Err(bad(format!("peft_type {t:?} is not \"LORA\"")));
         }
     }
-    let flag = |k: &str| obj.get(k).and_then(Value::as_bool).unwrap_or(false);
-    if flag("use_dora") {
+    if flag("use_dora")? {
         return Err(bad("use_dora is not supported".into()));
     }
-    if flag("fan_in_fan_out") {
+    if flag("fan_in_fan_out")? {
         return Err(bad("fan_in_fan_out is not supported".into()));
     }
-    if let Some(b) = obj.get("bias").and_then(Value::as_str) {
+    if let Some(b) = string("bias")? {
         if b != "none" {
             return Err(bad(format!("bias {b:?} is not supported (only \"none\")")));
         }
     }
-    if obj
-        .get("modules_to_save")
-        .is_some_and(|m| m.as_array().is_some_and(|a| !a.is_empty()))
-    {
-        return Err(bad("modules_to_save is not supported".into()));
+    match get("modules_to_save") {
+        None => {}
+        Some(Value::Array(a)) if a.is_empty() => {}
+        Some(Value::Array(_)) => return Err(bad("modules_to_save is not supported".into())),
+        Some(v) => {
+            return Err(bad(format!(
+                "modules_to_save must be a list or null, got {}",
+                short(v)
+            )))
+        }
     }
-    let rank = match obj.get("r") {
+    let rank = match get("r") {
         None => 8,
         Some(v) => v
             .as_i64()
-            .ok_or_else(|| bad(format!("r must be an integer, got {v}")))?,
+            .ok_or_else(|| bad(format!("r must be an integer, got {}", short(v))))?,
     };
-    let alpha = match obj.get("lora_alpha") {
-        None => 8.0,
-        Some(v) => v
-            .as_f64()
-            .ok_or_else(|| bad(format!("lora_alpha must be a number, got {v}")))?,
+    if rank <= 0 {
+        return Err(bad(format!("r must be > 0, got {rank}")));
+    }
+    let alpha = number("lora_alpha", 8.0)?;
+    if !(alpha.is_finite() && alpha > 0.0) {
+        return Err(bad(format!(
+            "lora_alpha must be a finite number > 0, got {alpha}"
+        )));
+    }
+    let dropout = number("lora_dropout", 0.0)?;
+    if !(0.0..1.0).contains(&dropout) {
+        return Err(bad(format!(
+            "lora_dropout must be in [0, 1), got {dropout}"
+        )));
+    }
+    let use_rslora = flag("use_rslora")?;
+    let targets = match get("target_modules") {
+        None => Targets::Names(fallback_targets),
+        // Targets' own messages name target_modules.
+        Some(v) => Targets::from_json(v).map_err(|e| match e {
+            Error::Config(m) => bad(m),
+            other => other,
+        })?,
     };
-    let dropout = obj
-        .get("lora_dropout")
-        .and_then(Value::as_f64)
-        .unwrap_or(0.0);
-    let targets = match obj.get("target_modules") {
-        None | Some(Value::Null) => Targets::Names(fallback_targets),
-        Some(v) => Targets::from_json(v)?,
-    };
-    let layers = match obj.get("layers_to_transform") {
-        None | Some(Value::Null) => None,
-        Some(Value::Number(n)) => Some(vec![n
-            .as_i64()
-            .ok_or_else(|| bad("layers_to_transform".into()))?]),
+    let layers = match get("layers_to_transform") {
+        None => None,
         Some(Value::Array(a)) => Some(
             a.iter()
                 .map(|x| {
                     x.as_i64().ok_or_else(|| {
-                        bad(format!("layers_to_transform entry {x} is not an integer"))
+                        bad(format!(
+                            "layers_to_transform entry {} is not an integer",
+                            short(x)
+                        ))
                     })
                 })
                 .collect::<Result<Vec<_>>>()?,
         ),
-        Some(v) => {
-            return Err(bad(format!(
-                "layers_to_transform must be an int or a list, got {v}"
-            )))
-        }
+        Some(v) => Some(vec![v.as_i64().ok_or_else(|| {
+            bad(format!(
+                "layers_to_transform must be an int or a list of ints, got {}",
+                short(v)
+            ))
+        })?]),
     };
+    // {regex: value}; every regex must compile (as `pattern_value` builds it).
     let pattern = |k: &str| -> Result<Vec<(String, f64)>> {
-        match obj.get(k) {
-            None | Some(Value::Null) => Ok(vec![]),
-            Some(Value::Object(m)) => m
-                .iter()
-                .map(|(key, v)| {
-                    v.as_f64()
-                        .map(|x| (key.clone(), x))
-                        .ok_or_else(|| bad(format!("{k}[{key:?}] is not a number")))
-                })
-                .collect(),
-            Some(v) => Err(bad(format!("{k} must be an object, got {v}"))),
-        }
+        let m = match get(k) {
+            None => return Ok(vec![]),
+            Some(Value::Object(m)) => m,
+            Some(v) => return Err(bad(format!("{k} must be an object, got {}", short(v)))),
+        };
+        m.iter()
+            .map(|(key, v)| {
+                regex::Regex::new(&format!(r"^(?:.*\.)?(?:{key})$"))
+                    .map_err(|e| bad(format!("{k} key {key:?} is not a valid regex: {e}")))?;
+                let x = v
+                    .as_f64()
+                    .ok_or_else(|| bad(format!("{k}[{key:?}] is not a number")))?;
+                Ok((key.clone(), x))
+            })
+            .collect()
     };
     let rank_pattern = pattern("rank_pattern")?
         .into_iter()
-        .map(|(k, v)| (k, v as i64))
-        .collect();
+        .map(|(k, v)| {
+            if v.fract() == 0.0 && v >= 1.0 && v <= i64::MAX as f64 {
+                Ok((k, v as i64))
+            } else {
+                Err(bad(format!(
+                    "rank_pattern[{k:?}] must be an integer > 0, got {v}"
+                )))
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let alpha_pattern = pattern("alpha_pattern")?;
+    if let Some((k, v)) = alpha_pattern
+        .iter()
+        .find(|(_, v)| !(v.is_finite() && *v > 0.0))
+    {
+        return Err(bad(format!(
+            "alpha_pattern[{k:?}] must be a finite number > 0, got {v}"
+        )));
+    }
     Ok(LoraSpec {
         rank,
         alpha,
         dropout,
-        use_rslora: flag("use_rslora"),
+        use_rslora,
         targets,
         layers,
         rank_pattern,
-        alpha_pattern: pattern("alpha_pattern")?,
+        alpha_pattern,
     })
+}
+
+/// The JSON type of `v`, for messages.
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// `v` as JSON, cut to 80 characters (a config value in a message).
+fn short(v: &Value) -> String {
+    let s = v.to_string();
+    match s.char_indices().nth(80) {
+        Some((i, _)) => format!("{}...", &s[..i]),
+        None => s,
+    }
 }
 
 /// Saves the model's adapters to `path` (layout by extension), atomically per file.
@@ -227,9 +312,10 @@ pub fn save(model: &LoadedModel, path: &Path) -> Result<()> {
     }
 }
 
-/// An adapter read from disk: its config (absent in a bare `.pt` file) and tensors (CPU).
+/// An adapter read from disk: its config (absent in a bare `.pt` file) with the file it came
+/// from, and tensors (CPU).
 struct AdapterFile {
-    config: Option<Value>,
+    config: Option<(Value, PathBuf)>,
     tensors: BTreeMap<String, Tensor>,
 }
 
@@ -269,7 +355,7 @@ fn read(path: &Path) -> Result<AdapterFile> {
                 read_st(&st)?.1
             };
             Ok(AdapterFile {
-                config: Some(config),
+                config: Some((config, cfg_path)),
                 tensors,
             })
         }
@@ -279,7 +365,7 @@ fn read(path: &Path) -> Result<AdapterFile> {
                 Error::adapter(path, "no \"adapter_config\" in the safetensors metadata")
             })?;
             Ok(AdapterFile {
-                config: Some(parse(text, path)?),
+                config: Some((parse(text, path)?, path.to_path_buf())),
                 tensors,
             })
         }
@@ -290,10 +376,13 @@ fn read(path: &Path) -> Result<AdapterFile> {
                 .map(|d| d.join(CONFIG_FILE))
                 .filter(|c| c.is_file());
             let config = match beside {
-                Some(c) => Some(parse(
-                    &std::fs::read_to_string(&c).map_err(|e| Error::io(&c, e))?,
-                    &c,
-                )?),
+                Some(c) => Some((
+                    parse(
+                        &std::fs::read_to_string(&c).map_err(|e| Error::io(&c, e))?,
+                        &c,
+                    )?,
+                    c,
+                )),
                 None => None,
             };
             Ok(AdapterFile {
@@ -326,7 +415,9 @@ pub fn load(model: &mut LoadedModel, path: &Path) -> Result<()> {
         })
         .collect();
     let spec = match (&file.config, &model.lora) {
-        (Some(cfg), _) => spec_from_config(cfg, in_file.iter().cloned().collect())?,
+        (Some((cfg, source)), _) => {
+            spec_from_config(cfg, in_file.iter().cloned().collect(), source)?
+        }
         // A bare .pt file carries no config: it must fit the LoRA already on the model.
         (None, Some(current)) => current.clone(),
         (None, None) => {
@@ -418,4 +509,143 @@ pub fn load(model: &mut LoadedModel, path: &Path) -> Result<()> {
         current.dropout = spec.dropout;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(cfg: Value) -> Result<LoraSpec> {
+        spec_from_config(
+            &cfg,
+            vec!["q_proj".into()],
+            Path::new("/a/adapter_config.json"),
+        )
+    }
+
+    /// The message of an [`Error::AdapterFormat`] for the config file.
+    fn format_msg(cfg: Value) -> String {
+        match spec(cfg.clone()) {
+            Err(Error::AdapterFormat { path, msg }) => {
+                assert_eq!(path, Path::new("/a/adapter_config.json"));
+                msg
+            }
+            other => panic!("{cfg}: expected AdapterFormat, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_written_config_reads_back() {
+        let mut s = LoraSpec::simple(4, 16.0, Targets::Names(vec!["v_proj".into()]));
+        s.dropout = 0.1;
+        s.use_rslora = true;
+        s.layers = Some(vec![0, 1]);
+        s.rank_pattern = vec![("q_proj".into(), 2)];
+        s.alpha_pattern = vec![("v_proj".into(), 3.5)];
+        let cfg = adapter_config(&s, Path::new("/m"));
+        assert_eq!(spec(cfg).unwrap(), s);
+        // Absent and null keys take PEFT's defaults; target_modules null the fallback.
+        let d = spec(json!({"target_modules": null, "use_rslora": null, "bias": null})).unwrap();
+        let want = LoraSpec::simple(8, 8.0, Targets::Names(vec!["q_proj".into()]));
+        assert_eq!(d, want);
+    }
+
+    #[test]
+    fn bad_values_are_format_errors_naming_the_key() {
+        let cases = [
+            (json!([]), "not a JSON object (got an array)"),
+            (json!({"r": "two"}), "r must be an integer, got \"two\""),
+            (json!({"r": 0}), "r must be > 0, got 0"),
+            (json!({"r": 2.5}), "r must be an integer"),
+            (
+                json!({"lora_alpha": -4}),
+                "lora_alpha must be a finite number > 0",
+            ),
+            (json!({"lora_alpha": "8"}), "lora_alpha must be a number"),
+            (
+                json!({"lora_dropout": 1.0}),
+                "lora_dropout must be in [0, 1)",
+            ),
+            (
+                json!({"lora_dropout": "x"}),
+                "lora_dropout must be a number",
+            ),
+            (
+                json!({"use_rslora": "yes"}),
+                "use_rslora must be true or false, got \"yes\"",
+            ),
+            (json!({"use_dora": 1}), "use_dora must be true or false"),
+            (json!({"use_dora": true}), "use_dora is not supported"),
+            (
+                json!({"fan_in_fan_out": true}),
+                "fan_in_fan_out is not supported",
+            ),
+            (
+                json!({"peft_type": "IA3"}),
+                "peft_type \"IA3\" is not \"LORA\"",
+            ),
+            (json!({"peft_type": 3}), "peft_type must be a string"),
+            (json!({"bias": "all"}), "bias \"all\" is not supported"),
+            (
+                json!({"modules_to_save": ["lm_head"]}),
+                "modules_to_save is not supported",
+            ),
+            (
+                json!({"modules_to_save": "lm_head"}),
+                "modules_to_save must be a list or null",
+            ),
+            (
+                json!({"target_modules": 5}),
+                "target_modules must be a list or a string",
+            ),
+            (
+                json!({"target_modules": [1]}),
+                "target_modules entry 1 is not a string",
+            ),
+            (
+                json!({"target_modules": "("}),
+                "target_modules regex \"(\" is invalid",
+            ),
+            (
+                json!({"layers_to_transform": "0"}),
+                "layers_to_transform must be an int",
+            ),
+            (
+                json!({"layers_to_transform": [0.5]}),
+                "layers_to_transform entry 0.5",
+            ),
+            (
+                json!({"rank_pattern": []}),
+                "rank_pattern must be an object",
+            ),
+            (
+                json!({"rank_pattern": {"q": 0}}),
+                "rank_pattern[\"q\"] must be an integer > 0",
+            ),
+            (
+                json!({"rank_pattern": {"q": 1.5}}),
+                "rank_pattern[\"q\"] must be an integer > 0",
+            ),
+            (
+                json!({"rank_pattern": {"(": 2}}),
+                "rank_pattern key \"(\" is not a valid regex",
+            ),
+            (
+                json!({"alpha_pattern": {"q": "1"}}),
+                "alpha_pattern[\"q\"] is not a number",
+            ),
+            (
+                json!({"alpha_pattern": {"q": -1}}),
+                "alpha_pattern[\"q\"] must be a finite number > 0",
+            ),
+        ];
+        for (cfg, want) in cases {
+            let msg = format_msg(cfg.clone());
+            assert!(msg.contains(want), "{cfg}: {msg:?} lacks {want:?}");
+        }
+        // A long value is cut in the message.
+        let long = "x".repeat(500);
+        let msg = format_msg(json!({ "use_rslora": long }));
+        assert!(msg.len() < 200 && msg.ends_with("..."), "{msg}");
+    }
 }

@@ -4,6 +4,29 @@ use crate::error::{Error, Result};
 use std::io::Write;
 use std::path::Path;
 
+/// The name prefix of the temporary files.
+pub const TEMP_PREFIX: &str = ".loratch-tmp-";
+
+/// Deletes the temporary files that writes killed mid-way left in `dir` (none if it is missing).
+/// Only for a directory that no other process is writing to.
+pub fn remove_temp_files(dir: &Path) -> Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(dir, e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        if entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX)
+            && entry.file_type().is_ok_and(|t| t.is_file())
+        {
+            let p = entry.path();
+            std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
+        }
+    }
+    Ok(())
+}
+
 /// Replaces `path` with `bytes` atomically (temp file + fsync + rename + directory fsync).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = match path.parent() {
@@ -14,10 +37,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         return Err(missing_dir(dir));
     }
     let mut tmp = tempfile::Builder::new()
-        .prefix(".loratch-tmp-")
+        .prefix(TEMP_PREFIX)
         .tempfile_in(dir)
         .map_err(|e| Error::io(dir, e))?;
-    tmp.write_all(bytes).map_err(|e| Error::io(path, e))?;
+    // Through the File: NamedTempFile's own errors would name the temporary file.
+    tmp.as_file_mut()
+        .write_all(bytes)
+        .map_err(|e| Error::io(path, e))?;
     tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
     // On failure the NamedTempFile is dropped and removed; the target is untouched.
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
@@ -57,6 +83,20 @@ mod tests {
         write_atomic(&p, b"two").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn leftover_temp_files_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(".loratch-tmp-abc123"), b"half").unwrap();
+        std::fs::write(dir.path().join("keep.txt"), b"x").unwrap();
+        remove_temp_files(dir.path()).unwrap();
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("keep.txt")]);
+        remove_temp_files(&dir.path().join("missing")).unwrap();
     }
 
     #[test]

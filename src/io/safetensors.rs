@@ -108,8 +108,34 @@ impl MappedSafetensors {
         Self::open_as(path, true)
     }
 
+    /// As [`open`](Self::open), for bytes already in memory (copied into an anonymous private
+    /// mapping); `path` only names the data in errors.
+    pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self> {
+        let mut mmap = MmapOptions::new()
+            .len(bytes.len())
+            .map_anon()
+            .map_err(|e| Error::io(path, e))?;
+        mmap.copy_from_slice(bytes);
+        let me = Self {
+            path: path.to_path_buf(),
+            mmap: Arc::new(mmap),
+            checkpoint: false,
+        };
+        me.parse()?;
+        Ok(me)
+    }
+
     fn open_as(path: &Path, checkpoint: bool) -> Result<Self> {
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        // Opening a directory succeeds on Linux; mapping it then fails with ENODEV ("No such
+        // device"), which says nothing useful.
+        if file.metadata().map_err(|e| Error::io(path, e))?.is_dir() {
+            let e = std::io::Error::new(
+                std::io::ErrorKind::IsADirectory,
+                "is a directory, expected a safetensors file",
+            );
+            return Err(Error::io(path, e));
+        }
         // SAFETY: a private (copy-on-write) mapping; loratch never writes a file it has mapped
         // (saves go to a new file renamed into place), so the mapping stays consistent.
         let mmap = Arc::new(
@@ -249,6 +275,42 @@ mod tests {
         let b2 = f.tensor("b").unwrap();
         assert_eq!(b2.kind(), Kind::BFloat16);
         assert!(b2.equal(&b));
+    }
+
+    #[test]
+    fn from_bytes_reads_what_open_reads() {
+        let a = Tensor::randn([3, 4], (Kind::Float, Device::Cpu));
+        let meta = HashMap::from([("k".to_string(), "v".to_string())]);
+        let bytes = serialize(&[("a".into(), a.shallow_clone())], &meta).unwrap();
+        let f = MappedSafetensors::from_bytes(&bytes, Path::new("mem.safetensors")).unwrap();
+        assert_eq!(f.names().unwrap(), vec!["a"]);
+        assert_eq!(f.metadata().unwrap(), meta);
+        assert!(f.tensor("a").unwrap().equal(&a));
+        match MappedSafetensors::from_bytes(&bytes[..bytes.len() - 1], Path::new("mem")) {
+            Err(Error::AdapterFormat { path, .. }) => assert_eq!(path, Path::new("mem")),
+            Err(e) => panic!("expected AdapterFormat, got {e:?}"),
+            Ok(_) => panic!("a truncated file parsed"),
+        }
+        assert!(matches!(
+            MappedSafetensors::from_bytes(b"", Path::new("empty")),
+            Err(Error::AdapterFormat { .. })
+        ));
+    }
+
+    #[test]
+    fn a_directory_is_an_io_error_that_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.safetensors");
+        std::fs::create_dir(&p).unwrap();
+        match MappedSafetensors::open(&p) {
+            Err(Error::Io { path, source }) => {
+                assert_eq!(path, p);
+                assert_eq!(source.kind(), std::io::ErrorKind::IsADirectory);
+                assert!(source.to_string().contains("directory"), "{source}");
+            }
+            Err(e) => panic!("expected Error::Io, got {e:?}"),
+            Ok(_) => panic!("a directory opened as a safetensors file"),
+        }
     }
 
     #[test]

@@ -46,7 +46,18 @@ pub fn load_linear_adapter(layer: &mut LoraLinear, path: &Path) -> Result<()> {
             "cannot load adapters into a merged layer; unmerge it first".into(),
         ));
     }
-    let file = MappedSafetensors::open(path)?;
+    load_linear_adapter_from(layer, &MappedSafetensors::open(path)?)
+}
+
+/// As [`load_linear_adapter`], from a safetensors file already opened (or read from bytes with
+/// [`MappedSafetensors::from_bytes`]).
+pub fn load_linear_adapter_from(layer: &mut LoraLinear, file: &MappedSafetensors) -> Result<()> {
+    if layer.merged() {
+        return Err(Error::State(
+            "cannot load adapters into a merged layer; unmerge it first".into(),
+        ));
+    }
+    let path = file.path();
     let meta = file.metadata()?;
     let bad = |msg: String| Error::adapter(path, msg);
     if meta.get("loratch_format").map(String::as_str) != Some(FORMAT) {

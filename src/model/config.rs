@@ -149,8 +149,15 @@ impl ModelConfig {
 
     /// Parses and checks a `config.json` text.
     pub fn from_json(text: &str) -> Result<Self> {
-        let raw: RawConfig = serde_json::from_str(text)
-            .map_err(|e| Error::Config(format!("malformed config.json: {e}")))?;
+        let de = &mut serde_json::Deserializer::from_str(text);
+        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            // The path is "." when the error is not inside a key (bad JSON, not an object).
+            let at = e.path().to_string();
+            match at.as_str() {
+                "." => Error::Config(format!("malformed config.json: {}", e.inner())),
+                _ => Error::Config(format!("malformed config.json: {at}: {}", e.inner())),
+            }
+        })?;
         let arch_name = raw.architectures.first().cloned().unwrap_or_default();
         let architecture = Architecture::from_name(&arch_name).ok_or_else(|| {
             Error::Config(format!(
@@ -305,6 +312,37 @@ mod tests {
             ModelConfig::from_json("{}"),
             Err(Error::Config(_))
         ));
+    }
+
+    #[test]
+    fn a_wrongly_typed_value_names_its_key() {
+        let text = SMOL.replace("\"hidden_size\": 576", "\"hidden_size\": \"576\"");
+        match ModelConfig::from_json(&text) {
+            Err(Error::Config(msg)) => assert!(
+                msg.contains("hidden_size: invalid type: string \"576\""),
+                "{msg}"
+            ),
+            other => panic!("expected a config error, got {other:?}"),
+        }
+        let text = SMOL.replace("\"eos_token_id\": 2", "\"rope_scaling\": {\"factor\": 8}");
+        let msg = ModelConfig::from_json(&text).unwrap_err().to_string();
+        assert!(
+            msg.contains("rope_scaling: missing field `rope_type`"),
+            "{msg}"
+        );
+        // Outside any key: no path.
+        let msg = ModelConfig::from_json("\"x\"").unwrap_err().to_string();
+        assert!(
+            msg.contains("malformed config.json: invalid type: string \"x\""),
+            "{msg}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), SMOL.replace("30", "\"30\"")).unwrap();
+        let msg = ModelConfig::from_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            msg.contains("config.json: malformed config.json: num_hidden_layers: invalid type"),
+            "{msg}"
+        );
     }
 
     #[test]

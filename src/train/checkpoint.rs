@@ -95,6 +95,73 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
     })
 }
 
+/// The step of a hidden `.checkpoint-{step}.{suffix}` directory name (a save in progress).
+fn hidden_step_of(path: &Path, suffix: &str) -> Option<u64> {
+    path.file_name()?
+        .to_str()?
+        .strip_prefix(".checkpoint-")?
+        .strip_suffix(suffix)?
+        .strip_suffix('.')?
+        .parse()
+        .ok()
+}
+
+/// Cleans up after saves that a kill interrupted: a re-save of a step killed between moving the
+/// old `checkpoint-{step}` aside and renaming the new one into place gets the old one back, and
+/// the hidden leftovers of unfinished saves (and of killed atomic writes) are deleted.
+pub fn recover(output_dir: &Path) -> Result<()> {
+    let entries = match fs::read_dir(output_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(output_dir, e)),
+    };
+    let mut paths = Vec::new();
+    for entry in entries {
+        paths.push(entry.map_err(|e| Error::io(output_dir, e))?.path());
+    }
+    for path in &paths {
+        if let Some(step) = hidden_step_of(path, "old") {
+            let target = output_dir.join(format!("checkpoint-{step}"));
+            if !target.exists() && path.join(STATE_FILE).is_file() {
+                fs::rename(path, &target).map_err(|e| Error::io(&target, e))?;
+                continue;
+            }
+        }
+        if hidden_step_of(path, "old").is_some() || hidden_step_of(path, "partial").is_some() {
+            fs::remove_dir_all(path).map_err(|e| Error::io(path, e))?;
+        }
+    }
+    crate::io::atomic::remove_temp_files(output_dir)?;
+    sync_dir(output_dir)
+}
+
+/// Before a fresh run (no resume) into `output_dir`: the checkpoints of an earlier run there are
+/// deleted when `overwrite`, else they are an error, as a later resume could pick one of them up.
+pub fn prepare_fresh(output_dir: &Path, overwrite: bool) -> Result<()> {
+    let old = list(output_dir)?;
+    if old.is_empty() {
+        return Ok(());
+    }
+    if overwrite {
+        for path in &old {
+            fs::remove_dir_all(path).map_err(|e| Error::io(path, e))?;
+        }
+        return sync_dir(output_dir);
+    }
+    let names: Vec<String> = old
+        .iter()
+        .filter_map(|p| Some(p.file_name()?.to_string_lossy().into_owned()))
+        .collect();
+    Err(Error::Config(format!(
+        "output_dir {} already holds checkpoints of an earlier run ({}): continue that run \
+         with --resume {} (resume= in loratch.train), use another output_dir, or set \
+         training.overwrite_output_dir = true to delete them",
+        output_dir.display(),
+        names.join(", "),
+        output_dir.display()
+    )))
+}
+
 fn sync_dir(dir: &Path) -> Result<()> {
     fs::File::open(dir)
         .and_then(|f| f.sync_all())
@@ -126,7 +193,27 @@ pub fn write(
     });
     if let Err(e) = filled {
         let _ = fs::remove_dir_all(&partial);
-        return Err(e);
+        // The failing file sits in the hidden directory, just deleted: name the checkpoint instead.
+        return Err(match e {
+            Error::Io { path, source } => {
+                let kept = list(output_dir).ok().and_then(|mut l| l.pop()).map_or_else(
+                    || "no earlier checkpoint exists".to_string(),
+                    |p| format!("the last complete checkpoint, {}, is intact", p.display()),
+                );
+                let file = path.file_name().map_or_else(
+                    || path.display().to_string(),
+                    |f| f.to_string_lossy().into_owned(),
+                );
+                Error::io(
+                    &target,
+                    std::io::Error::new(
+                        source.kind(),
+                        format!("cannot save this checkpoint: {file}: {source}; {kept}"),
+                    ),
+                )
+            }
+            other => other,
+        });
     }
     if target.exists() {
         // Re-saving a step (after a resume): swap the old one out only once the new one is done.
@@ -204,6 +291,28 @@ mod tests {
         assert!(e.is_err());
         assert_eq!(list(out).unwrap(), vec![c2.clone()]);
         assert!(!out.join(".checkpoint-4.partial").exists());
+        // A file system error names the checkpoint, the file, the cause and what is kept.
+        let e = write(out, 4, |d| {
+            write_json(&d.join(STATE_FILE), &state(4))?;
+            Err(Error::io(
+                d.join(OPTIMIZER_FILE),
+                std::io::Error::from_raw_os_error(28),
+            ))
+        })
+        .unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, Error::Io { .. }), "{msg}");
+        for part in [
+            "checkpoint-4: cannot save this checkpoint: optimizer.safetensors: ",
+            "os error 28",
+            "the last complete checkpoint",
+            "checkpoint-2, is intact",
+        ] {
+            assert!(msg.contains(part), "{msg} lacks {part}");
+        }
+        assert!(!msg.contains(".partial"), "{msg}");
+        assert_eq!(list(out).unwrap(), vec![c2.clone()]);
+        assert!(!out.join(".checkpoint-4.partial").exists());
         let c10 = write(out, 10, |d| write_json(&d.join(STATE_FILE), &state(10))).unwrap();
         assert_eq!(list(out).unwrap(), vec![c2.clone(), c10.clone()]);
         assert_eq!(resolve(out).unwrap(), c10);
@@ -215,5 +324,56 @@ mod tests {
         write(out, 10, |d| write_json(&d.join(STATE_FILE), &s)).unwrap();
         assert_eq!(read_state(&c10).unwrap().tokens_seen, 7);
         assert!(resolve(&out.join("nothing")).is_err());
+    }
+
+    #[test]
+    fn recover_restores_a_checkpoint_moved_aside_and_drops_leftovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path();
+        write(out, 2, |d| write_json(&d.join(STATE_FILE), &state(2))).unwrap();
+        write(out, 4, |d| write_json(&d.join(STATE_FILE), &state(4))).unwrap();
+        // A re-save of step 4 killed between its two renames, and an unfinished save of step 6.
+        fs::rename(out.join("checkpoint-4"), out.join(".checkpoint-4.old")).unwrap();
+        fs::create_dir(out.join(".checkpoint-4.partial")).unwrap();
+        fs::create_dir(out.join(".checkpoint-6.partial")).unwrap();
+        // A checkpoint that exists next to a stale `.old` copy is kept as it is.
+        fs::create_dir(out.join(".checkpoint-2.old")).unwrap();
+        fs::write(out.join(".loratch-tmp-x1"), "half a metrics file").unwrap();
+        recover(out).unwrap();
+        assert_eq!(
+            list(out).unwrap(),
+            vec![out.join("checkpoint-2"), out.join("checkpoint-4")]
+        );
+        assert_eq!(read_state(&out.join("checkpoint-4")).unwrap(), state(4));
+        let mut left: Vec<String> = fs::read_dir(out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, vec!["checkpoint-2", "checkpoint-4"]);
+        recover(&out.join("missing")).unwrap();
+    }
+
+    #[test]
+    fn a_fresh_run_refuses_old_checkpoints_unless_told_to_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path();
+        prepare_fresh(&out.join("missing"), false).unwrap();
+        prepare_fresh(out, false).unwrap();
+        write(out, 3, |d| write_json(&d.join(STATE_FILE), &state(3))).unwrap();
+        fs::write(out.join("notes.txt"), "mine").unwrap();
+        let e = prepare_fresh(out, false).unwrap_err();
+        assert!(matches!(e, Error::Config(_)), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("checkpoint-3")
+                && msg.contains("--resume")
+                && msg.contains("overwrite_output_dir"),
+            "{msg}"
+        );
+        assert_eq!(list(out).unwrap().len(), 1);
+        prepare_fresh(out, true).unwrap();
+        assert!(list(out).unwrap().is_empty());
+        assert!(out.join("notes.txt").is_file());
     }
 }

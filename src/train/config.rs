@@ -60,7 +60,7 @@ impl Default for LoraSection {
 }
 
 /// `[training]`: the spec's keys (same defaults) plus `max_steps`, `packing`,
-/// `train_on_inputs`, `dtype` and `max_nonfinite_steps`.
+/// `train_on_inputs`, `dtype`, `max_nonfinite_steps` and `overwrite_output_dir`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainingSection {
@@ -95,6 +95,10 @@ pub struct TrainingSection {
     pub dtype: String,
     /// Abort after this many optimizer steps in a row with a non-finite loss or gradient.
     pub max_nonfinite_steps: u32,
+    /// A fresh run (no resume) into an `output_dir` that holds checkpoints of an earlier run
+    /// deletes them (and its final adapter) when true; when false (the default) it is an error,
+    /// so a later resume can never pick up the other run's checkpoints.
+    pub overwrite_output_dir: bool,
 }
 
 impl Default for TrainingSection {
@@ -119,6 +123,7 @@ impl Default for TrainingSection {
             train_on_inputs: false,
             dtype: "float32".into(),
             max_nonfinite_steps: 3,
+            overwrite_output_dir: false,
         }
     }
 }

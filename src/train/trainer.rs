@@ -159,7 +159,25 @@ impl<'a> Run<'a> {
         }
         let device = parse_device(&t.device)?;
         let kind = parse_dtype(&t.dtype)?;
+        if rank == 0 {
+            // Leftovers of a killed run: unfinished saves and temporary files.
+            checkpoint::recover(&config.output_dir)?;
+            crate::io::atomic::remove_temp_files(&config.output_dir.join(ADAPTER_DIR))?;
+        }
         let resume = resume.map(checkpoint::resolve).transpose()?;
+        if resume.is_none() {
+            // With overwrite_output_dir, rank 0 deletes; every rank refuses otherwise.
+            if !t.overwrite_output_dir {
+                checkpoint::prepare_fresh(&config.output_dir, false)?;
+            } else if rank == 0 {
+                checkpoint::prepare_fresh(&config.output_dir, true)?;
+                // The earlier run's final adapter would pass for this run's if this one stops.
+                let adapter = config.output_dir.join(ADAPTER_DIR);
+                if adapter.is_dir() {
+                    fs::remove_dir_all(&adapter).map_err(|e| Error::io(&adapter, e))?;
+                }
+            }
+        }
 
         let tokenizer = Tokenizer::from_dir(&config.model)?;
         let pad_id = data::pad_id(&tokenizer)?;
@@ -315,7 +333,9 @@ impl<'a> Run<'a> {
                 scheduler_type: t.scheduler_type.clone(),
                 ..saved
             };
-            optimizer.set_lr(schedule.lr(state.global_step.min(total_steps)))?;
+            // The rate of the last update, as when the checkpoint was saved (the loop sets each
+            // step's own before its update), so a re-saved checkpoint equals the original.
+            optimizer.set_lr(schedule.lr(state.global_step.saturating_sub(1).min(total_steps)))?;
         }
         let metrics = if rank == 0 {
             fs::create_dir_all(&config.output_dir).map_err(|e| Error::io(&config.output_dir, e))?;
@@ -641,7 +661,10 @@ impl<'a> Run<'a> {
             };
             if let Some(l) = final_eval {
                 self.say(&format!("step {gs}: eval_loss {l:.4}"));
-                self.metrics.record(json!({"step": gs, "eval_loss": l}))?;
+                // A run killed after its final checkpoint has logged this evaluation already.
+                if !(resumed && self.metrics.has_eval_at(gs)?) {
+                    self.metrics.record(json!({"step": gs, "eval_loss": l}))?;
+                }
             }
         }
         if last_saved_step != Some(gs) {
@@ -777,6 +800,16 @@ impl Metrics {
                 .map_err(|e| Error::io(&self.path, e))?;
         }
         Ok(())
+    }
+
+    /// Whether the file holds a validation loss of `step` (false when disabled).
+    fn has_eval_at(&self, step: u64) -> Result<bool> {
+        if self.file.is_none() {
+            return Ok(false);
+        }
+        Ok(read_metrics(&self.path)?.iter().any(|r| {
+            r.get("step").and_then(Value::as_u64) == Some(step) && r.get("eval_loss").is_some()
+        }))
     }
 
     /// (train loss, validation loss) points by step.

@@ -549,20 +549,7 @@ CASES: list[tuple[str, str, str, str]] = [
 ]
 
 # Real bugs the table found: case id -> reason (the case is an expected failure until fixed).
-_ADAPTER_CFG = ("a bad adapter_config.json value raises ConfigError without the file's path, while malformed JSON "
-                "in the same file raises AdapterFormatError")
 BUGS: dict[str, str] = {
-    "lora-load-weights-is-a-directory": "an adapter_model.safetensors that is a directory reports 'No such device (os error 19)'",
-    "lora-load-pt-non-tensor-values": ("float values in a .pt adapter report 'pickle opcode 0x47 is not supported' (int, str "
-                                       "or None values report 'value of ... is not a tensor')"),
-    "load-config-wrong-type": "malformed config.json: invalid type: string \"48\", expected i64 at line 1 column N: the key is not named",
-    "lora-load-config-not-an-object": _ADAPTER_CFG,
-    "lora-load-config-rank-wrong-type": _ADAPTER_CFG,
-    "lora-load-config-rank-zero": _ADAPTER_CFG,
-    "lora-load-config-alpha-negative": _ADAPTER_CFG,
-    "lora-load-config-targets-wrong-type": _ADAPTER_CFG,
-    "lora-load-config-rslora-wrong-type": ("a non-boolean use_rslora (\"yes\") is silently read as false, so the adapter "
-                                           "loads with the wrong scaling (alpha/r instead of alpha/sqrt(r))"),
 }
 
 CHMOD_CASES = {cid for cid, *_ in CASES if cid.endswith("-chmod")}

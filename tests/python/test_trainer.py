@@ -115,7 +115,7 @@ def test_cli_trains_writes_everything_and_peft_loads_the_adapter(binary: Path, m
     assert [r["step"] for r in records if "loss" in r] == [2, 4, 6, 8, 10, 12]  # --set applied
     for r in records:
         if "loss" in r:
-            assert {"lr", "grad_norm", "tokens_per_s", "rss_bytes"} <= r.keys()
+            assert {"lr", "grad_norm", "tokens_per_s", "rss_bytes", "peak_rss_bytes"} <= r.keys()
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-4", "checkpoint-8"]
     info = json.loads((out / "checkpoint-8" / "training_info.json").read_text())
     assert {"epoch", "global_step", "best_loss", "current_lr", "lora_config", "training_config"} <= info.keys()
@@ -167,7 +167,7 @@ def test_python_train_matches_the_cli_run_and_rejects_unknown_keys(binary: Path,
         with pytest.raises(loratch.ConfigError, match=word):
             loratch.train(bad)
     with pytest.raises(FileNotFoundError):
-        loratch.train({**config, "data": tmp_path / "missing.jsonl"})
+        loratch.train({**config, "data": tmp_path / "missing.jsonl", "output_dir": tmp_path / "unused"})
     with pytest.raises(TypeError):
         loratch.train({**config, "seed": object()})
 

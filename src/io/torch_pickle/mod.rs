@@ -89,7 +89,12 @@ fn zip_records(archive: &str, records: &[(String, Vec<u8>)]) -> zip::result::Zip
 /// does); `requires_grad` is dropped.
 pub fn read_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    read_bytes(&bytes).map_err(|e| match e {
+    parse_state_dict(&bytes, path)
+}
+
+/// As [`read_state_dict`], for the bytes of a file; `path` only names them in errors.
+pub fn parse_state_dict(bytes: &[u8], path: &Path) -> Result<Vec<(String, Tensor)>> {
+    read_bytes(bytes).map_err(|e| match e {
         ReadError::Msg(msg) => Error::adapter(path, msg),
         ReadError::Torch(e) => Error::Torch(e),
     })

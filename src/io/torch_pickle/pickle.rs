@@ -59,6 +59,8 @@ enum Global {
 enum Value {
     None,
     Bool,
+    /// A float (BINFLOAT): never part of a tensor's description, so its value is not kept.
+    Float,
     Int(i64),
     Str(Rc<str>),
     Global(Global),
@@ -402,6 +404,10 @@ impl Vm<'_> {
                 b'J' => {
                     let v = i32::from_le_bytes(self.arr()?);
                     self.stack.push(Value::Int(v.into()));
+                }
+                b'G' => {
+                    self.arr::<8>()?; // BINFLOAT: an 8-byte big-endian double
+                    self.stack.push(Value::Float);
                 }
                 b'K' => {
                     let v = self.u8()?;

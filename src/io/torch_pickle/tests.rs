@@ -262,7 +262,7 @@ fn malicious_pickles_are_rejected_not_executed() {
 #[test]
 fn crafted_pickles_are_rejected() {
     let dir = tempfile::tempdir().unwrap();
-    let cases: [(&[u8], &str); 17] = [
+    let cases: [(&[u8], &str); 19] = [
         (
             b"\x80\x02cos\nsystem\nX\x02\x00\x00\x00ls\x85R.",
             "global os.system is not allowed",
@@ -296,6 +296,12 @@ fn crafted_pickles_are_rejected() {
         ),
         (b"\x80\x02K\x01.", "not a dict"),
         (b"\x80\x02}X\x01\x00\x00\x00aK\x01s.", "not a tensor"),
+        // BINFLOAT (what `torch.save({"a": 1.5})` writes): read, then rejected as a non-tensor.
+        (
+            b"\x80\x02}X\x01\x00\x00\x00aG?\xf8\x00\x00\x00\x00\x00\x00s.",
+            "value of \"a\" is not a tensor",
+        ),
+        (b"\x80\x02G?\xf8\x00.", "truncated"),
         (b"\x80\x02}", "without STOP"),
         (b"\x80\x02R.", "underflow"),
         (b"\x80\x02}u.", "MARK missing"),
