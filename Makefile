@@ -77,15 +77,23 @@ fuzz-build: $(DEPS)
 	cargo fuzz build $(FUZZ_FLAGS)
 	$(PY) fuzz/gen_seeds.py fuzz/corpus
 
+# libFuzzer's per-input lines go to fuzz/logs/<target>.log; its summary (or, on a crash, the log's
+# end) is printed.
 fuzz fuzz-short: fuzz-build
+	mkdir -p fuzz/logs
 	for t in $(FUZZ_TARGETS); do \
-	  cargo fuzz run $(FUZZ_FLAGS) $$t fuzz/corpus/$$t -- $(FUZZ_ARGS) \
-	    -max_total_time=$(if $(filter fuzz-short,$@),$(FUZZ_SHORT_SECONDS),$(FUZZ_SECONDS)) || exit 1; \
+	  if cargo fuzz run $(FUZZ_FLAGS) $$t fuzz/corpus/$$t -- $(FUZZ_ARGS) \
+	    -max_total_time=$(if $(filter fuzz-short,$@),$(FUZZ_SHORT_SECONDS),$(FUZZ_SECONDS)) \
+	    > fuzz/logs/$$t.log 2>&1; then \
+	    echo "fuzz $$t: $$(grep -E '^Done [0-9]+ runs' fuzz/logs/$$t.log)"; \
+	  else \
+	    tail -n 40 fuzz/logs/$$t.log; echo "fuzz $$t FAILED (log: fuzz/logs/$$t.log)"; exit 1; \
+	  fi; \
 	done
 
 bench: build
 	$(PY) benches/bench.py
 
 clean:
-	rm -rf dist $(EXT) python/loratch/*.so fuzz/corpus fuzz/artifacts
+	rm -rf dist $(EXT) python/loratch/*.so fuzz/corpus fuzz/artifacts fuzz/logs
 	cargo clean
