@@ -6,10 +6,37 @@
 // intrusive reference counts right, so both languages share one TensorImpl: storage, autograd
 // metadata and all. No libtorch_python or Python headers are needed, so the same object code links
 // into the standalone binary too.
+//
+// It also reaches one ATen op that tch does not wrap: the fused multi-tensor AdamW kernel.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_fused_adamw.h>
 #include <c10/core/TensorImpl.h>
 #include <c10/core/UndefinedTensorImpl.h>
 #include <torch/version.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <vector>
+
+namespace {
+
+// A malloc'ed copy of `message` (freed by loratch_free_string).
+char* copy_message(const char* message) {
+  const size_t n = std::strlen(message);
+  char* out = static_cast<char*>(std::malloc(n + 1));
+  if (out != nullptr) std::memcpy(out, message, n + 1);
+  return out;
+}
+
+std::vector<at::Tensor> tensor_list(const void* const* tensors, size_t n) {
+  std::vector<at::Tensor> out;
+  out.reserve(n);
+  for (size_t i = 0; i < n; ++i) out.push_back(*static_cast<const at::Tensor*>(tensors[i]));
+  return out;
+}
+
+}  // namespace
 
 extern "C" {
 
@@ -32,6 +59,27 @@ void* loratch_tensor_impl(const void* tensor) {
   if (!t->defined()) return nullptr;
   return t->unsafeGetTensorImpl();
 }
+
+// One AdamW step over `n` parameters with torch's fused kernel (`torch.optim.AdamW(fused=True)`):
+// every array holds `n` at::Tensor*; `steps` are float32 scalars already counting this step.
+// Returns nullptr, or the error message (free it with loratch_free_string).
+char* loratch_fused_adamw(const void* const* params, const void* const* grads,
+                          const void* const* exp_avgs, const void* const* exp_avg_sqs,
+                          const void* const* steps, size_t n, double lr, double beta1, double beta2,
+                          double weight_decay, double eps) {
+  try {
+    at::_fused_adamw_(tensor_list(params, n), tensor_list(grads, n), tensor_list(exp_avgs, n),
+                      tensor_list(exp_avg_sqs, n), {}, tensor_list(steps, n), lr, beta1, beta2,
+                      weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false);
+    return nullptr;
+  } catch (const std::exception& e) {
+    return copy_message(e.what());
+  } catch (...) {
+    return copy_message("unknown C++ exception in _fused_adamw_");
+  }
+}
+
+void loratch_free_string(char* s) { std::free(s); }
 
 // The libtorch version these headers belong to.
 const char* loratch_torch_version() { return TORCH_VERSION; }

@@ -1,5 +1,6 @@
 //! Zero-copy conversion between a tch [`Tensor`] and the `c10::TensorImpl*` that Python's torch
 //! exposes as `tensor._cdata` (see csrc/tensor_bridge.cpp). Both sides then share one tensor.
+//! Also the one ATen op tch does not wrap that loratch needs: the fused AdamW kernel.
 use std::ffi::c_void;
 use tch::Tensor;
 
@@ -7,6 +8,83 @@ extern "C" {
     fn loratch_tensor_from_impl(tensor_impl: *mut c_void) -> *mut c_void;
     fn loratch_tensor_impl(tensor: *const c_void) -> *mut c_void;
     fn loratch_torch_version() -> *const std::ffi::c_char;
+    fn loratch_fused_adamw(
+        params: *const *const c_void,
+        grads: *const *const c_void,
+        exp_avgs: *const *const c_void,
+        exp_avg_sqs: *const *const c_void,
+        steps: *const *const c_void,
+        n: usize,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+    ) -> *mut std::ffi::c_char;
+    fn loratch_free_string(s: *mut std::ffi::c_char);
+}
+
+/// The tensors of one fused AdamW step (`at::_fused_adamw_`, what `torch.optim.AdamW(fused=True)`
+/// runs): parameters, their gradients, both moments, and float32 step counts that already count
+/// this step. All lists have one entry per parameter.
+pub struct FusedAdamW<'a> {
+    pub params: &'a [&'a Tensor],
+    pub grads: &'a [&'a Tensor],
+    pub exp_avgs: &'a [&'a Tensor],
+    pub exp_avg_sqs: &'a [&'a Tensor],
+    pub steps: &'a [&'a Tensor],
+}
+
+/// Runs one fused AdamW step in place; libtorch's error (as [`tch::TchError::Torch`]) on failure.
+pub fn fused_adamw(
+    t: &FusedAdamW,
+    lr: f64,
+    betas: (f64, f64),
+    weight_decay: f64,
+    eps: f64,
+) -> Result<(), tch::TchError> {
+    let n = t.params.len();
+    let lists = [t.grads, t.exp_avgs, t.exp_avg_sqs, t.steps];
+    if lists.iter().any(|l| l.len() != n) {
+        return Err(tch::TchError::Torch(
+            "fused AdamW: tensor lists of different lengths".into(),
+        ));
+    }
+    let ptrs = |l: &[&Tensor]| -> Vec<*const c_void> {
+        l.iter().map(|t| t.as_ptr() as *const c_void).collect()
+    };
+    let (p, g, m, v, s) = (
+        ptrs(t.params),
+        ptrs(t.grads),
+        ptrs(t.exp_avgs),
+        ptrs(t.exp_avg_sqs),
+        ptrs(t.steps),
+    );
+    // SAFETY: every pointer is a live at::Tensor* borrowed for the call; each array has n entries.
+    let err = unsafe {
+        loratch_fused_adamw(
+            p.as_ptr(),
+            g.as_ptr(),
+            m.as_ptr(),
+            v.as_ptr(),
+            s.as_ptr(),
+            n,
+            lr,
+            betas.0,
+            betas.1,
+            weight_decay,
+            eps,
+        )
+    };
+    if err.is_null() {
+        return Ok(());
+    }
+    // SAFETY: a non-null result is a NUL-terminated string malloc'ed by the bridge; freed once.
+    let msg = unsafe { std::ffi::CStr::from_ptr(err) }
+        .to_string_lossy()
+        .into_owned();
+    unsafe { loratch_free_string(err) };
+    Err(tch::TchError::Torch(msg))
 }
 
 /// A new [`Tensor`] handle on the tensor whose `TensorImpl*` is `tensor_impl`, or `None` for null.

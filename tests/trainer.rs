@@ -262,6 +262,23 @@ fn packed_rows_give_the_per_example_losses_of_unpacked_rows() {
         .max()
         .double_value(&[]);
     assert!(diff < 1e-5, "packed per-token losses differ by {diff}");
+    // The same through per-example attention calls (what the trainer runs): the rows laid end to
+    // end, each example and the padding of row 1 a segment of its own.
+    assert_eq!(b.segment_lengths.len(), 6);
+    let h =
+        m.lm.hidden_states_segments(&b.input_ids, &b.position_ids, &b.segment_lengths, MODE)
+            .unwrap();
+    let segs = tch::no_grad(|| causal_lm_loss(&m.lm, &h, &b.labels, MODE, None)).unwrap();
+    let diff = (&segs.token_losses - &expected)
+        .abs()
+        .max()
+        .double_value(&[]);
+    assert!(diff < 1e-5, "per-segment attention losses differ by {diff}");
+    // Lengths that do not cover the batch are refused.
+    assert!(m
+        .lm
+        .hidden_states_segments(&b.input_ids, &b.position_ids, &[3, 4], MODE)
+        .is_err());
     // Without the block mask, examples see each other: the losses differ (the test can fail).
     let leaky =
         m.lm.hidden_states_packed(&b.input_ids, &b.position_ids, None, MODE)
@@ -441,8 +458,9 @@ fn a_run_learns_and_resuming_reproduces_it_exactly() {
 
 #[test]
 fn padding_free_packing_trains_like_padded_batches() {
-    // `packing = "examples"` puts each step's examples into fewer rows without padding; with
-    // dropout off it must take the same steps with the same losses and reach the same adapter.
+    // `packing = "examples"` puts each step's examples into one row without padding (attention
+    // per example); with dropout off it must take the same steps with the same losses and reach
+    // the same adapter.
     let _rng = rng_lock();
     let dir = tempfile::tempdir().unwrap();
     tiny_model(dir.path(), 6);
@@ -453,7 +471,7 @@ fn padding_free_packing_trains_like_padded_batches() {
         cfg.lora.dropout = 0.0;
         cfg.training.packing = packing;
         cfg.training.save_steps = 0;
-        // Room for two or three of these ~35-token examples in a row.
+        // A per-example limit: the packed row of 4 ~35-token examples is longer.
         cfg.training.max_seq_length = 128;
         train(&cfg, None, &mut NoHooks).unwrap();
         (losses(&out), adapter_tensors(&out.join("adapter")))

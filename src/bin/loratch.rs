@@ -205,6 +205,7 @@ fn run_train(config: PathBuf, set: Vec<String>, resume: Option<PathBuf>) -> lora
 }
 
 fn main() -> ExitCode {
+    loratch::runtime::keep_freed_memory();
     let result = match Cli::parse().command {
         Command::Train {
             config,

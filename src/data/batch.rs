@@ -23,8 +23,13 @@ pub struct Batch {
     pub segment_ids: Tensor,
     /// The number of labels that are not [`IGNORE_INDEX`].
     pub n_target_tokens: i64,
-    /// Whether rows hold several examples (then attention must use [`block_diagonal_mask`]).
+    /// Whether rows hold several examples (then attention must keep them apart: pass
+    /// `segment_lengths` to [`crate::model::CausalLm::hidden_states_segments`], or use
+    /// [`block_diagonal_mask`]).
     pub packed: bool,
+    /// The lengths of the runs of the row-major flattened `[B * T]` tokens: each example, and each
+    /// row's trailing padding (when it has any). They sum to `B * T`.
+    pub segment_lengths: Vec<i64>,
 }
 
 fn tensor_2d(data: &[i64], rows: usize, cols: usize) -> Result<Tensor> {
@@ -49,9 +54,11 @@ fn collate(rows: &[Vec<&Example>], pad_id: i64, packed: bool) -> Result<Batch> {
     let mut positions = vec![0i64; n];
     let mut segments = vec![0i64; n];
     let mut n_target_tokens = 0i64;
+    let mut segment_lengths = Vec::new();
     for (r, row) in rows.iter().enumerate() {
         let mut at = r * width;
         for (k, ex) in row.iter().enumerate() {
+            segment_lengths.push(ex.len() as i64);
             if ex.labels.len() != ex.len() {
                 return Err(Error::Input(format!(
                     "example has {} tokens but {} labels",
@@ -69,6 +76,10 @@ fn collate(rows: &[Vec<&Example>], pad_id: i64, packed: bool) -> Result<Batch> {
                 at += 1;
             }
         }
+        let padding = (r + 1) * width - at;
+        if padding > 0 {
+            segment_lengths.push(padding as i64);
+        }
     }
     let b = rows.len();
     Ok(Batch {
@@ -79,6 +90,7 @@ fn collate(rows: &[Vec<&Example>], pad_id: i64, packed: bool) -> Result<Batch> {
         segment_ids: tensor_2d(&segments, b, width)?,
         n_target_tokens,
         packed,
+        segment_lengths,
     })
 }
 
@@ -89,7 +101,7 @@ pub fn pad_batch(examples: &[&Example], pad_id: i64) -> Result<Batch> {
 }
 
 /// A packed batch: each row holds the examples it lists, end to end, then right padding to the
-/// longest row.
+/// longest row (a single row needs none).
 pub fn packed_batch(rows: &[Vec<&Example>], pad_id: i64) -> Result<Batch> {
     collate(rows, pad_id, true)
 }
@@ -152,6 +164,7 @@ impl Batch {
             segment_ids: self.segment_ids.to_device(device),
             n_target_tokens: self.n_target_tokens,
             packed: self.packed,
+            segment_lengths: self.segment_lengths.clone(),
         }
     }
 
@@ -209,6 +222,7 @@ mod tests {
         );
         assert_eq!(batch.n_target_tokens, 3);
         assert!(!batch.packed);
+        assert_eq!(batch.segment_lengths, vec![3, 2, 1]);
         assert!(pad_batch(&[], 0).is_err());
     }
 
@@ -224,6 +238,8 @@ mod tests {
             rows_of(&batch.input_ids),
             vec![vec![1, 2, 3, 4, 5], vec![6, 7, 8, 9, 0]]
         );
+        // a, b (row 0, full); c and one padding token (row 1).
+        assert_eq!(batch.segment_lengths, vec![3, 2, 4, 1]);
         assert_eq!(
             rows_of(&batch.labels),
             vec![vec![M, 2, 3, M, 5], vec![M, M, 8, 9, M]]

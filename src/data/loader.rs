@@ -74,8 +74,8 @@ pub enum Packing {
     #[default]
     Rows,
     /// Padding-free batches: a batch is `batch_size` examples (as with `Off`, so the same number
-    /// of optimizer steps), packed first-fit into as few rows of up to `max_seq_length` as hold
-    /// them (as transformers' `DataCollatorWithFlattening`).
+    /// of optimizer steps) laid end to end in one row, without padding (as transformers'
+    /// `DataCollatorWithFlattening`). Attention stays within each example.
     Examples,
 }
 
@@ -258,7 +258,8 @@ impl DataLoader {
                 .map(|c| c.iter().map(|&i| vec![i]).collect())
                 .collect()),
             Packing::Rows => Ok(pack(&order)?.chunks(bs).map(<[_]>::to_vec).collect()),
-            Packing::Examples => order.chunks(bs).map(pack).collect(),
+            // One row per batch, of any width (`new` checked each example's length).
+            Packing::Examples => Ok(order.chunks(bs).map(|ids| vec![ids.to_vec()]).collect()),
         }
     }
 

@@ -160,7 +160,7 @@ fn loader_packing_every_example_once_rows_bounded() {
 #[test]
 fn loader_packing_by_examples_keeps_batch_size_examples_per_batch() {
     // Padding-free batches hold the same examples, in the same order of batches, as unpacked
-    // ones (so the same optimizer steps), packed into rows of at most max_seq_length.
+    // ones (so the same optimizer steps), end to end in one row without padding.
     let examples = synthetic(41);
     let mut off = DataLoader::new(examples.clone(), config(Packing::Off, 5)).unwrap();
     let mut by_examples = DataLoader::new(examples, config(Packing::Examples, 5)).unwrap();
@@ -176,7 +176,11 @@ fn loader_packing_by_examples_keeps_batch_size_examples_per_batch() {
         let (a, b) = (a.unwrap(), b.unwrap());
         assert!(b.packed && !a.packed);
         assert_eq!(seg_count(&b), a.shape().0 as usize);
-        assert!(b.shape().1 <= 10);
+        assert_eq!(b.shape().0, 1);
+        // No padding: one segment per example, their lengths summing to the row.
+        assert_eq!(b.segment_lengths.len(), a.shape().0 as usize);
+        assert_eq!(b.segment_lengths.iter().sum::<i64>(), b.shape().1);
+        assert_eq!(b.n_target_tokens, a.n_target_tokens);
         let mut want: Vec<Vec<i64>> = rows_of(&a.input_ids)
             .into_iter()
             .zip(rows_of(&a.attention_mask))

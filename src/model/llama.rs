@@ -6,7 +6,7 @@ use super::config::ModelConfig;
 use super::linear::{Linear, LoraMode};
 use super::rope::Rope;
 use super::weights::Checkpoint;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use tch::{Device, Kind, Tensor};
 
 /// `LlamaRMSNorm`: `weight * (x / sqrt(mean(x^2) + eps))`, normalised in float32.
@@ -60,6 +60,9 @@ pub struct Context<'a> {
     pub sin: &'a Tensor,
     /// Boolean `[B, 1, T, S]` (true = attend), or None for plain causal attention.
     pub mask: Option<&'a Tensor>,
+    /// Lengths of consecutive runs of the (single) row that attend causally within themselves
+    /// only (packed examples); None: the row is one sequence.
+    pub segments: Option<&'a [i64]>,
     pub is_causal: bool,
     pub mode: LoraMode,
 }
@@ -156,16 +159,37 @@ impl Attention {
             *cv = v.shallow_clone();
         }
         let gqa = self.n_heads != self.n_kv_heads;
-        let out = Tensor::f_scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            ctx.mask,
-            0.0,
-            ctx.is_causal,
-            None,
-            gqa,
-        )?;
+        let out = match ctx.segments {
+            // One causal attention per example (split and cat: each backward is one op).
+            Some(lengths) => {
+                let (qs, ks, vs) = (
+                    q.f_split_with_sizes(lengths, 2)?,
+                    k.f_split_with_sizes(lengths, 2)?,
+                    v.f_split_with_sizes(lengths, 2)?,
+                );
+                let outs = qs
+                    .iter()
+                    .zip(&ks)
+                    .zip(&vs)
+                    .map(|((q, k), v)| {
+                        Tensor::f_scaled_dot_product_attention::<&Tensor>(
+                            q, k, v, None, 0.0, true, None, gqa,
+                        )
+                    })
+                    .collect::<std::result::Result<Vec<_>, _>>()?;
+                Tensor::f_cat(&outs, 2)?
+            }
+            None => Tensor::f_scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                ctx.mask,
+                0.0,
+                ctx.is_causal,
+                None,
+                gqa,
+            )?,
+        };
         let out = out
             .f_transpose(1, 2)?
             .f_reshape([b, t, self.n_heads * self.head_dim])?;
@@ -355,7 +379,7 @@ impl CausalLm {
             None if past > 0 && t > 1 => Some(causal_mask(past, t, self.device)?),
             None => None,
         };
-        self.run(input_ids, &positions, mask.as_ref(), cache, mode)
+        self.run(input_ids, &positions, mask.as_ref(), None, cache, mode)
     }
 
     /// Final hidden states for a training batch whose rows may hold several examples:
@@ -370,7 +394,46 @@ impl CausalLm {
         mask: Option<&Tensor>,
         mode: LoraMode,
     ) -> Result<Tensor> {
-        self.run(input_ids, position_ids, mask, None, mode)
+        self.run(input_ids, position_ids, mask, None, None, mode)
+    }
+
+    /// Final hidden states `[B, T, hidden]` for packed rows, given the lengths of the runs of
+    /// their row-major flattened `B * T` tokens (each example, and each row's padding: see
+    /// [`crate::data::Batch::segment_lengths`]). Every run attends causally within itself only,
+    /// one attention call per run: no `[T, T]` mask is built, and no query spends work on keys of
+    /// other examples or on padding. `position_ids` restart at 0 for each example.
+    pub fn hidden_states_segments(
+        &self,
+        input_ids: &Tensor,
+        position_ids: &Tensor,
+        segment_lengths: &[i64],
+        mode: LoraMode,
+    ) -> Result<Tensor> {
+        let size = input_ids.size();
+        let total: i64 = segment_lengths.iter().sum();
+        if size.len() != 2
+            || position_ids.size() != size
+            || segment_lengths.iter().any(|&l| l <= 0)
+            || total != size.iter().product::<i64>()
+        {
+            return Err(Error::Shape(format!(
+                "segment lengths (positive, summing to B * T) do not fit input_ids {size:?} and \
+                 position_ids {:?}: {} lengths summing to {total}",
+                position_ids.size(),
+                segment_lengths.len()
+            )));
+        }
+        // The rows are laid end to end as one sequence: the segments never cross a row's end.
+        let flat = |t: &Tensor| t.f_reshape([1, -1]);
+        let h = self.run(
+            &flat(input_ids)?,
+            &flat(position_ids)?,
+            None,
+            Some(segment_lengths),
+            None,
+            mode,
+        )?;
+        Ok(h.f_reshape([size[0], size[1], -1])?)
     }
 
     /// The decoder stack: embeddings, layers (appending to `cache`), final norm.
@@ -379,6 +442,7 @@ impl CausalLm {
         input_ids: &Tensor,
         positions: &Tensor,
         mask: Option<&Tensor>,
+        segments: Option<&[i64]>,
         mut cache: Option<&mut KvCache>,
         mode: LoraMode,
     ) -> Result<Tensor> {
@@ -388,6 +452,7 @@ impl CausalLm {
             cos: &cos,
             sin: &sin,
             mask,
+            segments,
             is_causal: mask.is_none() && t > 1,
             mode,
         };

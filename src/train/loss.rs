@@ -109,16 +109,15 @@ pub fn causal_lm_loss(
             let x = detached.f_narrow(0, start, len)?;
             let tgt = targets.f_narrow(0, start, len)?.f_unsqueeze(1)?;
             let logits = tch::no_grad(|| head.forward(&x, mode))?.f_to_kind(Kind::Float)?;
-            let lse = logits.f_logsumexp(&[-1i64][..], true)?;
-            let loss = lse
-                .f_sub(&logits.f_gather(1, &tgt, false)?)?
-                .f_squeeze_dim(1)?;
+            // log_softmax in place (one vectorised pass per row, no second [rows, vocab] buffer).
+            let logp = logits.f_internal_log_softmax_out(&logits, -1, false)?;
+            let loss = logp.f_gather(1, &tgt, false)?.f_neg()?.f_squeeze_dim(1)?;
             sum += loss.f_sum(Kind::Double)?.f_double_value(&[])?;
             losses.push(loss);
             if let Some(scale) = backward {
-                // (softmax - onehot) * scale, reusing the logits' memory.
-                let mut g = logits;
-                let _ = g.f_sub_(&lse)?.f_exp_()?;
+                // (softmax - onehot) * scale, still in the logits' memory.
+                let mut g = logp;
+                let _ = g.f_exp_()?;
                 let _ = g.f_scatter_add_(1, &tgt, &Tensor::f_full([len, 1], -1.0, float_opts)?)?;
                 let _ = g.f_mul_scalar_(scale)?;
                 let g = g.f_to_kind(head.weight.f_kind()?)?;

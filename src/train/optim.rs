@@ -204,6 +204,11 @@ impl AdamW {
             }
             grads.push(grad);
         }
+        if self.fusable(&grads)? {
+            self.fused_step(&grads)?;
+            self.step_count += 1;
+            return Ok(());
+        }
         for ((p, st), grad) in self.params.iter_mut().zip(&mut self.states).zip(grads) {
             if !grad.defined() {
                 continue;
@@ -244,6 +249,66 @@ impl AdamW {
             }
         }
         self.step_count += 1;
+        Ok(())
+    }
+
+    /// Whether one fused kernel call can do this step: every parameter fp32, contiguous, without
+    /// master weights, with a defined dense fp32 gradient, all on one device. (Other cases, such
+    /// as bf16 parameters with fp32 masters or skipped parameters, take the per-tensor loop.)
+    fn fusable(&self, grads: &[Tensor]) -> Result<bool> {
+        let Some(device) = self.params.first().map(|p| p.device()) else {
+            return Ok(false);
+        };
+        for ((p, st), g) in self.params.iter().zip(&self.states).zip(grads) {
+            let ok = g.defined()
+                && st.master.is_none()
+                && p.f_kind()? == Kind::Float
+                && g.f_kind()? == Kind::Float
+                && p.device() == device
+                && g.device() == device
+                && p.is_contiguous()
+                && g.is_contiguous()
+                && st.exp_avg.is_contiguous()
+                && st.exp_avg_sq.is_contiguous();
+            if !ok {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// The step as `torch.optim.AdamW(fused=True)`: libtorch's multi-tensor kernel over every
+    /// parameter at once (the same update as the per-tensor loop, to within float rounding:
+    /// about 1e-6 after 20 steps; one call instead of a dozen ops per parameter).
+    fn fused_step(&mut self, grads: &[Tensor]) -> Result<()> {
+        let mut steps = Vec::with_capacity(self.states.len());
+        for (st, p) in self.states.iter_mut().zip(&self.params) {
+            st.step += 1;
+            steps.push(Tensor::f_full(
+                [],
+                st.step as f64,
+                (Kind::Float, p.device()),
+            )?);
+        }
+        fn refs(v: &[Tensor]) -> Vec<&Tensor> {
+            v.iter().collect()
+        }
+        let exp_avgs: Vec<&Tensor> = self.states.iter().map(|s| &s.exp_avg).collect();
+        let exp_avg_sqs: Vec<&Tensor> = self.states.iter().map(|s| &s.exp_avg_sq).collect();
+        let (params, grads, steps) = (refs(&self.params), refs(grads), refs(&steps));
+        crate::bridge::fused_adamw(
+            &crate::bridge::FusedAdamW {
+                params: &params,
+                grads: &grads,
+                exp_avgs: &exp_avgs,
+                exp_avg_sqs: &exp_avg_sqs,
+                steps: &steps,
+            },
+            self.lr,
+            self.betas,
+            self.weight_decay,
+            self.eps,
+        )?;
         Ok(())
     }
 

@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use tch::{Kind, Tensor};
 
 use crate::data::loader::mix;
-use crate::data::{self, block_diagonal_mask, Batch, DataLoader, LoaderConfig, Position};
+use crate::data::{self, Batch, DataLoader, LoaderConfig, Position};
 use crate::device::{parse_device, parse_dtype};
 use crate::error::{Error, Result};
 use crate::hf::loaded::{LoadOptions, LoadedModel, LoraSpec};
@@ -392,17 +392,17 @@ impl<'a> Run<'a> {
     fn batch_loss(&self, batch: &Batch, scale: Option<f64>) -> Result<(f64, i64)> {
         let device = self.model.lm.device();
         let batch = batch.to_device(device);
-        let mask = if batch.packed {
-            Some(block_diagonal_mask(&batch.segment_ids)?)
+        let lm = &self.model.lm;
+        let hidden = if batch.packed {
+            lm.hidden_states_segments(
+                &batch.input_ids,
+                &batch.position_ids,
+                &batch.segment_lengths,
+                self.mode(),
+            )?
         } else {
-            None
+            lm.hidden_states_packed(&batch.input_ids, &batch.position_ids, None, self.mode())?
         };
-        let hidden = self.model.lm.hidden_states_packed(
-            &batch.input_ids,
-            &batch.position_ids,
-            mask.as_ref(),
-            self.mode(),
-        )?;
         let out = causal_lm_loss(&self.model.lm, &hidden, &batch.labels, self.mode(), scale)?;
         Ok((out.sum, out.n_tokens))
     }
