@@ -327,6 +327,29 @@ mod tests {
     }
 
     #[test]
+    fn floats_read_back_exactly() {
+        // serde_json's default float parser reads this eval loss back one ulp high (…053), which
+        // changed best_loss across a resume; with `float_roundtrip` every f64 comes back as written.
+        let dir = tempfile::tempdir().unwrap();
+        let c = write(dir.path(), 6, |d| {
+            let mut s = state(6);
+            s.best_loss = Some(10.910387545824051);
+            write_json(&d.join(STATE_FILE), &s)
+        })
+        .unwrap();
+        assert_eq!(
+            read_state(&c).unwrap().best_loss.unwrap().to_bits(),
+            10.910387545824051f64.to_bits()
+        );
+        let mut x = 1.0f64 / 3.0;
+        for _ in 0..2000 {
+            x = (x * 1.618_033_988_749_895 + 0.1).fract() * 12.0;
+            let back: f64 = serde_json::from_str(&serde_json::to_string(&x).unwrap()).unwrap();
+            assert_eq!(back.to_bits(), x.to_bits(), "{x}");
+        }
+    }
+
+    #[test]
     fn recover_restores_a_checkpoint_moved_aside_and_drops_leftovers() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path();

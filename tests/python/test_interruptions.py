@@ -25,7 +25,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import make_trainable_model, write_records
+from tiny_models import make_trainable_model, trainer_toml, write_records
 
 import loratch
 
@@ -54,13 +53,6 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
-def binary() -> Path:
-    path = os.environ.get("LORATCH_BIN") or str(Path(__file__).resolve().parents[2] / "target" / "release" / "loratch")
-    assert Path(path).is_file(), f"build the binary first (make build): {path} missing"
-    return Path(path)
-
-
-@pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("tiny-trainable")
     make_trainable_model(d)
@@ -68,49 +60,23 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
+LORA = {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"], "dropout": 0.1}
+
+
+def training_settings(**training: Any) -> dict[str, Any]:
+    return {"max_steps": MAX_STEPS, "batch_size": 2, "gradient_accumulation_steps": 1, "learning_rate": 1e-2,
+            "logging_steps": 1, "save_steps": SAVE_STEPS, "eval_steps": 3, "warmup_steps": 1,
+            "max_seq_length": 48, **training}
+
+
 def config_text(model_dir: Path, out: Path, **training: Any) -> str:
-    settings = {
-        "max_steps": MAX_STEPS,
-        "batch_size": 2,
-        "gradient_accumulation_steps": 1,
-        "learning_rate": 1e-2,
-        "logging_steps": 1,
-        "save_steps": SAVE_STEPS,
-        "eval_steps": 3,
-        "warmup_steps": 1,
-        "max_seq_length": 48,
-        **training,
-    }
-    lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in settings.items())
-    return textwrap.dedent(
-        f"""\
-        model = {json.dumps(str(model_dir))}
-        data = {json.dumps(str(model_dir / "data.jsonl"))}
-        output_dir = {json.dumps(str(out))}
-        seed = 7
-        validation_split = 0.2
-
-        [lora]
-        rank = 4
-        alpha = 8
-        target_modules = ["q_proj", "v_proj", "down_proj"]
-        dropout = 0.1
-
-        [training]
-        """
-    ) + lines + "\n"
+    return trainer_toml(model_dir, out, seed=7, lora=LORA, training=training_settings(**training))
 
 
 def train_dict(model_dir: Path, out: Path, **training: Any) -> dict[str, Any]:
     """The same configuration as ``config_text`` for ``loratch.train``."""
-    return {
-        "model": model_dir, "data": model_dir / "data.jsonl", "output_dir": out, "seed": 7,
-        "validation_split": 0.2,
-        "lora": {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"], "dropout": 0.1},
-        "training": {"max_steps": MAX_STEPS, "batch_size": 2, "gradient_accumulation_steps": 1,
-                     "learning_rate": 1e-2, "logging_steps": 1, "save_steps": SAVE_STEPS, "eval_steps": 3,
-                     "warmup_steps": 1, "max_seq_length": 48, **training},
-    }
+    return {"model": model_dir, "data": model_dir / "data.jsonl", "output_dir": out, "seed": 7,
+            "validation_split": 0.2, "lora": dict(LORA), "training": training_settings(**training)}
 
 
 def step_of(p: Path) -> int:

@@ -9,23 +9,17 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from tiny_models import make_trainable_model, write_records
+from tiny_models import make_trainable_model, trainer_toml, write_records
 
 import loratch
 
-
-@pytest.fixture(scope="module")
-def binary() -> Path:
-    path = os.environ.get("LORATCH_BIN") or str(Path(__file__).resolve().parents[2] / "target" / "release" / "loratch")
-    assert Path(path).is_file(), f"build the binary first (make build): {path} missing"
-    return Path(path)
+ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @pytest.fixture(scope="module")
@@ -49,24 +43,8 @@ def toml_config(model_dir: Path, out: Path, **training: Any) -> str:
         "max_seq_length": 64,
         **training,
     }
-    lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in settings.items())
-    return textwrap.dedent(
-        f"""\
-        model = {json.dumps(str(model_dir))}
-        data = {json.dumps(str(model_dir / "data.jsonl"))}
-        output_dir = {json.dumps(str(out))}
-        seed = 3
-        validation_split = 0.2
-
-        [lora]
-        rank = 8
-        alpha = 16
-        target_modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        dropout = 0.0
-
-        [training]
-        """
-    ) + lines + "\n"
+    lora = {"rank": 8, "alpha": 16, "target_modules": ALL7, "dropout": 0.0}
+    return trainer_toml(model_dir, out, seed=3, lora=lora, training=settings)
 
 
 def metrics(out: Path) -> list[dict[str, Any]]:

@@ -3,6 +3,8 @@ parity tests (no hub access: every model is built from a config here)."""
 
 from __future__ import annotations
 
+import json
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -107,3 +109,20 @@ def write_records(path: Path, n: int = 24) -> None:
                 "output": f"The municipality handles {topic}. Ask the building committee first.",
             }
             f.write(json.dumps(record) + "\n")
+
+
+def trainer_toml(model_dir: Path, out: Path, *, seed: int, lora: dict[str, Any], training: dict[str, Any]) -> str:
+    """A `loratch train` TOML config over `model_dir` and its `data.jsonl` (validation split 0.2)."""
+    def table(values: dict[str, Any]) -> str:
+        return "\n".join(f"{k} = {json.dumps(v)}" for k, v in values.items())
+
+    head = textwrap.dedent(
+        f"""\
+        model = {json.dumps(str(model_dir))}
+        data = {json.dumps(str(model_dir / "data.jsonl"))}
+        output_dir = {json.dumps(str(out))}
+        seed = {seed}
+        validation_split = 0.2
+        """
+    )
+    return f"{head}\n[lora]\n{table(lora)}\n\n[training]\n{table(training)}\n"
