@@ -11,7 +11,8 @@
 //!
 //! Function ids are `loratch<suffix>` and `raw_tch<suffix>` with the shape as the parameter, so
 //! `benches/criterion_summary.py` can pair them: `cargo bench --bench lora_linear`.
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use criterion::measurement::WallTime;
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion};
 use loratch::lora::{LoraConfig, LoraLinear};
 use std::hint::black_box;
 use std::time::Duration;
@@ -58,21 +59,40 @@ fn pin_threads() {
     );
 }
 
+/// The no-grad forward of `layer` (`loratch{suffix}`) against [`raw_forward`] on the layer's own
+/// tensors (`raw_tch{suffix}`), both on `x`.
+fn nograd_pair(
+    group: &mut BenchmarkGroup<WallTime>,
+    suffix: &str,
+    id: &str,
+    layer: &LoraLinear,
+    x: &Tensor,
+) {
+    let scaling = layer.config().scaling();
+    let (w, a, b) = (layer.weight(), &layer.adapter().a, &layer.adapter().b);
+    group.bench_with_input(
+        BenchmarkId::new(format!("loratch{suffix}"), id),
+        x,
+        |bch, x| {
+            bch.iter(|| tch::no_grad(|| black_box(layer.forward(black_box(x)).expect("forward"))))
+        },
+    );
+    group.bench_with_input(
+        BenchmarkId::new(format!("raw_tch{suffix}"), id),
+        x,
+        |bch, x| {
+            bch.iter(|| tch::no_grad(|| black_box(raw_forward(black_box(x), w, a, b, scaling))))
+        },
+    );
+}
+
 fn bench_forward(c: &mut Criterion) {
     pin_threads();
     let mut group = c.benchmark_group("forward");
     for (in_f, out_f) in SHAPES {
         let (mut layer, x) = setup(in_f, out_f);
         layer.set_training(false);
-        let id = shape_id(in_f, out_f);
-        let scaling = layer.config().scaling();
-        let (w, a, b) = (layer.weight(), &layer.adapter().a, &layer.adapter().b);
-        group.bench_with_input(BenchmarkId::new("loratch", &id), &x, |bch, x| {
-            bch.iter(|| tch::no_grad(|| black_box(layer.forward(black_box(x)).expect("forward"))))
-        });
-        group.bench_with_input(BenchmarkId::new("raw_tch", &id), &x, |bch, x| {
-            bch.iter(|| tch::no_grad(|| black_box(raw_forward(black_box(x), w, a, b, scaling))))
-        });
+        nograd_pair(&mut group, "", &shape_id(in_f, out_f), &layer, &x);
     }
     group.finish();
 }
@@ -113,15 +133,7 @@ fn bench_forward_1row(c: &mut Criterion) {
     let (in_f, out_f) = SHAPES[0];
     let (mut layer, x) = setup_rows(in_f, out_f, 1);
     layer.set_training(false);
-    let id = shape_id(in_f, out_f);
-    let scaling = layer.config().scaling();
-    let (w, a, b) = (layer.weight(), &layer.adapter().a, &layer.adapter().b);
-    group.bench_with_input(BenchmarkId::new("loratch", &id), &x, |bch, x| {
-        bch.iter(|| tch::no_grad(|| black_box(layer.forward(black_box(x)).expect("forward"))))
-    });
-    group.bench_with_input(BenchmarkId::new("raw_tch", &id), &x, |bch, x| {
-        bch.iter(|| tch::no_grad(|| black_box(raw_forward(black_box(x), w, a, b, scaling))))
-    });
+    nograd_pair(&mut group, "", &shape_id(in_f, out_f), &layer, &x);
     group.finish();
 }
 
@@ -131,16 +143,7 @@ fn bench_merge(c: &mut Criterion) {
     let mut group = c.benchmark_group("merge");
     let (mut layer, x) = setup(in_f, out_f);
     layer.set_training(false);
-    let scaling = layer.config().scaling();
-    {
-        let (w, a, b) = (layer.weight(), &layer.adapter().a, &layer.adapter().b);
-        group.bench_with_input(BenchmarkId::new("loratch_unmerged", &id), &x, |bch, x| {
-            bch.iter(|| tch::no_grad(|| black_box(layer.forward(black_box(x)).expect("forward"))))
-        });
-        group.bench_with_input(BenchmarkId::new("raw_tch_unmerged", &id), &x, |bch, x| {
-            bch.iter(|| tch::no_grad(|| black_box(raw_forward(black_box(x), w, a, b, scaling))))
-        });
-    }
+    nograd_pair(&mut group, "_unmerged", &id, &layer, &x);
     layer.merge().expect("merge");
     let w = layer.weight();
     group.bench_with_input(BenchmarkId::new("loratch_merged", &id), &x, |bch, x| {

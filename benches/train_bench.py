@@ -305,8 +305,9 @@ def bench_training(model: Path, work: Path, peak_gflops: float, rounds: int, rea
         "",
         f"## Real data (FAQ, {REAL_EXAMPLES} examples, batch 8, max {SEQ} tokens, one pass, lr {LR})",
         "",
-        f"loratch: its trainer, padding-free packing (`packing = \"examples\"`: the step's 8 examples packed into rows "
-        f"of up to {SEQ} tokens, so both sides take the same {REAL_EXAMPLES // 8} optimizer steps). PEFT: a plain loop, "
+        f"loratch: its trainer, padding-free packing (`packing = \"examples\"`: the step's 8 examples, each of at most "
+        f"{SEQ} tokens, laid end to end in one row with one causal attention call per example, so both sides take the "
+        f"same {REAL_EXAMPLES // 8} optimizer steps on the same examples). PEFT: a plain loop, "
         f"dynamic padding, 8 examples per step. Held-out loss: mean per answer token over {HELD_OUT} other FAQ records. "
         f"{real_rounds} alternated run(s) per side.",
         "",

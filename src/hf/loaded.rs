@@ -154,16 +154,9 @@ impl LoadedModel {
             Ok(t.f_to_device(self.lm.device())?.f_to_kind(Kind::Int64)?)
         };
         let ids = to_2d(ids, "input_ids")?;
-        let vocab = self.lm.config.vocab_size;
-        let (lo, hi) = (
-            ids.f_min()?.f_int64_value(&[])?,
-            ids.f_max()?.f_int64_value(&[])?,
-        );
-        if lo < 0 || hi >= vocab {
-            return Err(Error::Input(format!(
-                "token ids must be in [0, {vocab}) (vocab_size); got min {lo}, max {hi}"
-            )));
-        }
+        self.lm
+            .config
+            .check_ids(&ids, "token ids", " (vocab_size)")?;
         let mask = match mask {
             Some(m) => {
                 let m = to_2d(m, "attention_mask")?;

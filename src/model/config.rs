@@ -136,7 +136,35 @@ fn ids(v: &Option<serde_json::Value>) -> Vec<i64> {
     }
 }
 
+/// "an array", "a string", ... for error messages.
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
 impl ModelConfig {
+    /// Checks that every id of the non-empty integer tensor `ids` is in `[0, vocab_size)`: an
+    /// [`Error::Input`] "`{what}` must be in [0, vocab)`{note}`; got min .., max .." otherwise.
+    pub fn check_ids(&self, ids: &tch::Tensor, what: &str, note: &str) -> Result<()> {
+        let vocab = self.vocab_size;
+        let (lo, hi) = (
+            ids.f_min()?.f_int64_value(&[])?,
+            ids.f_max()?.f_int64_value(&[])?,
+        );
+        if lo < 0 || hi >= vocab {
+            return Err(Error::Input(format!(
+                "{what} must be in [0, {vocab}){note}; got min {lo}, max {hi}"
+            )));
+        }
+        Ok(())
+    }
+
     /// Reads and checks `dir/config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
@@ -149,8 +177,16 @@ impl ModelConfig {
 
     /// Parses and checks a `config.json` text.
     pub fn from_json(text: &str) -> Result<Self> {
-        let de = &mut serde_json::Deserializer::from_str(text);
-        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+        let value: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| Error::Config(format!("malformed config.json: {e}")))?;
+        // serde would read an array positionally as the struct's fields.
+        if !value.is_object() {
+            return Err(Error::Config(format!(
+                "malformed config.json: expected a JSON object, got {}",
+                json_kind(&value)
+            )));
+        }
+        let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
             // The path is "." when the error is not inside a key (bad JSON, not an object).
             let at = e.path().to_string();
             match at.as_str() {
@@ -303,6 +339,20 @@ mod tests {
     }
 
     #[test]
+    fn a_config_that_is_not_an_object_is_refused() {
+        // An array used to be read positionally as the fields, in declaration order.
+        for text in [
+            "[[\"LlamaForCausalLM\"], 49152, 576]",
+            "\"LlamaForCausalLM\"",
+            "null",
+        ] {
+            let err = ModelConfig::from_json(text).unwrap_err();
+            assert!(matches!(err, Error::Config(_)), "{err}");
+            assert!(err.to_string().contains("expected a JSON object"), "{err}");
+        }
+    }
+
+    #[test]
     fn malformed_json_is_a_config_error() {
         assert!(matches!(
             ModelConfig::from_json("{not json"),
@@ -333,7 +383,7 @@ mod tests {
         // Outside any key: no path.
         let msg = ModelConfig::from_json("\"x\"").unwrap_err().to_string();
         assert!(
-            msg.contains("malformed config.json: invalid type: string \"x\""),
+            msg.contains("malformed config.json: expected a JSON object, got a string"),
             "{msg}"
         );
         let dir = tempfile::tempdir().unwrap();

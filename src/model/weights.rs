@@ -5,6 +5,7 @@ use crate::error::{Error, Result};
 use crate::io::safetensors::MappedSafetensors;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use tch::{Device, Kind, Tensor};
 
 /// The weight files of one checkpoint, indexed by tensor name.
@@ -12,6 +13,8 @@ pub struct Checkpoint {
     dir: PathBuf,
     files: Vec<MappedSafetensors>,
     index: HashMap<String, usize>,
+    /// Per file: whether a zero-copy weight views its mapping (only those maps must be kept).
+    viewed: Vec<AtomicBool>,
 }
 
 impl Checkpoint {
@@ -69,10 +72,12 @@ impl Checkpoint {
                 ),
             ));
         }
+        let viewed = files.iter().map(|_| AtomicBool::new(false)).collect();
         Ok(Self {
             dir: dir.to_path_buf(),
             files,
             index,
+            viewed,
         })
     }
 
@@ -88,9 +93,16 @@ impl Checkpoint {
         v
     }
 
-    /// The memory maps that zero-copy weights view: whoever keeps such weights must keep these.
+    /// The memory maps that zero-copy weights loaded so far view: whoever keeps such weights must
+    /// keep these. A file whose weights were all copied (e.g. converted to bf16) is not among
+    /// them, so its mapping is released with the checkpoint.
     pub fn mappings(&self) -> Vec<std::sync::Arc<memmap2::MmapMut>> {
-        self.files.iter().map(|f| f.mapping()).collect()
+        self.files
+            .iter()
+            .zip(&self.viewed)
+            .filter(|(_, v)| v.load(Ordering::Relaxed))
+            .map(|(f, _)| f.mapping())
+            .collect()
     }
 
     /// Tensor `name` as `kind` on `device`, checked to have `shape`. A CPU weight already of
@@ -107,7 +119,10 @@ impl Checkpoint {
             None
         };
         let t = match view {
-            Some(v) if v.f_kind()? == kind => v,
+            Some(v) if v.f_kind()? == kind => {
+                self.viewed[file].store(true, Ordering::Relaxed);
+                v
+            }
             _ => self.files[file].tensor(name)?,
         };
         if t.size() != shape {
@@ -128,5 +143,31 @@ impl Checkpoint {
         Ok(t.f_to_device(device)?
             .f_to_kind(kind)?
             .set_requires_grad(false))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_files_with_zero_copy_weights_stay_mapped() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = Tensor::arange(12, (Kind::Float, Device::Cpu)).reshape([3, 4]);
+        crate::io::safetensors::save(
+            &dir.path().join("model.safetensors"),
+            &[("w".to_string(), w.shallow_clone())],
+            &HashMap::new(),
+        )
+        .unwrap();
+        let ck = Checkpoint::open(dir.path()).unwrap();
+        // A bf16 load copies: nothing views the fp32 file, so its map need not be kept.
+        let bf16 = ck.load("w", &[3, 4], Kind::BFloat16, Device::Cpu).unwrap();
+        assert!(ck.mappings().is_empty());
+        assert!(bf16.to_kind(Kind::Float).equal(&w));
+        // A load in the file's dtype views the map: now it must be kept.
+        let f32 = ck.load("w", &[3, 4], Kind::Float, Device::Cpu).unwrap();
+        assert_eq!(ck.mappings().len(), 1);
+        assert!(f32.equal(&w));
     }
 }

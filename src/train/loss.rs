@@ -82,15 +82,8 @@ pub fn causal_lm_loss(
         });
     }
     let vocab = lm.config.vocab_size;
-    let (lo, hi) = (
-        targets.f_min()?.f_int64_value(&[])?,
-        targets.f_max()?.f_int64_value(&[])?,
-    );
-    if lo < 0 || hi >= vocab {
-        return Err(Error::Input(format!(
-            "label ids must be in [0, {vocab}) or {IGNORE_INDEX}; got min {lo}, max {hi}"
-        )));
-    }
+    lm.config
+        .check_ids(&targets, "label ids", &format!(" or {IGNORE_INDEX}"))?;
     let rows = hidden
         .f_reshape([-1, h[2]])?
         .f_index_select(0, &idx.f_to_device(hidden.device())?)?;

@@ -332,6 +332,45 @@ impl AdamW {
         Ok(())
     }
 
+    /// The defined gradients and their total 2-norm (the 2-norm of the per-gradient fp32 2-norms,
+    /// a 0-dim fp32 tensor on the first gradient's device); None when no gradient is defined.
+    fn total_grad_norm(&self) -> Result<Option<(Vec<Tensor>, Tensor)>> {
+        let _no_grad = tch::no_grad_guard();
+        let mut grads = Vec::with_capacity(self.params.len());
+        for p in &self.params {
+            let g = p.f_grad()?;
+            if g.defined() {
+                grads.push(g);
+            }
+        }
+        let Some(first) = grads.first() else {
+            return Ok(None);
+        };
+        let device = first.device();
+        let norms = grads
+            .iter()
+            .map(|g| {
+                Ok(g.f_to_kind(Kind::Float)?.f_norm()?.f_to_device_(
+                    device,
+                    Kind::Float,
+                    false,
+                    false,
+                )?)
+            })
+            .collect::<Result<Vec<Tensor>>>()?;
+        let total = Tensor::f_stack(&norms, 0)?.f_norm()?;
+        Ok(Some((grads, total)))
+    }
+
+    /// The total 2-norm of the gradients as [`AdamW::clip_grad_norm`] computes it, without
+    /// clipping (0 if no gradient is defined; NaN/Inf when a gradient holds them).
+    pub fn grad_norm(&self) -> Result<f64> {
+        match self.total_grad_norm()? {
+            Some((_, total)) => Ok(total.f_double_value(&[])?),
+            None => Ok(0.0),
+        }
+    }
+
     /// Clips the gradients as `torch.nn.utils.clip_grad_norm_(params, max_norm)` (2-norm): the
     /// total norm is the 2-norm of the per-gradient 2-norms, computed in fp32 (torch computes it
     /// in the gradients' dtype, so bf16/fp16 gradients get a more precise norm here); with
@@ -349,29 +388,9 @@ impl AdamW {
             )));
         }
         let _no_grad = tch::no_grad_guard();
-        let mut grads = Vec::with_capacity(self.params.len());
-        for p in &self.params {
-            let g = p.f_grad()?;
-            if g.defined() {
-                grads.push(g);
-            }
-        }
-        let Some(first) = grads.first() else {
+        let Some((mut grads, total)) = self.total_grad_norm()? else {
             return Ok(0.0);
         };
-        let device = first.device();
-        let norms = grads
-            .iter()
-            .map(|g| {
-                Ok(g.f_to_kind(Kind::Float)?.f_norm()?.f_to_device_(
-                    device,
-                    Kind::Float,
-                    false,
-                    false,
-                )?)
-            })
-            .collect::<Result<Vec<Tensor>>>()?;
-        let total = Tensor::f_stack(&norms, 0)?.f_norm()?;
         let total_value = total.f_double_value(&[])?;
         if !total_value.is_finite() {
             return Ok(total_value);

@@ -461,21 +461,6 @@ impl<'a> Run<'a> {
         Ok(out)
     }
 
-    fn grad_norm(&self) -> Result<f64> {
-        let mut sq = 0.0;
-        for p in self.optimizer.params() {
-            let g = p.f_grad()?;
-            if g.defined() {
-                sq += g
-                    .f_to_kind(Kind::Float)?
-                    .f_square()?
-                    .f_sum(Kind::Double)?
-                    .f_double_value(&[])?;
-            }
-        }
-        Ok(sq.sqrt())
-    }
-
     fn train(&mut self, hooks: &mut dyn Hooks) -> Result<Outcome> {
         let t = &self.config.training;
         let total = self.state.total_steps;
@@ -550,7 +535,7 @@ impl<'a> Run<'a> {
             } else if t.max_grad_norm > 0.0 {
                 self.optimizer.clip_grad_norm(t.max_grad_norm)?
             } else {
-                self.grad_norm()?
+                self.optimizer.grad_norm()?
             };
             let lr = self.schedule.lr(step);
             if loss.is_finite() && norm.is_finite() {
