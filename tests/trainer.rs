@@ -274,10 +274,20 @@ fn packed_rows_give_the_per_example_losses_of_unpacked_rows() {
         .max()
         .double_value(&[]);
     assert!(diff < 1e-5, "per-segment attention losses differ by {diff}");
-    // Lengths that do not cover the batch are refused.
+    // Lengths that do not cover the batch, or that let a segment span two rows, are refused.
     assert!(m
         .lm
         .hidden_states_segments(&b.input_ids, &b.position_ids, &[3, 4], MODE)
+        .is_err());
+    let width = b.input_ids.size()[1];
+    assert!(m
+        .lm
+        .hidden_states_segments(
+            &b.input_ids,
+            &b.position_ids,
+            &[width - 1, 2, width - 1],
+            MODE
+        )
         .is_err());
     // Without the block mask, examples see each other: the losses differ (the test can fail).
     let leaky =

@@ -411,19 +411,24 @@ impl CausalLm {
     ) -> Result<Tensor> {
         let size = input_ids.size();
         let total: i64 = segment_lengths.iter().sum();
-        if size.len() != 2
-            || position_ids.size() != size
-            || segment_lengths.iter().any(|&l| l <= 0)
-            || total != size.iter().product::<i64>()
-        {
+        // A segment [at, at + len) of the flattened tokens must stay within one row.
+        let within_rows = size.len() == 2 && size[1] > 0 && {
+            let mut at = 0;
+            segment_lengths.iter().all(|&len| {
+                let start = at;
+                at += len;
+                len > 0 && start / size[1] == (at - 1) / size[1]
+            })
+        };
+        if !within_rows || position_ids.size() != size || total != size.iter().product::<i64>() {
             return Err(Error::Shape(format!(
-                "segment lengths (positive, summing to B * T) do not fit input_ids {size:?} and \
-                 position_ids {:?}: {} lengths summing to {total}",
+                "segment lengths (positive, each within one row, summing to B * T) do not fit \
+                 input_ids {size:?} and position_ids {:?}: {} lengths summing to {total}",
                 position_ids.size(),
                 segment_lengths.len()
             )));
         }
-        // The rows are laid end to end as one sequence: the segments never cross a row's end.
+        // The rows are laid end to end as one sequence; no segment spans two rows.
         let flat = |t: &Tensor| t.f_reshape([1, -1]);
         let h = self.run(
             &flat(input_ids)?,
