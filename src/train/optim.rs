@@ -281,12 +281,12 @@ impl AdamW {
     /// parameter at once (the same update as the per-tensor loop, to within float rounding:
     /// about 1e-6 after 20 steps; one call instead of a dozen ops per parameter).
     fn fused_step(&mut self, grads: &[Tensor]) -> Result<()> {
+        // The step counts of this step; the states count it only once the kernel succeeded.
         let mut steps = Vec::with_capacity(self.states.len());
-        for (st, p) in self.states.iter_mut().zip(&self.params) {
-            st.step += 1;
+        for (st, p) in self.states.iter().zip(&self.params) {
             steps.push(Tensor::f_full(
                 [],
-                st.step as f64,
+                (st.step + 1) as f64,
                 (Kind::Float, p.device()),
             )?);
         }
@@ -309,6 +309,9 @@ impl AdamW {
             self.weight_decay,
             self.eps,
         )?;
+        for st in &mut self.states {
+            st.step += 1;
+        }
         Ok(())
     }
 
