@@ -1,9 +1,15 @@
 //! Build script: link libtorch so CUDA stays visible, give every artifact an rpath to the torch
-//! libraries, and compile the small C++ tensor bridge (csrc/tensor_bridge.cpp).
+//! libraries, and compile the small C++ bridge (csrc/: tensor hand-over, fused AdamW, fused LoRA linear).
 use std::path::PathBuf;
 
 fn main() {
-    println!("cargo:rerun-if-changed=csrc/tensor_bridge.cpp");
+    for file in [
+        "csrc/bridge.h",
+        "csrc/tensor_bridge.cpp",
+        "csrc/lora_linear.cpp",
+    ] {
+        println!("cargo:rerun-if-changed={file}");
+    }
     // torch-sys (links = "tch") exports the libtorch lib dir as DEP_TCH_LIBTORCH_LIB.
     let lib_dir = PathBuf::from(
         std::env::var("DEP_TCH_LIBTORCH_LIB")
@@ -40,5 +46,6 @@ fn main() {
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={cxx11_abi}"))
         .file("csrc/tensor_bridge.cpp")
+        .file("csrc/lora_linear.cpp")
         .compile("loratch_bridge");
 }

@@ -7,7 +7,8 @@
 // metadata and all. No libtorch_python or Python headers are needed, so the same object code links
 // into the standalone binary too.
 //
-// It also reaches one ATen op that tch does not wrap: the fused multi-tensor AdamW kernel.
+// It also reaches one ATen op that tch does not wrap: the fused multi-tensor AdamW kernel. (The
+// other C++ op, the fused LoRA linear, lives in lora_linear.cpp.)
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_fused_adamw.h>
 #include <c10/core/TensorImpl.h>
@@ -19,15 +20,9 @@
 #include <exception>
 #include <vector>
 
-namespace {
+#include "bridge.h"
 
-// A malloc'ed copy of `message` (freed by loratch_free_string).
-char* copy_message(const char* message) {
-  const size_t n = std::strlen(message);
-  char* out = static_cast<char*>(std::malloc(n + 1));
-  if (out != nullptr) std::memcpy(out, message, n + 1);
-  return out;
-}
+namespace {
 
 std::vector<at::Tensor> tensor_list(const void* const* tensors, size_t n) {
   std::vector<at::Tensor> out;
@@ -39,6 +34,13 @@ std::vector<at::Tensor> tensor_list(const void* const* tensors, size_t n) {
 }  // namespace
 
 extern "C" {
+
+char* loratch_copy_message(const char* message) {
+  const size_t n = std::strlen(message);
+  char* out = static_cast<char*>(std::malloc(n + 1));
+  if (out != nullptr) std::memcpy(out, message, n + 1);
+  return out;
+}
 
 // New owning at::Tensor* for `impl` (the reference count is incremented), or nullptr.
 void* loratch_tensor_from_impl(void* impl) {
@@ -73,9 +75,9 @@ char* loratch_fused_adamw(const void* const* params, const void* const* grads,
                       weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false);
     return nullptr;
   } catch (const std::exception& e) {
-    return copy_message(e.what());
+    return loratch_copy_message(e.what());
   } catch (...) {
-    return copy_message("unknown C++ exception in _fused_adamw_");
+    return loratch_copy_message("unknown C++ exception in _fused_adamw_");
   }
 }
 

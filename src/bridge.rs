@@ -1,6 +1,7 @@
 //! Zero-copy conversion between a tch [`Tensor`] and the `c10::TensorImpl*` that Python's torch
 //! exposes as `tensor._cdata` (see csrc/tensor_bridge.cpp). Both sides then share one tensor.
-//! Also the one ATen op tch does not wrap that loratch needs: the fused AdamW kernel.
+//! Also the C++ ops loratch needs that tch does not offer: libtorch's fused AdamW kernel and the
+//! fused LoRA linear (csrc/lora_linear.cpp).
 use std::ffi::c_void;
 use tch::Tensor;
 
@@ -20,6 +21,16 @@ extern "C" {
         beta2: f64,
         weight_decay: f64,
         eps: f64,
+    ) -> *mut std::ffi::c_char;
+    fn loratch_lora_linear(
+        x: *const c_void,
+        dropped: *const c_void,
+        weight: *const c_void,
+        bias: *const c_void,
+        a: *const c_void,
+        b: *const c_void,
+        scaling: f64,
+        out: *mut *mut c_void,
     ) -> *mut std::ffi::c_char;
     fn loratch_free_string(s: *mut std::ffi::c_char);
 }
@@ -76,14 +87,56 @@ pub fn fused_adamw(
             eps,
         )
     };
+    // SAFETY: `err` comes straight from a bridge call.
+    unsafe { take_error(err) }
+}
+
+/// `x W^T + bias + scaling * (x_d A^T) B^T` as one autograd node (csrc/lora_linear.cpp), where
+/// `x_d` is `dropped` (dropout(x), differentiated by the caller's graph) or else `x`. `x` is
+/// `[..., in]`, `weight` `[out, in]`, `a` `[r, in]`, `b` `[out, r]`, all of one dtype and device;
+/// the result is `[..., out]`. Gradients flow to every input that requires them.
+pub fn lora_linear(
+    x: &Tensor,
+    dropped: Option<&Tensor>,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scaling: f64,
+) -> Result<Tensor, tch::TchError> {
+    let ptr = |t: &Tensor| t.as_ptr() as *const c_void;
+    let opt = |t: Option<&Tensor>| t.map_or(std::ptr::null(), ptr);
+    let mut out: *mut c_void = std::ptr::null_mut();
+    // SAFETY: every pointer is null (where allowed) or a live at::Tensor* borrowed for the call;
+    // on success `out` receives a new owning at::Tensor*.
+    let err = unsafe {
+        loratch_lora_linear(
+            ptr(x),
+            opt(dropped),
+            ptr(weight),
+            opt(bias),
+            ptr(a),
+            ptr(b),
+            scaling,
+            &mut out,
+        )
+    };
+    // SAFETY: `err` comes straight from a bridge call.
+    unsafe { take_error(err) }?;
+    // SAFETY: on success the bridge wrote a new owning at::Tensor* that nothing else holds.
+    Ok(unsafe { Tensor::from_ptr(out.cast()) })
+}
+
+/// `Ok` for a null error pointer, else the message as [`tch::TchError::Torch`] (freed here).
+///
+/// # Safety
+/// `err` must be null or a string returned by a bridge call, not yet freed.
+unsafe fn take_error(err: *mut std::ffi::c_char) -> Result<(), tch::TchError> {
     if err.is_null() {
         return Ok(());
     }
-    // SAFETY: a non-null result is a NUL-terminated string malloc'ed by the bridge; freed once.
-    let msg = unsafe { std::ffi::CStr::from_ptr(err) }
-        .to_string_lossy()
-        .into_owned();
-    unsafe { loratch_free_string(err) };
+    let msg = std::ffi::CStr::from_ptr(err).to_string_lossy().into_owned();
+    loratch_free_string(err);
     Err(tch::TchError::Torch(msg))
 }
 

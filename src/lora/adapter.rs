@@ -53,18 +53,30 @@ impl Adapter {
         self.b.size()[0]
     }
 
-    /// The adapter's term of the forward: `scaling * B(A(dropout(x)))`. Dropout only when
-    /// `training` and p > 0. The scaling multiplies the rank-r intermediate (cheapest place).
-    pub fn forward(&self, x: &Tensor, training: bool) -> Result<Tensor> {
-        let h = if training && self.config.dropout > 0.0 {
-            x.f_dropout(self.config.dropout, true)?
+    /// The adapted linear's forward: `x W^T + bias + scaling * B(A(dropout(x)))`, as one autograd
+    /// node that accumulates both rank-r products into the frozen GEMM's results (see
+    /// [`crate::bridge::lora_linear`]). Dropout only when `training` and p > 0.
+    pub fn forward_with_base(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        training: bool,
+    ) -> Result<Tensor> {
+        let dropped = if training && self.config.dropout > 0.0 {
+            Some(x.f_dropout(self.config.dropout, true)?)
         } else {
-            x.shallow_clone()
+            None
         };
-        let h = h
-            .f_linear::<&Tensor>(&self.a, None)?
-            .f_mul_scalar(self.config.scaling())?;
-        Ok(h.f_linear::<&Tensor>(&self.b, None)?)
+        Ok(crate::bridge::lora_linear(
+            x,
+            dropped.as_ref(),
+            weight,
+            bias,
+            &self.a,
+            &self.b,
+            self.config.scaling(),
+        )?)
     }
 
     /// `scaling * B @ A` in float32 (whatever the adapter's dtype), detached. A delta holding NaN or
@@ -107,4 +119,154 @@ impl Adapter {
 /// True when every element of `t` is finite.
 pub fn all_finite(t: &Tensor) -> Result<bool> {
     Ok(t.f_isfinite()?.f_all()?.f_int64_value(&[])? != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The adapted linear written out op by op, as PEFT computes it.
+    fn composite(ad: &Adapter, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, p: f64) -> Tensor {
+        let xd = if p > 0.0 {
+            x.dropout(p, true)
+        } else {
+            x.shallow_clone()
+        };
+        x.linear(w, bias)
+            + xd.linear::<&Tensor>(&ad.a, None)
+                .linear::<&Tensor>(&ad.b, None)
+                * ad.config.scaling()
+    }
+
+    fn leaf(t: Tensor, grad: bool) -> Tensor {
+        t.detach().set_requires_grad(grad)
+    }
+
+    fn grad_of(t: &Tensor) -> Tensor {
+        let g = t.grad();
+        if g.defined() {
+            g
+        } else {
+            t.zeros_like()
+        }
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        assert_eq!(a.size(), b.size());
+        if a.numel() == 0 {
+            return 0.0;
+        }
+        (a - b).abs().max().double_value(&[])
+    }
+
+    /// Forward and every gradient of the fused node against the composite graph. Returns the
+    /// forward difference and the worst gradient difference.
+    #[allow(clippy::too_many_arguments)]
+    fn compare(
+        lead: &[i64],
+        (i, o, r): (i64, i64, i64),
+        with_bias: bool,
+        dropout: f64,
+        x_grad: bool,
+        w_grad: bool,
+        kind: Kind,
+        seed: i64,
+    ) -> (f64, f64) {
+        tch::manual_seed(seed);
+        let opts = (kind, Device::Cpu);
+        let cfg = LoraConfig::new(r, 2.0 * r as f64, dropout, false).unwrap();
+        let mut shape = lead.to_vec();
+        shape.push(i);
+        let x0 = Tensor::randn(shape.as_slice(), opts);
+        let w0 = Tensor::randn([o, i], opts) * 0.2;
+        let b0 = Tensor::randn([o], opts);
+        let a0 = Tensor::randn([r, i], opts) * 0.2;
+        let bb0 = Tensor::randn([o, r], opts) * 0.2;
+        let mut out_shape = lead.to_vec();
+        out_shape.push(o);
+        let g = Tensor::randn(out_shape.as_slice(), opts);
+        let run = |fused: bool| -> (Tensor, Vec<Tensor>) {
+            let (x, w) = (leaf(x0.copy(), x_grad), leaf(w0.copy(), w_grad));
+            let bias = with_bias.then(|| leaf(b0.copy(), w_grad));
+            let ad = Adapter {
+                a: leaf(a0.copy(), true),
+                b: leaf(bb0.copy(), true),
+                config: cfg,
+            };
+            tch::manual_seed(seed + 1); // the same dropout mask on both sides
+            let y = if fused {
+                ad.forward_with_base(&x, &w, bias.as_ref(), true).unwrap()
+            } else {
+                composite(&ad, &x, &w, bias.as_ref(), dropout)
+            };
+            assert_eq!(y.size(), out_shape);
+            (&y * &g).sum(kind).backward();
+            let mut grads = vec![grad_of(&ad.a), grad_of(&ad.b), grad_of(&x), grad_of(&w)];
+            if let Some(b) = &bias {
+                grads.push(grad_of(b));
+            }
+            assert_eq!(x.grad().defined(), x_grad);
+            assert_eq!(w.grad().defined(), w_grad);
+            (y.detach(), grads)
+        };
+        let (y_f, g_f) = run(true);
+        let (y_c, g_c) = run(false);
+        let worst = g_f
+            .iter()
+            .zip(&g_c)
+            .map(|(a, b)| max_diff(a, b))
+            .fold(0.0, f64::max);
+        (max_diff(&y_f, &y_c), worst)
+    }
+
+    #[test]
+    fn fused_forward_is_bit_identical_without_dropout() {
+        for (lead, dims) in [(vec![3, 7], (24, 40, 4)), (vec![256], (576, 1536, 16))] {
+            let (fwd, grads) = compare(&lead, dims, false, 0.0, true, false, Kind::Float, 3);
+            assert_eq!(fwd, 0.0, "{lead:?} {dims:?}");
+            assert!(grads <= 1e-4, "{lead:?} {dims:?}: {grads}");
+        }
+    }
+
+    #[test]
+    fn fused_matches_composite_in_bf16() {
+        let (fwd, grads) = compare(
+            &[2, 5],
+            (32, 16, 8),
+            true,
+            0.0,
+            true,
+            false,
+            Kind::BFloat16,
+            5,
+        );
+        assert!(fwd <= 0.05 && grads <= 0.1, "{fwd} {grads}");
+    }
+
+    #[test]
+    fn fused_node_reports_bad_shapes_as_errors() {
+        let cfg = LoraConfig::new(2, 4.0, 0.0, false).unwrap();
+        let ad = Adapter::new(4, 3, cfg, Kind::Float, Device::Cpu).unwrap();
+        let w = Tensor::randn([3, 4], (Kind::Float, Device::Cpu));
+        let x = Tensor::randn([2, 5], (Kind::Float, Device::Cpu));
+        assert!(ad.forward_with_base(&x, &w, None, false).is_err());
+        let x = Tensor::randn([2, 4], (Kind::Double, Device::Cpu));
+        assert!(ad.forward_with_base(&x, &w, None, false).is_err());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        #[test]
+        fn fused_matches_composite_forward_and_gradients(
+            lead in proptest::collection::vec(0i64..4, 0..3), i in 1i64..20, o in 1i64..20,
+            r in 1i64..6, with_bias: bool, dropped: bool, x_grad: bool, w_grad: bool, seed in 0i64..1000,
+        ) {
+            let dropout = if dropped { 0.3 } else { 0.0 };
+            let (fwd, grads) =
+                compare(&lead, (i, o, r), with_bias, dropout, x_grad, w_grad, Kind::Float, seed);
+            prop_assert!(fwd <= 1e-5, "forward differs by {}", fwd);
+            prop_assert!(grads <= 1e-4, "a gradient differs by {}", grads);
+        }
+    }
 }

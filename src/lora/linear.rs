@@ -93,11 +93,11 @@ impl LoraLinear {
     /// `x` may have any number of leading batch dimensions; its last must be `in_features`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.check_input(x)?;
-        let y = x.f_linear(&self.weight, self.bias.as_ref())?;
         if self.merged {
-            return Ok(y);
+            return Ok(x.f_linear(&self.weight, self.bias.as_ref())?);
         }
-        Ok(y.f_add(&self.adapter.forward(x, self.training)?)?)
+        self.adapter
+            .forward_with_base(x, &self.weight, self.bias.as_ref(), self.training)
     }
 
     fn check_input(&self, x: &Tensor) -> Result<()> {

@@ -74,12 +74,11 @@ impl Linear {
 
     /// `x W^T + b`, plus the adapter's term when enabled and not merged.
     pub fn forward(&self, x: &Tensor, mode: LoraMode) -> Result<Tensor> {
-        let y = x.f_linear(&self.weight, self.bias.as_ref())?;
         match &self.lora {
             Some(ad) if mode.enabled && !self.merged => {
-                Ok(y.f_add(&ad.forward(x, mode.training)?)?)
+                ad.forward_with_base(x, &self.weight, self.bias.as_ref(), mode.training)
             }
-            _ => Ok(y),
+            _ => Ok(x.f_linear(&self.weight, self.bias.as_ref())?),
         }
     }
 

@@ -83,6 +83,40 @@ def test_gradients_equal_autograd_on_reference(p: dict) -> None:
     assert layer.weight.grad is None, "the base weight is frozen"
 
 
+@given(shapes, st.sampled_from([0.0, 0.25]))
+def test_input_gradient_and_dropout_equal_autograd_on_reference(p: dict, dropout: float) -> None:
+    """The layer is one fused autograd node: the gradient reaching x (through the frozen base
+    and the adapter, dropout included) must equal autograd's on the formula with the same mask.
+    Its output is an ordinary tensor that later in-place ops may modify."""
+    torch.manual_seed(p["seed"])
+    layer = loratch.torch_lora_linear(
+        p["in_f"], p["out_f"], p["rank"], p["alpha"], bias=p["bias"], dropout=dropout
+    )
+    randomize_b(layer)
+    x0 = torch.randn(*p["batch"], p["in_f"])
+    g = torch.randn(*p["batch"], p["out_f"])
+    a, b = loratch.torch_lora_trainable_params(layer)
+
+    x = x0.clone().requires_grad_(True)
+    torch.manual_seed(p["seed"] + 1)
+    y = loratch.torch_lora_forward(layer, x)
+    y.mul_(2.0)
+    (y * g).sum().backward()
+
+    x2 = x0.clone().requires_grad_(True)
+    a2 = a.detach().clone().requires_grad_(True)
+    b2 = b.detach().clone().requires_grad_(True)
+    torch.manual_seed(p["seed"] + 1)
+    xd = torch.nn.functional.dropout(x2, dropout, training=True) if dropout else x2
+    bias = layer.bias if layer.bias is not None else 0.0
+    y2 = x2 @ layer.weight.T + bias + layer.scaling * ((xd @ a2.T) @ b2.T)
+    (2.0 * y2 * g).sum().backward()
+    assert close(y, 2.0 * y2.detach())
+    for got, want in [(x.grad, x2.grad), (a.grad, a2.grad), (b.grad, b2.grad)]:
+        assert got is not None and want is not None
+        assert close(got, want, 1e-4)
+
+
 @given(shapes)
 def test_merge_same_output_and_unmerge_restores(p: dict) -> None:
     torch.manual_seed(p["seed"])
