@@ -194,7 +194,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
     ap.add_argument("--no-rust", action="store_true", help="skip `cargo bench --bench lora_linear`")
     ap.add_argument("--train-rounds", type=int, default=3, help="fixed-length training runs per side")
-    ap.add_argument("--real-rounds", type=int, default=1, help="real-data training runs per side (minutes each)")
+    ap.add_argument("--real-rounds", type=int, default=2, help="real-data training runs per side (minutes each)")
     args = ap.parse_args()
     peak = matmul_peak_gflops()
     head = [

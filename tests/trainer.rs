@@ -108,6 +108,14 @@ fn write_data(path: &Path, n: usize) {
     std::fs::write(path, text).unwrap();
 }
 
+/// A temp dir holding a tiny model (from `seed`) and `records` training records in data.jsonl.
+fn tiny_run_dir(seed: i64, records: usize) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_model(dir.path(), seed);
+    write_data(&dir.path().join("data.jsonl"), records);
+    dir
+}
+
 fn model_with_lora(dir: &Path) -> LoadedModel {
     let mut m = LoadedModel::load(
         dir,
@@ -401,9 +409,7 @@ impl Hooks for StopAt {
 #[test]
 fn a_run_learns_and_resuming_reproduces_it_exactly() {
     let _rng = rng_lock();
-    let dir = tempfile::tempdir().unwrap();
-    tiny_model(dir.path(), 4);
-    write_data(&dir.path().join("data.jsonl"), 40);
+    let dir = tiny_run_dir(4, 40);
     let full_out = dir.path().join("full");
     let cfg = tiny_config(dir.path(), &full_out, 8);
     let full = train(&cfg, None, &mut NoHooks).unwrap();
@@ -472,9 +478,7 @@ fn padding_free_packing_trains_like_padded_batches() {
     // per example); with dropout off it must take the same steps with the same losses and reach
     // the same adapter.
     let _rng = rng_lock();
-    let dir = tempfile::tempdir().unwrap();
-    tiny_model(dir.path(), 6);
-    write_data(&dir.path().join("data.jsonl"), 40);
+    let dir = tiny_run_dir(6, 40);
     let run = |packing: Packing, name: &str| {
         let out = dir.path().join(name);
         let mut cfg = tiny_config(dir.path(), &out, 4);
@@ -522,9 +526,7 @@ impl Hooks for NanAt {
 #[test]
 fn non_finite_steps_are_skipped_and_too_many_in_a_row_abort() {
     let _rng = rng_lock();
-    let dir = tempfile::tempdir().unwrap();
-    tiny_model(dir.path(), 5);
-    write_data(&dir.path().join("data.jsonl"), 30);
+    let dir = tiny_run_dir(5, 30);
     let out = dir.path().join("skip");
     let cfg = tiny_config(dir.path(), &out, 6);
     let done = train(&cfg, None, &mut NanAt(vec![1, 2])).unwrap();
@@ -587,9 +589,7 @@ fn data_problems_are_clear_errors() {
 #[test]
 fn a_fresh_run_into_a_used_output_dir_is_refused_unless_overwrite_is_set() {
     let _rng = rng_lock();
-    let dir = tempfile::tempdir().unwrap();
-    tiny_model(dir.path(), 7);
-    write_data(&dir.path().join("data.jsonl"), 20);
+    let dir = tiny_run_dir(7, 20);
     let out = dir.path().join("used");
     // An earlier run's checkpoint, further along than the new run will get.
     let old = checkpoint::write(&out, 50, |d| {

@@ -1,5 +1,6 @@
 //! The Hugging Face `config.json` of a Llama-family decoder, deserialised with serde and checked.
 use crate::error::{Error, Result};
+use crate::io::json::{kind_name, Words};
 use serde::Deserialize;
 use std::path::Path;
 
@@ -136,18 +137,6 @@ fn ids(v: &Option<serde_json::Value>) -> Vec<i64> {
     }
 }
 
-/// "an array", "a string", ... for error messages.
-fn json_kind(v: &serde_json::Value) -> &'static str {
-    match v {
-        serde_json::Value::Null => "null",
-        serde_json::Value::Bool(_) => "a boolean",
-        serde_json::Value::Number(_) => "a number",
-        serde_json::Value::String(_) => "a string",
-        serde_json::Value::Array(_) => "an array",
-        serde_json::Value::Object(_) => "an object",
-    }
-}
-
 impl ModelConfig {
     /// Checks that every id of the non-empty integer tensor `ids` is in `[0, vocab_size)`: an
     /// [`Error::Input`] "`{what}` must be in [0, vocab)`{note}`; got min .., max .." otherwise.
@@ -183,7 +172,7 @@ impl ModelConfig {
         if !value.is_object() {
             return Err(Error::Config(format!(
                 "malformed config.json: expected a JSON object, got {}",
-                json_kind(&value)
+                kind_name(&value, Words::Json)
             )));
         }
         let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::loader::Packing;
 use crate::error::{Error, Result};
+use crate::io::json::{kind_name, Words};
 use crate::lora::targets::Targets;
 use crate::train::schedule::ScheduleKind;
 
@@ -150,17 +151,6 @@ fn keyed_error<E: std::fmt::Display>(source: &str, e: serde_path_to_error::Error
     }
 }
 
-fn json_kind(v: &serde_json::Value) -> &'static str {
-    match v {
-        serde_json::Value::Null => "null",
-        serde_json::Value::Bool(_) => "a boolean",
-        serde_json::Value::Number(_) => "a number",
-        serde_json::Value::String(_) => "a string",
-        serde_json::Value::Array(_) => "a list",
-        serde_json::Value::Object(_) => "a table",
-    }
-}
-
 impl TrainConfig {
     /// Reads a TOML file and applies `overrides` (`section.key=value`, the value in TOML syntax;
     /// a bare word is taken as a string).
@@ -189,7 +179,7 @@ impl TrainConfig {
         if !value.is_object() {
             return Err(Error::Config(format!(
                 "training config: expected a table of keys, got {}",
-                json_kind(&value)
+                kind_name(&value, Words::Toml)
             )));
         }
         let config: Self = serde_path_to_error::deserialize(value)
