@@ -23,6 +23,9 @@ pub struct Batch {
     pub segment_ids: Tensor,
     /// The number of labels that are not [`IGNORE_INDEX`].
     pub n_target_tokens: i64,
+    /// The number of tokens that are not padding (the attention mask's sum, known on the host, so
+    /// counting them needs no device round trip).
+    pub n_tokens: i64,
     /// Whether rows hold several examples (then attention must keep them apart: pass
     /// `segment_lengths` to [`crate::model::CausalLm::hidden_states_segments`], or use
     /// [`block_diagonal_mask`]).
@@ -89,6 +92,7 @@ fn collate(rows: &[Vec<&Example>], pad_id: i64, packed: bool) -> Result<Batch> {
         position_ids: tensor_2d(&positions, b, width)?,
         segment_ids: tensor_2d(&segments, b, width)?,
         n_target_tokens,
+        n_tokens: mask.iter().sum(),
         packed,
         segment_lengths,
     })
@@ -154,18 +158,19 @@ pub fn block_diagonal_mask(segment_ids: &Tensor) -> Result<Tensor> {
 }
 
 impl Batch {
-    /// The batch on `device`.
-    pub fn to_device(&self, device: Device) -> Batch {
-        Batch {
-            input_ids: self.input_ids.to_device(device),
-            labels: self.labels.to_device(device),
-            attention_mask: self.attention_mask.to_device(device),
-            position_ids: self.position_ids.to_device(device),
-            segment_ids: self.segment_ids.to_device(device),
+    /// The batch on `device` (an error, not a panic, when the copy fails, e.g. out of memory).
+    pub fn to_device(&self, device: Device) -> Result<Batch> {
+        Ok(Batch {
+            input_ids: self.input_ids.f_to_device(device)?,
+            labels: self.labels.f_to_device(device)?,
+            attention_mask: self.attention_mask.f_to_device(device)?,
+            position_ids: self.position_ids.f_to_device(device)?,
+            segment_ids: self.segment_ids.f_to_device(device)?,
             n_target_tokens: self.n_target_tokens,
+            n_tokens: self.n_tokens,
             packed: self.packed,
             segment_lengths: self.segment_lengths.clone(),
-        }
+        })
     }
 
     /// `[B, T]`.
@@ -221,6 +226,7 @@ mod tests {
             vec![vec![1, 1, 1], vec![1, 1, 0]]
         );
         assert_eq!(batch.n_target_tokens, 3);
+        assert_eq!(batch.n_tokens, 5);
         assert!(!batch.packed);
         assert_eq!(batch.segment_lengths, vec![3, 2, 1]);
         assert!(pad_batch(&[], 0).is_err());

@@ -181,6 +181,11 @@ fn loader_packing_by_examples_keeps_batch_size_examples_per_batch() {
         assert_eq!(b.segment_lengths.len(), a.shape().0 as usize);
         assert_eq!(b.segment_lengths.iter().sum::<i64>(), b.shape().1);
         assert_eq!(b.n_target_tokens, a.n_target_tokens);
+        for batch in [&a, &b] {
+            let mask_sum = batch.attention_mask.sum(Kind::Int64).int64_value(&[]);
+            assert_eq!(batch.n_tokens, mask_sum);
+        }
+        assert_eq!(b.n_tokens, b.shape().1);
         let mut want: Vec<Vec<i64>> = rows_of(&a.input_ids)
             .into_iter()
             .zip(rows_of(&a.attention_mask))

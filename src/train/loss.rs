@@ -19,7 +19,7 @@ const CHUNK_LOGITS: i64 = 16 << 20;
 /// What [`causal_lm_loss`] computed.
 #[derive(Debug)]
 pub struct LossSum {
-    /// The sum of the token losses (float64 accumulation of float32 chunk sums).
+    /// The sum of the token losses (float32 losses summed in float64).
     pub sum: f64,
     /// The number of target tokens.
     pub n_tokens: i64,
@@ -92,7 +92,6 @@ pub fn causal_lm_loss(
     let head = &lm.lm_head;
     let manual = head.lora.is_none() || head.merged || !mode.enabled;
     let mut losses = Vec::new();
-    let mut sum = 0.0f64;
     if manual || backward.is_none() {
         // Autograd stops at `rows`; the head's backward is done here.
         let detached = rows.f_detach()?;
@@ -105,7 +104,6 @@ pub fn causal_lm_loss(
             // log_softmax in place (one vectorised pass per row, no second [rows, vocab] buffer).
             let logp = logits.f_internal_log_softmax_out(&logits, -1, false)?;
             let loss = logp.f_gather(1, &tgt, false)?.f_neg()?.f_squeeze_dim(1)?;
-            sum += loss.f_sum(Kind::Double)?.f_double_value(&[])?;
             losses.push(loss);
             if let Some(scale) = backward {
                 // (softmax - onehot) * scale, still in the logits' memory.
@@ -137,7 +135,6 @@ pub fn causal_lm_loss(
                 IGNORE_INDEX,
                 0.0,
             )?;
-            sum += loss.f_sum(Kind::Double)?.f_double_value(&[])?;
             let part = loss.f_sum(Kind::Float)?;
             total = Some(match total {
                 Some(t) => t.f_add(&part)?,
@@ -149,9 +146,12 @@ pub fn causal_lm_loss(
             t.f_mul_scalar(scale)?.f_backward()?;
         }
     }
+    let token_losses = Tensor::f_cat(&losses, 0)?;
+    // One read of a device value per batch (a sync on CUDA), however many chunks.
+    let sum = token_losses.f_sum(Kind::Double)?.f_double_value(&[])?;
     Ok(LossSum {
         sum,
         n_tokens: n,
-        token_losses: Tensor::f_cat(&losses, 0)?,
+        token_losses,
     })
 }

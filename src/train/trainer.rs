@@ -391,7 +391,7 @@ impl<'a> Run<'a> {
     /// The summed loss of `batch` (and its backward, scaled by `scale`, when given).
     fn batch_loss(&self, batch: &Batch, scale: Option<f64>) -> Result<(f64, i64)> {
         let device = self.model.lm.device();
-        let batch = batch.to_device(device);
+        let batch = batch.to_device(device)?;
         let lm = &self.model.lm;
         let hidden = if batch.packed {
             lm.hidden_states_segments(
@@ -507,10 +507,7 @@ impl<'a> Run<'a> {
                     }
                     let (s, _) = self.batch_loss(batch, Some(scale))?;
                     sums[0] += s;
-                    sums[1] += batch
-                        .attention_mask
-                        .f_sum(Kind::Int64)?
-                        .f_int64_value(&[])? as f64;
+                    sums[1] += batch.n_tokens as f64;
                 }
             }
             hooks.all_reduce_sum(&mut sums)?;
