@@ -23,13 +23,16 @@ using torch::autograd::variable_list;
 
 struct LoraLinear : public torch::autograd::Function<LoraLinear> {
   // `dropped` absent: the adapter reads x. `bias` may be absent too. Absent inputs are not
-  // autograd edges, so needs_input_grad numbers only the present ones (see `edge`).
+  // autograd edges, so needs_input_grad numbers only the present ones (`w_edge`, `a_edge` in
+  // the backward).
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x,
                             const std::optional<at::Tensor>& dropped_in, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias_in, const at::Tensor& a,
                             const at::Tensor& b, double scaling) {
     const at::Tensor dropped = dropped_in.value_or(at::Tensor());
     const at::Tensor bias = bias_in.value_or(at::Tensor());
+    TORCH_CHECK(x.dim() >= 1, "the LoRA linear's input needs at least one dimension");
+    TORCH_CHECK(weight.dim() == 2, "the LoRA linear's weight must be 2-D [out, in]");
     const int64_t in = weight.size(1);
     const int64_t out = weight.size(0);
     const at::Tensor x2 = x.reshape({-1, in});

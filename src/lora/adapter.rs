@@ -126,13 +126,15 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// The adapted linear written out op by op, as PEFT computes it.
-    fn composite(ad: &Adapter, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, p: f64) -> Tensor {
-        let xd = if p > 0.0 {
-            x.dropout(p, true)
-        } else {
-            x.shallow_clone()
-        };
+    /// The adapted linear written out op by op, as PEFT computes it; `xd` is the adapter's input
+    /// (x, or dropout(x)).
+    fn composite(
+        ad: &Adapter,
+        x: &Tensor,
+        xd: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> Tensor {
         x.linear(w, bias)
             + xd.linear::<&Tensor>(&ad.a, None)
                 .linear::<&Tensor>(&ad.b, None)
@@ -186,6 +188,11 @@ mod tests {
         let mut out_shape = lead.to_vec();
         out_shape.push(o);
         let g = Tensor::randn(out_shape.as_slice(), opts);
+        // One dropout mask, drawn here, for both sides: the global generator is shared with tests
+        // running on other threads, so re-seeding before each side would not give equal masks.
+        let keep = Tensor::rand(shape.as_slice(), opts)
+            .ge(dropout)
+            .to_kind(kind);
         let run = |fused: bool| -> (Tensor, Vec<Tensor>) {
             let (x, w) = (leaf(x0.copy(), x_grad), leaf(w0.copy(), w_grad));
             let bias = with_bias.then(|| leaf(b0.copy(), w_grad));
@@ -194,11 +201,22 @@ mod tests {
                 b: leaf(bb0.copy(), true),
                 config: cfg,
             };
-            tch::manual_seed(seed + 1); // the same dropout mask on both sides
-            let y = if fused {
-                ad.forward_with_base(&x, &w, bias.as_ref(), true).unwrap()
-            } else {
-                composite(&ad, &x, &w, bias.as_ref(), dropout)
+            // dropout(x) as torch computes it, with the mask drawn above.
+            let xd = (dropout > 0.0).then(|| &x * &keep / (1.0 - dropout));
+            let y = match (fused, &xd) {
+                // Without dropout: the adapter's own entry point.
+                (true, None) => ad.forward_with_base(&x, &w, bias.as_ref(), true).unwrap(),
+                (true, Some(xd)) => crate::bridge::lora_linear(
+                    &x,
+                    Some(xd),
+                    &w,
+                    bias.as_ref(),
+                    &ad.a,
+                    &ad.b,
+                    ad.config.scaling(),
+                )
+                .unwrap(),
+                (false, xd) => composite(&ad, &x, xd.as_ref().unwrap_or(&x), &w, bias.as_ref()),
             };
             assert_eq!(y.size(), out_shape);
             (&y * &g).sum(kind).backward();
@@ -253,6 +271,14 @@ mod tests {
         assert!(ad.forward_with_base(&x, &w, None, false).is_err());
         let x = Tensor::randn([2, 4], (Kind::Double, Device::Cpu));
         assert!(ad.forward_with_base(&x, &w, None, false).is_err());
+        // A 0-d input (which the callers' shape checks never pass on) is refused here too.
+        let ad1 = Adapter::new(1, 3, cfg, Kind::Float, Device::Cpu).unwrap();
+        let w1 = Tensor::randn([3, 1], (Kind::Float, Device::Cpu));
+        let scalar = Tensor::from(1.0f32);
+        let err = ad1
+            .forward_with_base(&scalar, &w1, None, false)
+            .unwrap_err();
+        assert!(err.to_string().contains("at least one dimension"), "{err}");
     }
 
     proptest! {
