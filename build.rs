@@ -35,6 +35,11 @@ fn main() {
     // extension finds it beside itself in site-packages (and torch is imported first anyway).
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
     println!("cargo:rustc-link-arg-cdylib=-Wl,-rpath,$ORIGIN/../torch/lib");
+    // The binary answers oneMKL's vendor check itself (src/bin/loratch/mkl_dispatch.rs); the
+    // dynamic linker binds libtorch's calls to these definitions only if the executable exports them.
+    for sym in ["mkl_serv_intel_cpu", "mkl_serv_intel_cpu_true"] {
+        println!("cargo:rustc-link-arg-bin=loratch=-Wl,--export-dynamic-symbol={sym}");
+    }
 
     let cxx11_abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned());
     cc::Build::new()

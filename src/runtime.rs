@@ -1,6 +1,9 @@
-//! What this process's libtorch offers (version, devices, threads), and the process-wide
-//! allocator setting the `loratch` binary applies.
+//! What this process's libtorch offers (version, devices, threads, CPU matmul throughput), and the
+//! process-wide allocator setting the `loratch` binary applies.
 use serde::Serialize;
+use tch::{Device, Kind, Tensor};
+
+use crate::error::Result;
 
 /// A snapshot of the runtime, printed by `loratch info`.
 #[derive(Debug, Clone, Serialize)]
@@ -41,6 +44,23 @@ pub fn info() -> RuntimeInfo {
     }
 }
 
+/// The fp32 matmul throughput of this process on the CPU, in GFLOP/s: the best of `reps` timed
+/// `[n, n] x [n, n]` products (after one untimed), at libtorch's current thread count.
+pub fn matmul_gflops(n: i64, reps: usize) -> Result<f64> {
+    let opts = (Kind::Float, Device::Cpu);
+    let a = Tensor::f_randn([n, n], opts)?;
+    let b = Tensor::f_randn([n, n], opts)?;
+    let mut out = a.f_mm(&b)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..reps.max(1) {
+        let start = std::time::Instant::now();
+        out = a.f_mm(&b)?;
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    drop(out);
+    Ok(2.0 * (n as f64).powi(3) / best / 1e9)
+}
+
 /// Makes glibc's malloc keep freed memory for reuse instead of handing it back to the kernel.
 ///
 /// By default glibc serves every allocation above 32 MiB with a fresh `mmap` and unmaps it on free,
@@ -57,5 +77,16 @@ pub fn keep_freed_memory() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 2 << 30);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matmul_throughput_is_positive_and_finite() {
+        let g = matmul_gflops(64, 3).unwrap();
+        assert!(g.is_finite() && g > 0.0, "{g}");
     }
 }

@@ -9,6 +9,8 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+mod mkl_dispatch;
+
 #[derive(Parser)]
 #[command(
     name = "loratch",
@@ -34,11 +36,14 @@ enum Command {
         #[arg(long)]
         resume: Option<PathBuf>,
     },
-    /// Show the libtorch version, the available devices and the thread count.
+    /// Show the libtorch version, the available devices, the thread count and the CPU GEMM setup.
     Info {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Also measure the fp32 matmul throughput on the CPU (1024^3, best of 10), in GFLOP/s.
+        #[arg(long)]
+        matmul_peak: bool,
     },
     /// Fold adapters into a model and write it as a Hugging Face directory.
     Merge {
@@ -89,10 +94,19 @@ enum Command {
     },
 }
 
-fn info(json: bool) -> loratch::Result<()> {
+fn info(json: bool, matmul_peak: bool) -> loratch::Result<()> {
     let info = loratch::runtime::info();
+    let peak = if matmul_peak {
+        Some(loratch::runtime::matmul_gflops(1024, 10)?)
+    } else {
+        None
+    };
     if json {
-        let text = serde_json::to_string_pretty(&info)
+        let mut value =
+            serde_json::to_value(&info).map_err(|e| loratch::Error::Config(e.to_string()))?;
+        value["mkl_dispatch_forced"] = mkl_dispatch::forced().into();
+        value["matmul_gflops"] = peak.into();
+        let text = serde_json::to_string_pretty(&value)
             .map_err(|e| loratch::Error::Config(e.to_string()))?;
         println!("{text}");
     } else {
@@ -105,6 +119,14 @@ fn info(json: bool) -> loratch::Result<()> {
         );
         println!("mps: {}", info.mps);
         println!("cpu threads: {}", info.threads);
+        println!(
+            "cpu gemm: {} ({}=mkl keeps oneMKL's vendor check)",
+            mkl_dispatch::describe(),
+            mkl_dispatch::ENV
+        );
+        if let Some(p) = peak {
+            println!("fp32 matmul: {p:.1} GFLOP/s (1024^3, best of 10)");
+        }
     }
     Ok(())
 }
@@ -205,6 +227,13 @@ fn run_train(config: PathBuf, set: Vec<String>, resume: Option<PathBuf>) -> lora
 }
 
 fn main() -> ExitCode {
+    // Like other Unix tools, end quietly when the reader of stdout goes away (`loratch info | head`)
+    // instead of panicking on the next println.
+    #[cfg(unix)]
+    // SAFETY: restores the default disposition of one signal before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     loratch::runtime::keep_freed_memory();
     let result = match Cli::parse().command {
         Command::Train {
@@ -216,7 +245,7 @@ fn main() -> ExitCode {
             Ok(false) => return ExitCode::from(INTERRUPTED),
             Err(e) => Err(e),
         },
-        Command::Info { json } => info(json),
+        Command::Info { json, matmul_peak } => info(json, matmul_peak),
         Command::Merge {
             model,
             adapter,
