@@ -290,9 +290,9 @@ def bench_training(model: Path, work: Path, peak_gflops: float, rounds: int, rea
     non_embedding = sum(n for k, n in _param_counts(model).items() if "embed_tokens" not in k and "lm_head" not in k)
     flops_per_token = 4 * (non_embedding + v * h)
 
-    # MFU is against the best fp32 matmul this machine gave: stock torch here, or the binary's.
-    binary_peak = binary_matmul_gflops()
-    peak_gflops = max(peak_gflops, binary_peak)
+    # MFU is against the best fp32 matmul this machine gave: stock torch (measured by the caller) or the
+    # binary's, measured again around every fixed-length round, since the machine's speed drifts.
+    binary_peaks = [binary_matmul_gflops()]
     shim = mkl_shim(work)
 
     fixed: dict[str, list[float]] = {"loratch": [], "peft": [], "peft-avx2": []}
@@ -307,6 +307,9 @@ def bench_training(model: Path, work: Path, peak_gflops: float, rounds: int, rea
         if shim is not None:
             res, _ = peft_run("peft-fixed", model, work, {"LD_PRELOAD": str(shim)})
             fixed["peft-avx2"].append(res["step_s"])
+        binary_peaks.append(binary_matmul_gflops())
+    torch_peak = peak_gflops
+    peak_gflops = max([torch_peak, *binary_peaks])
     real: dict[str, list[float]] = {"loratch": [], "peft": [], "loratch-loss": [], "peft-loss": []}
     for r in range(real_rounds):
         t, loss, m = loratch_real(model, work, str(r))
@@ -330,8 +333,9 @@ def bench_training(model: Path, work: Path, peak_gflops: float, rounds: int, rea
         "",
         f"{rounds} alternated runs per side, each its own process; {FIXED_STEPS} timed steps per run after one warm-up "
         f"step; FLOPs per token = 4 x ({non_embedding / 1e6:.1f}M non-embedding params + {v * h / 1e6:.1f}M head) = "
-        f"{flops_per_token / 1e9:.2f} GFLOP. MFU is of {peak_gflops:.0f} GFLOP/s, the best fp32 matmul measured "
-        f"(stock torch in this process, or the `loratch` binary: {binary_peak:.0f} GFLOP/s).",
+        f"{flops_per_token / 1e9:.2f} GFLOP. MFU is of {peak_gflops:.0f} GFLOP/s, the best of the fp32 matmul "
+        f"measurements (1024^3, best of 10 each): stock torch once at the start ({torch_peak:.0f}), the `loratch` "
+        f"binary before the first and after every fixed-length round ({', '.join(f'{p:.0f}' for p in binary_peaks)}).",
         "",
         "The `loratch` binary answers oneMKL's CPU-vendor check itself (`src/bin/loratch/mkl_dispatch.rs`), so on "
         "AMD processors oneMKL runs its AVX2 kernels instead of its generic ones; stock PyTorch (PEFT's row) keeps the "
