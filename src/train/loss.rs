@@ -216,7 +216,7 @@ mod tests {
     }
 
     #[test]
-    fn blocked_head_is_not_used_for_small_vocabularies_or_biases() {
+    fn head_with_a_bias_keeps_its_bias() {
         let opts = (Kind::Float, tch::Device::Cpu);
         let x = Tensor::randn([3, 8], opts);
         let mut head = Linear::from_weight(Tensor::randn([2048, 8], opts));

@@ -47,8 +47,12 @@ pub fn describe() -> &'static str {
     }
 }
 
-/// Calls the next definition of `name` (oneMKL's, inside libtorch), or answers 0 without one.
-fn mkl_answer(name: &CStr) -> c_int {
+/// The answer to oneMKL's check `name`: "yes" when [`forced`], else oneMKL's own answer (the next
+/// definition of `name`, inside libtorch), or 0 without one.
+fn vendor_check(name: &CStr) -> c_int {
+    if forced() {
+        return 1;
+    }
     // SAFETY: dlsym only looks a symbol up; RTLD_NEXT searches the objects loaded after this
     // executable, i.e. libtorch's own definition of the same `int (void)` function.
     let f = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) };
@@ -63,19 +67,11 @@ fn mkl_answer(name: &CStr) -> c_int {
 /// oneMKL's "is this an Intel processor" check (one of two).
 #[no_mangle]
 pub extern "C" fn mkl_serv_intel_cpu() -> c_int {
-    if forced() {
-        1
-    } else {
-        mkl_answer(c"mkl_serv_intel_cpu")
-    }
+    vendor_check(c"mkl_serv_intel_cpu")
 }
 
 /// oneMKL's "is this an Intel processor" check (the other).
 #[no_mangle]
 pub extern "C" fn mkl_serv_intel_cpu_true() -> c_int {
-    if forced() {
-        1
-    } else {
-        mkl_answer(c"mkl_serv_intel_cpu_true")
-    }
+    vendor_check(c"mkl_serv_intel_cpu_true")
 }
