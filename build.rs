@@ -1,5 +1,6 @@
 //! Build script: link libtorch so CUDA stays visible, give every artifact an rpath to the torch
-//! libraries, and compile the small C++ bridge (csrc/: tensor hand-over, fused AdamW, fused LoRA linear).
+//! libraries, and compile the small C++ bridge (csrc/: tensor hand-over, fused AdamW, fused LoRA linear,
+//! blocked causal attention).
 use std::path::PathBuf;
 
 fn main() {
@@ -7,6 +8,7 @@ fn main() {
         "csrc/bridge.h",
         "csrc/tensor_bridge.cpp",
         "csrc/lora_linear.cpp",
+        "csrc/causal_attention.cpp",
     ] {
         println!("cargo:rerun-if-changed={file}");
     }
@@ -52,5 +54,6 @@ fn main() {
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={cxx11_abi}"))
         .file("csrc/tensor_bridge.cpp")
         .file("csrc/lora_linear.cpp")
+        .file("csrc/causal_attention.cpp")
         .compile("loratch_bridge");
 }

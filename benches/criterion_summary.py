@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # The groups of benches/lora_linear.rs, in the order of the table.
-LORA_LINEAR_GROUPS = ("forward", "forward_backward", "forward_1row", "merge")
+LORA_LINEAR_GROUPS = ("forward", "forward_backward", "forward_1row", "merge", "causal_attention")
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,11 @@
 //! - `forward_backward`: forward, `sum().backward()`, the grads of A and B, same shapes;
 //! - `forward_1row`: no-grad forward of a single row (a decode step), 576x576;
 //! - `merge`: no-grad forward before and after `LoraLinear::merge`, 576x576 (raw_tch_merged is
-//!   `x W'^T` alone).
+//!   `x W'^T` alone);
+//! - `causal_attention`: forward and backward of the blocked causal attention the trainer runs
+//!   (`loratch::bridge::causal_attention`, blocks of 64) against libtorch's
+//!   `scaled_dot_product_attention` (its CPU flash attention), SmolLM2-135M's attention shape:
+//!   9 query heads over 3 key/value heads, 256 positions, head dim 64.
 //!
 //! Function ids are `loratch<suffix>` and `raw_tch<suffix>` with the shape as the parameter, so
 //! `benches/criterion_summary.py` can pair them: `cargo bench --bench lora_linear`.
@@ -155,12 +159,44 @@ fn bench_merge(c: &mut Criterion) {
     group.finish();
 }
 
+fn bench_causal_attention(c: &mut Criterion) {
+    let mut group = c.benchmark_group("causal_attention");
+    tch::manual_seed(0);
+    let opts = (Kind::Float, Device::Cpu);
+    let (heads, kv_heads, len, dim) = (9, 3, 256, 64);
+    let q = Tensor::randn([1, heads, len, dim], opts).set_requires_grad(true);
+    let k = Tensor::randn([1, kv_heads, len, dim], opts).set_requires_grad(true);
+    let v = Tensor::randn([1, kv_heads, len, dim], opts).set_requires_grad(true);
+    let upstream = Tensor::randn([1, heads, len, dim], opts);
+    let scale = 1.0 / (dim as f64).sqrt();
+    // Backward from a random upstream gradient; the gradients are taken, not accumulated.
+    let backward = |out: Tensor| {
+        let loss = (out * &upstream).sum(Kind::Float);
+        black_box(Tensor::run_backward(&[loss], &[&q, &k, &v], false, false));
+    };
+    let id = format!("1x{heads}/{kv_heads}x{len}x{dim}");
+    group.bench_function(BenchmarkId::new("loratch", &id), |bch| {
+        bch.iter(|| {
+            backward(loratch::bridge::causal_attention(&q, &k, &v, scale, 64).expect("attention"))
+        })
+    });
+    group.bench_function(BenchmarkId::new("raw_tch", &id), |bch| {
+        bch.iter(|| {
+            backward(Tensor::scaled_dot_product_attention::<&Tensor>(
+                &q, &k, &v, None, 0.0, true, None, true,
+            ))
+        })
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .sample_size(20)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = bench_forward, bench_forward_backward, bench_forward_1row, bench_merge
+    targets = bench_forward, bench_forward_backward, bench_forward_1row, bench_merge,
+        bench_causal_attention
 }
 criterion_main!(benches);

@@ -1,7 +1,8 @@
 //! Zero-copy conversion between a tch [`Tensor`] and the `c10::TensorImpl*` that Python's torch
 //! exposes as `tensor._cdata` (see csrc/tensor_bridge.cpp). Both sides then share one tensor.
 //! Also the C++ ops loratch needs that tch does not offer: libtorch's fused AdamW kernel and the
-//! fused LoRA linear (csrc/lora_linear.cpp).
+//! fused LoRA linear (csrc/lora_linear.cpp) and the blocked causal attention
+//! (csrc/causal_attention.cpp).
 use std::ffi::c_void;
 use tch::Tensor;
 
@@ -30,6 +31,14 @@ extern "C" {
         a: *const c_void,
         b: *const c_void,
         scaling: f64,
+        out: *mut *mut c_void,
+    ) -> *mut std::ffi::c_char;
+    fn loratch_causal_attention(
+        q: *const c_void,
+        k: *const c_void,
+        v: *const c_void,
+        scale: f64,
+        block: i64,
         out: *mut *mut c_void,
     ) -> *mut std::ffi::c_char;
     fn loratch_free_string(s: *mut std::ffi::c_char);
@@ -121,6 +130,29 @@ pub fn lora_linear(
             &mut out,
         )
     };
+    // SAFETY: `err` comes straight from a bridge call.
+    unsafe { take_error(err) }?;
+    // SAFETY: on success the bridge wrote a new owning at::Tensor* that nothing else holds.
+    Ok(unsafe { Tensor::from_ptr(out.cast()) })
+}
+
+/// `softmax(q k^T * scale + causal mask) v` as one autograd node (csrc/causal_attention.cpp):
+/// `q` `[B, H, T, D]`, `k` and `v` `[B, KV, T, D]` with `H` a multiple of `KV` (query head `h`
+/// reads key head `h / (H / KV)`); the result is `[B, H, T, D]`. Queries go in blocks of `block`
+/// positions, each multiplied only with the keys it may see. Saves the attention probabilities
+/// for the backward (about `B * H * T * T * 2` bytes in float32), so it suits short sequences.
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    block: i64,
+) -> Result<Tensor, tch::TchError> {
+    let ptr = |t: &Tensor| t.as_ptr() as *const c_void;
+    let mut out: *mut c_void = std::ptr::null_mut();
+    // SAFETY: every pointer is a live at::Tensor* borrowed for the call; on success `out`
+    // receives a new owning at::Tensor*.
+    let err = unsafe { loratch_causal_attention(ptr(q), ptr(k), ptr(v), scale, block, &mut out) };
     // SAFETY: `err` comes straight from a bridge call.
     unsafe { take_error(err) }?;
     // SAFETY: on success the bridge wrote a new owning at::Tensor* that nothing else holds.
