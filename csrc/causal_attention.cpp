@@ -13,7 +13,6 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 
-#include <exception>
 #include <limits>
 
 #include "bridge.h"
@@ -103,16 +102,11 @@ extern "C" {
 // or the error message (free it with loratch_free_string).
 char* loratch_causal_attention(const void* q, const void* k, const void* v, double scale,
                                int64_t block, void** out) {
-  try {
+  return loratch_guard("unknown C++ exception in the causal attention", [&] {
     const auto tensor = [](const void* p) { return *static_cast<const at::Tensor*>(p); };
     at::Tensor y = CausalAttention::apply(tensor(q), tensor(k), tensor(v), scale, block);
     *out = new at::Tensor(std::move(y));
-    return nullptr;
-  } catch (const std::exception& e) {
-    return loratch_copy_message(e.what());
-  } catch (...) {
-    return loratch_copy_message("unknown C++ exception in the causal attention");
-  }
+  });
 }
 
 }  // extern "C"

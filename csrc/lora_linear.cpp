@@ -11,7 +11,6 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 
-#include <exception>
 #include <optional>
 
 #include "bridge.h"
@@ -97,7 +96,7 @@ extern "C" {
 // be nullptr. Returns nullptr, or the error message (free it with loratch_free_string).
 char* loratch_lora_linear(const void* x, const void* dropped, const void* weight, const void* bias,
                           const void* a, const void* b, double scaling, void** out) {
-  try {
+  return loratch_guard("unknown C++ exception in the LoRA linear", [&] {
     const auto tensor = [](const void* t) { return *static_cast<const at::Tensor*>(t); };
     const auto optional = [](const void* t) -> std::optional<at::Tensor> {
       if (t == nullptr) return std::nullopt;
@@ -106,12 +105,7 @@ char* loratch_lora_linear(const void* x, const void* dropped, const void* weight
     at::Tensor y = LoraLinear::apply(tensor(x), optional(dropped), tensor(weight), optional(bias),
                                      tensor(a), tensor(b), scaling);
     *out = new at::Tensor(std::move(y));
-    return nullptr;
-  } catch (const std::exception& e) {
-    return loratch_copy_message(e.what());
-  } catch (...) {
-    return loratch_copy_message("unknown C++ exception in the LoRA linear");
-  }
+  });
 }
 
 }  // extern "C"

@@ -17,7 +17,6 @@
 
 #include <cstdlib>
 #include <cstring>
-#include <exception>
 #include <vector>
 
 #include "bridge.h"
@@ -69,16 +68,11 @@ char* loratch_fused_adamw(const void* const* params, const void* const* grads,
                           const void* const* exp_avgs, const void* const* exp_avg_sqs,
                           const void* const* steps, size_t n, double lr, double beta1, double beta2,
                           double weight_decay, double eps) {
-  try {
+  return loratch_guard("unknown C++ exception in _fused_adamw_", [&] {
     at::_fused_adamw_(tensor_list(params, n), tensor_list(grads, n), tensor_list(exp_avgs, n),
                       tensor_list(exp_avg_sqs, n), {}, tensor_list(steps, n), lr, beta1, beta2,
                       weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false);
-    return nullptr;
-  } catch (const std::exception& e) {
-    return loratch_copy_message(e.what());
-  } catch (...) {
-    return loratch_copy_message("unknown C++ exception in _fused_adamw_");
-  }
+  });
 }
 
 void loratch_free_string(char* s) { std::free(s); }
