@@ -1,6 +1,6 @@
 //! Build script: link libtorch so CUDA stays visible, give every artifact an rpath to the torch
 //! libraries, and compile the small C++ bridge (csrc/: tensor hand-over, fused AdamW, fused LoRA linear,
-//! blocked causal attention).
+//! blocked causal attention, fused RMSNorm, rotary embedding and SwiGLU).
 use std::path::PathBuf;
 
 fn main() {
@@ -9,6 +9,10 @@ fn main() {
         "csrc/tensor_bridge.cpp",
         "csrc/lora_linear.cpp",
         "csrc/causal_attention.cpp",
+        "csrc/vectorize.h",
+        "csrc/rms_norm.cpp",
+        "csrc/rotary.cpp",
+        "csrc/swiglu.cpp",
     ] {
         println!("cargo:rerun-if-changed={file}");
     }
@@ -33,6 +37,17 @@ fn main() {
         println!("cargo:rustc-link-arg=-ltorch_cuda");
     }
     println!("cargo:rustc-link-arg=-Wl,--as-needed");
+    // The fused elementwise ops split their loops with at::parallel_for, which libtorch implements
+    // inline with `#pragma omp parallel` (compiled with -fopenmp below). They must join libtorch's
+    // own OpenMP runtime, the libgomp shipped beside it (libgomp.so.1 in PyPI's torch, a hashed
+    // name in some libtorch archives), not a second one.
+    let gomp = std::fs::read_dir(&lib_dir)
+        .expect("libtorch lib dir is readable")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|name| name.starts_with("libgomp") && name.contains(".so"))
+        .min()
+        .expect("no libgomp*.so* beside libtorch: this libtorch is not built with OpenMP");
+    println!("cargo:rustc-link-arg=-l:{gomp}");
     // The binary and tests find libtorch where it was built against; the installed Python
     // extension finds it beside itself in site-packages (and torch is imported first anyway).
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
@@ -51,9 +66,13 @@ fn main() {
         .include(torch_root.join("include"))
         .include(torch_root.join("include/torch/csrc/api/include"))
         .flag("-std=c++17")
+        .flag("-fopenmp")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={cxx11_abi}"))
         .file("csrc/tensor_bridge.cpp")
         .file("csrc/lora_linear.cpp")
         .file("csrc/causal_attention.cpp")
+        .file("csrc/rms_norm.cpp")
+        .file("csrc/rotary.cpp")
+        .file("csrc/swiglu.cpp")
         .compile("loratch_bridge");
 }

@@ -1,8 +1,9 @@
 //! Zero-copy conversion between a tch [`Tensor`] and the `c10::TensorImpl*` that Python's torch
 //! exposes as `tensor._cdata` (see csrc/tensor_bridge.cpp). Both sides then share one tensor.
 //! Also the C++ ops loratch needs that tch does not offer: libtorch's fused AdamW kernel and the
-//! fused LoRA linear (csrc/lora_linear.cpp) and the blocked causal attention
-//! (csrc/causal_attention.cpp).
+//! fused LoRA linear (csrc/lora_linear.cpp), the blocked causal attention
+//! (csrc/causal_attention.cpp), and fused RMSNorm, rotary embedding and SwiGLU for training on CPU
+//! (csrc/rms_norm.cpp, csrc/rotary.cpp, csrc/swiglu.cpp).
 use std::ffi::c_void;
 use tch::Tensor;
 
@@ -39,6 +40,23 @@ extern "C" {
         v: *const c_void,
         scale: f64,
         block: i64,
+        out: *mut *mut c_void,
+    ) -> *mut std::ffi::c_char;
+    fn loratch_rms_norm(
+        input: *const c_void,
+        weight: *const c_void,
+        eps: f64,
+        out: *mut *mut c_void,
+    ) -> *mut std::ffi::c_char;
+    fn loratch_rotary(
+        x: *const c_void,
+        cos: *const c_void,
+        sin: *const c_void,
+        out: *mut *mut c_void,
+    ) -> *mut std::ffi::c_char;
+    fn loratch_swiglu(
+        gate: *const c_void,
+        up: *const c_void,
         out: *mut *mut c_void,
     ) -> *mut std::ffi::c_char;
     fn loratch_free_string(s: *mut std::ffi::c_char);
@@ -115,10 +133,8 @@ pub fn lora_linear(
 ) -> Result<Tensor, tch::TchError> {
     let ptr = |t: &Tensor| t.as_ptr() as *const c_void;
     let opt = |t: Option<&Tensor>| t.map_or(std::ptr::null(), ptr);
-    let mut out: *mut c_void = std::ptr::null_mut();
-    // SAFETY: every pointer is null (where allowed) or a live at::Tensor* borrowed for the call;
-    // on success `out` receives a new owning at::Tensor*.
-    let err = unsafe {
+    // SAFETY: every pointer is null (where allowed) or a live at::Tensor* borrowed for the call.
+    new_tensor(|out| unsafe {
         loratch_lora_linear(
             ptr(x),
             opt(dropped),
@@ -127,13 +143,9 @@ pub fn lora_linear(
             ptr(a),
             ptr(b),
             scaling,
-            &mut out,
+            out,
         )
-    };
-    // SAFETY: `err` comes straight from a bridge call.
-    unsafe { take_error(err) }?;
-    // SAFETY: on success the bridge wrote a new owning at::Tensor* that nothing else holds.
-    Ok(unsafe { Tensor::from_ptr(out.cast()) })
+    })
 }
 
 /// `softmax(q k^T * scale + causal mask) v` as one autograd node (csrc/causal_attention.cpp):
@@ -149,10 +161,42 @@ pub fn causal_attention(
     block: i64,
 ) -> Result<Tensor, tch::TchError> {
     let ptr = |t: &Tensor| t.as_ptr() as *const c_void;
+    // SAFETY: all three pointers are live at::Tensor* borrowed for the call.
+    new_tensor(|out| unsafe { loratch_causal_attention(ptr(q), ptr(k), ptr(v), scale, block, out) })
+}
+
+/// `weight * (x * rsqrt(mean(x^2, -1) + eps))` as one autograd node (csrc/rms_norm.cpp): `input`
+/// `[..., H]` and `weight` `[H]`, float32 on CPU; the result has the input's shape.
+pub fn rms_norm(input: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor, tch::TchError> {
+    let ptr = |t: &Tensor| t.as_ptr() as *const c_void;
+    // SAFETY: both pointers are live at::Tensor* borrowed for the call.
+    new_tensor(|out| unsafe { loratch_rms_norm(ptr(input), ptr(weight), eps, out) })
+}
+
+/// The rotary embedding `x * cos + rotate_half(x) * sin` (transformers' "rotate half") as one
+/// autograd node (csrc/rotary.cpp), which also moves the heads in front: `x` `[B, T, H, D]`,
+/// `cos` and `sin` `[1 or B, 1, T, D]`, float32 on CPU; the result is `[B, H, T, D]`, contiguous.
+/// Gradients flow to `x` only.
+pub fn rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor, tch::TchError> {
+    let ptr = |t: &Tensor| t.as_ptr() as *const c_void;
+    // SAFETY: all three pointers are live at::Tensor* borrowed for the call.
+    new_tensor(|out| unsafe { loratch_rotary(ptr(x), ptr(cos), ptr(sin), out) })
+}
+
+/// `silu(gate) * up` as one autograd node (csrc/swiglu.cpp): equal shapes, float32 on CPU.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor, tch::TchError> {
+    let ptr = |t: &Tensor| t.as_ptr() as *const c_void;
+    // SAFETY: both pointers are live at::Tensor* borrowed for the call.
+    new_tensor(|out| unsafe { loratch_swiglu(ptr(gate), ptr(up), out) })
+}
+
+/// Runs a bridge call that returns null or an error message and, on success, has written a new
+/// owning `at::Tensor*` to its argument; takes ownership of that tensor.
+fn new_tensor(
+    call: impl FnOnce(*mut *mut c_void) -> *mut std::ffi::c_char,
+) -> Result<Tensor, tch::TchError> {
     let mut out: *mut c_void = std::ptr::null_mut();
-    // SAFETY: every pointer is a live at::Tensor* borrowed for the call; on success `out`
-    // receives a new owning at::Tensor*.
-    let err = unsafe { loratch_causal_attention(ptr(q), ptr(k), ptr(v), scale, block, &mut out) };
+    let err = call(&mut out);
     // SAFETY: `err` comes straight from a bridge call.
     unsafe { take_error(err) }?;
     // SAFETY: on success the bridge wrote a new owning at::Tensor* that nothing else holds.

@@ -207,10 +207,11 @@ def torch_hf_forward(
     ``attention_mask`` (1 = token, 0 = padding; left or right) makes padded rows equal to
     unpadded runs at their real tokens. Autograd reaches the LoRA tensors.
 
-    With gradients recorded (training), a float32 CPU forward of at most 512 tokens without
-    ``attention_mask`` runs loratch's blocked causal attention, which skips the products the
-    causal mask hides; its logits agree with the no-grad forward (libtorch's attention, as
-    transformers runs it) to float rounding (about 1e-6), not bit for bit.
+    With gradients recorded (training), a float32 CPU forward runs loratch's fused RMSNorm,
+    rotary embedding and SwiGLU, and (at most 512 tokens, no ``attention_mask``) its blocked
+    causal attention, which skips the products the causal mask hides; its logits agree with the
+    no-grad forward (libtorch's ops, as transformers runs them) to float rounding (about 1e-6),
+    not bit for bit.
 
     Raises:
         ModelNotFoundError: unknown name (the message lists the loaded ones).

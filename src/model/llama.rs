@@ -32,6 +32,14 @@ impl RmsNorm {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if trains_on_cpu_f32(&[x, &self.weight])? {
+            return Ok(crate::bridge::rms_norm(x, &self.weight, self.eps)?);
+        }
+        self.composite(x)
+    }
+
+    /// The forward from libtorch ops, as transformers writes it.
+    fn composite(&self, x: &Tensor) -> Result<Tensor> {
         let kind = x.f_kind()?;
         let x32 = x.f_to_kind(Kind::Float)?;
         let var = x32.f_square()?.f_mean_dim(-1, true, Kind::Float)?;
@@ -129,27 +137,27 @@ impl Attention {
         cache: Option<&mut (Tensor, Tensor)>,
     ) -> Result<Tensor> {
         let (b, t) = (x.size()[0], x.size()[1]);
+        // `[B, T, n, D]`, normed per head when the model says so.
         let heads = |proj: &Linear, n: i64, norm: &Option<RmsNorm>| -> Result<Tensor> {
             let y = proj
                 .forward(x, ctx.mode)?
                 .f_view([b, t, n, self.head_dim])?;
-            let y = match norm {
-                Some(norm) => norm.forward(&y)?,
-                None => y,
-            };
-            Ok(y.f_transpose(1, 2)?)
+            match norm {
+                Some(norm) => norm.forward(&y),
+                None => Ok(y),
+            }
         };
-        let q = Rope::apply(
+        let q = rotary(
             &heads(&self.q_proj, self.n_heads, &self.q_norm)?,
             ctx.cos,
             ctx.sin,
         )?;
-        let mut k = Rope::apply(
+        let mut k = rotary(
             &heads(&self.k_proj, self.n_kv_heads, &self.k_norm)?,
             ctx.cos,
             ctx.sin,
         )?;
-        let mut v = heads(&self.v_proj, self.n_kv_heads, &None)?;
+        let mut v = heads(&self.v_proj, self.n_kv_heads, &None)?.f_transpose(1, 2)?;
         if let Some((ck, cv)) = cache {
             if ck.numel() > 0 {
                 k = Tensor::f_cat(&[&*ck, &k], 2)?;
@@ -200,6 +208,36 @@ impl Attention {
     }
 }
 
+/// Whether an op over `tensors` runs its fused CPU kernel (csrc/): all float32 on the CPU, on one
+/// device, and some of them recording gradients. Those kernels round differently from libtorch's
+/// composite ops (by float rounding), so forwards without gradients (inference, evaluation) keep
+/// the composite ops and stay equal to transformers bit for bit.
+fn trains_on_cpu_f32(tensors: &[&Tensor]) -> Result<bool> {
+    for t in tensors {
+        if t.device() != Device::Cpu || t.f_kind()? != Kind::Float {
+            return Ok(false);
+        }
+    }
+    Ok(tensors.iter().any(|t| t.requires_grad()))
+}
+
+/// The heads `y` `[B, T, n, D]` moved to `[B, n, T, D]`, with the rotary embedding of `cos` and
+/// `sin` `[B, 1, T, D]`.
+fn rotary(y: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if trains_on_cpu_f32(&[y, cos, sin])? {
+        return Ok(crate::bridge::rotary(y, cos, sin)?);
+    }
+    Rope::apply(&y.f_transpose(1, 2)?, cos, sin)
+}
+
+/// `silu(gate) * up`.
+fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if trains_on_cpu_f32(&[gate, up])? {
+        return Ok(crate::bridge::swiglu(gate, up)?);
+    }
+    Ok(gate.f_silu()?.f_mul(up)?)
+}
+
 /// Sequences up to this length train with [`crate::bridge::causal_attention`]; its saved
 /// probabilities grow with the square of the length, so longer ones use libtorch's attention.
 const BLOCKED_ATTENTION_MAX_LEN: i64 = 512;
@@ -214,11 +252,8 @@ const ATTENTION_BLOCK: i64 = 64;
 /// everything else runs libtorch's `scaled_dot_product_attention`.
 fn causal_self_attention(q: &Tensor, k: &Tensor, v: &Tensor, gqa: bool) -> Result<Tensor> {
     let (t, d) = (q.size()[2], q.size()[3]);
-    let blocked = q.device() == Device::Cpu
-        && q.f_kind()? == Kind::Float
-        && t <= BLOCKED_ATTENTION_MAX_LEN
-        && k.size()[2] == t
-        && (q.requires_grad() || k.requires_grad() || v.requires_grad());
+    let blocked =
+        t <= BLOCKED_ATTENTION_MAX_LEN && k.size()[2] == t && trains_on_cpu_f32(&[q, k, v])?;
     if blocked {
         let scale = 1.0 / (d as f64).sqrt();
         return Ok(crate::bridge::causal_attention(
@@ -253,9 +288,11 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor, mode: LoraMode) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x, mode)?.f_silu()?;
-        self.down_proj
-            .forward(&gate.f_mul(&self.up_proj.forward(x, mode)?)?, mode)
+        let (gate, up) = (
+            self.gate_proj.forward(x, mode)?,
+            self.up_proj.forward(x, mode)?,
+        );
+        self.down_proj.forward(&swiglu(&gate, &up)?, mode)
     }
 }
 
@@ -790,5 +827,185 @@ mod tests {
         }
         let err = crate::bridge::causal_attention(&q, &q, &q, 0.5, 0).unwrap_err();
         assert!(err.to_string().contains("block"), "{err}");
+    }
+
+    /// Output and the gradients of `inputs` (copies, recording gradients) under `upstream`.
+    fn with_grads(
+        f: impl Fn(&[Tensor]) -> Tensor,
+        inputs: &[&Tensor],
+        upstream: &Tensor,
+    ) -> Vec<Tensor> {
+        let leaves: Vec<Tensor> = inputs
+            .iter()
+            .map(|t| t.copy().set_requires_grad(true))
+            .collect();
+        let out = f(&leaves);
+        let loss = (&out * upstream).sum(Kind::Float);
+        let mut all = vec![out.detach()];
+        all.extend(Tensor::run_backward(&[loss], &leaves, false, false));
+        all
+    }
+
+    fn assert_close(ours: &[Tensor], reference: &[Tensor], tol: f64, case: &str) {
+        assert_eq!(ours.len(), reference.len(), "{case}");
+        for (i, (a, r)) in ours.iter().zip(reference).enumerate() {
+            assert_eq!(a.size(), r.size(), "{case}, tensor {i}");
+            if r.numel() == 0 {
+                continue;
+            }
+            let scale = r.abs().max().double_value(&[]).max(1.0);
+            let diff = max_diff(a, r);
+            assert!(diff <= tol * scale, "{case}, tensor {i}: {diff}");
+        }
+    }
+
+    #[test]
+    fn fused_rms_norm_matches_composite() {
+        tch::manual_seed(1);
+        let opts = (Kind::Float, Device::Cpu);
+        // Rows of 576 (SmolLM2), per-head rows (qk_norm), and sizes that are no multiple of 8.
+        for shape in [
+            vec![1, 256, 576],
+            vec![2, 5, 3, 64],
+            vec![3, 13],
+            vec![4, 1],
+            vec![0, 8],
+        ] {
+            let h = *shape.last().unwrap();
+            let x = Tensor::randn(shape.as_slice(), opts) * 3.0;
+            let up = Tensor::randn(shape.as_slice(), opts);
+            let norm = RmsNorm {
+                weight: Tensor::randn([h], opts),
+                eps: 1e-5,
+            };
+            let fused = |t: &[Tensor]| crate::bridge::rms_norm(&t[0], &t[1], 1e-5).unwrap();
+            let composite = |t: &[Tensor]| {
+                RmsNorm {
+                    weight: t[1].shallow_clone(),
+                    eps: 1e-5,
+                }
+                .composite(&t[0])
+                .unwrap()
+            };
+            let inputs = [&x, &norm.weight];
+            let case = format!("{shape:?}");
+            // Input and (trainable) weight gradients.
+            assert_close(
+                &with_grads(fused, &inputs, &up),
+                &with_grads(composite, &inputs, &up),
+                1e-5,
+                &case,
+            );
+            // The dispatcher: fused with gradients, libtorch's ops (bit for bit) without.
+            let x_grad = x.copy().set_requires_grad(true);
+            let trained = norm.forward(&x_grad).unwrap();
+            assert!(trained.equal(&crate::bridge::rms_norm(&x, &norm.weight, 1e-5).unwrap()));
+            let plain = norm.forward(&x).unwrap();
+            assert!(plain.equal(&norm.composite(&x).unwrap()), "{case}");
+        }
+    }
+
+    #[test]
+    fn fused_rotary_matches_rope() {
+        tch::manual_seed(2);
+        let opts = (Kind::Float, Device::Cpu);
+        // (batch, length, heads, head dim, rows of the cos/sin tables)
+        for (b, t, n, d, rows) in [
+            (1, 256, 9, 64, 1),
+            (2, 7, 3, 16, 2),
+            (2, 5, 2, 2, 1),
+            (1, 1, 1, 8, 1),
+        ] {
+            let angles = Tensor::randn([rows, 1, t, d / 2], opts) * 10.0;
+            let angles = Tensor::cat(&[&angles, &angles], -1);
+            let (cos, sin) = (angles.cos(), angles.sin());
+            let x = Tensor::randn([b, t, n, d], opts);
+            let up = Tensor::randn([b, n, t, d], opts);
+            let case = format!("{b}x{t}x{n}x{d}, tables {rows}");
+            let fused = |v: &[Tensor]| crate::bridge::rotary(&v[0], &cos, &sin).unwrap();
+            let composite = |v: &[Tensor]| Rope::apply(&v[0].transpose(1, 2), &cos, &sin).unwrap();
+            let ours = with_grads(fused, &[&x], &up);
+            let reference = with_grads(composite, &[&x], &up);
+            // The forward rounds as libtorch's ops do: the same bits.
+            assert!(ours[0].equal(&reference[0]), "{case}");
+            assert!(ours[0].is_contiguous(), "{case}");
+            assert_close(&ours, &reference, 1e-6, &case);
+            // The dispatcher: fused with gradients, libtorch's ops without.
+            let x_grad = x.copy().set_requires_grad(true);
+            assert!(
+                rotary(&x_grad, &cos, &sin).unwrap().equal(&ours[0]),
+                "{case}"
+            );
+            assert!(
+                rotary(&x, &cos, &sin).unwrap().equal(&reference[0]),
+                "{case}"
+            );
+        }
+    }
+
+    #[test]
+    fn fused_swiglu_matches_composite() {
+        tch::manual_seed(3);
+        let opts = (Kind::Float, Device::Cpu);
+        for shape in [vec![1, 256, 1536], vec![3, 5, 7], vec![1]] {
+            let gate = Tensor::randn(shape.as_slice(), opts) * 4.0;
+            let up = Tensor::randn(shape.as_slice(), opts);
+            let upstream = Tensor::randn(shape.as_slice(), opts);
+            let case = format!("{shape:?}");
+            let fused = |t: &[Tensor]| crate::bridge::swiglu(&t[0], &t[1]).unwrap();
+            let composite = |t: &[Tensor]| t[0].silu() * &t[1];
+            assert_close(
+                &with_grads(fused, &[&gate, &up], &upstream),
+                &with_grads(composite, &[&gate, &up], &upstream),
+                1e-6,
+                &case,
+            );
+            let gate_grad = gate.copy().set_requires_grad(true);
+            let trained = swiglu(&gate_grad, &up).unwrap();
+            assert!(trained.equal(&crate::bridge::swiglu(&gate, &up).unwrap()));
+            assert!(
+                swiglu(&gate, &up).unwrap().equal(&(gate.silu() * &up)),
+                "{case}"
+            );
+        }
+        // Saturated gates: finite values and gradients, as libtorch's.
+        let gate =
+            Tensor::from_slice(&[-100.0f32, -30.0, 0.0, 30.0, 100.0, -0.0, 1e-30, 88.0, -88.0]);
+        let up = gate.ones_like();
+        let upstream = gate.ones_like();
+        let ours = with_grads(
+            |t| crate::bridge::swiglu(&t[0], &t[1]).unwrap(),
+            &[&gate, &up],
+            &upstream,
+        );
+        let reference = with_grads(|t| t[0].silu() * &t[1], &[&gate, &up], &upstream);
+        for t in &ours {
+            assert!(bool::try_from(t.isfinite().all()).unwrap());
+        }
+        assert_close(&ours, &reference, 1e-6, "saturated");
+    }
+
+    #[test]
+    fn fused_ops_reject_bad_inputs() {
+        let f32s = (Kind::Float, Device::Cpu);
+        let f64s = (Kind::Double, Device::Cpu);
+        let x = Tensor::zeros([2, 4, 2, 8], f32s);
+        let table = Tensor::zeros([1, 1, 4, 8], f32s);
+        let errors = [
+            crate::bridge::rms_norm(&x, &Tensor::zeros([7], f32s), 1e-5).unwrap_err(),
+            crate::bridge::rms_norm(&x.to_kind(Kind::Double), &Tensor::zeros([8], f64s), 1e-5)
+                .unwrap_err(),
+            crate::bridge::rotary(&x, &Tensor::zeros([1, 1, 5, 8], f32s), &table).unwrap_err(),
+            crate::bridge::rotary(&x, &table, &Tensor::zeros([3, 1, 4, 8], f32s)).unwrap_err(),
+            crate::bridge::rotary(&x.narrow(3, 0, 7), &table, &table).unwrap_err(),
+            crate::bridge::rotary(&Tensor::zeros([4, 8], f32s), &table, &table).unwrap_err(),
+            crate::bridge::swiglu(&x, &Tensor::zeros([2, 4, 2, 7], f32s)).unwrap_err(),
+            crate::bridge::swiglu(&x.to_kind(Kind::Double), &x.to_kind(Kind::Double)).unwrap_err(),
+        ];
+        for (err, expected) in errors.iter().zip([
+            "weight", "float32", "cos", "sin", "even", "[B, T", "shape", "float32",
+        ]) {
+            assert!(err.to_string().contains(expected), "{expected}: {err}");
+        }
     }
 }
