@@ -1,6 +1,6 @@
 //! Build script: link libtorch so CUDA stays visible, give every artifact an rpath to the torch
 //! libraries, and compile the small C++ bridge (csrc/: tensor hand-over, fused AdamW, fused LoRA linear,
-//! blocked causal attention, fused RMSNorm, rotary embedding and SwiGLU).
+//! blocked causal attention, fused RMSNorm, rotary embedding, SwiGLU and cross-entropy).
 use std::path::PathBuf;
 
 fn main() {
@@ -13,6 +13,7 @@ fn main() {
         "csrc/rms_norm.cpp",
         "csrc/rotary.cpp",
         "csrc/swiglu.cpp",
+        "csrc/cross_entropy.cpp",
     ] {
         println!("cargo:rerun-if-changed={file}");
     }
@@ -74,5 +75,6 @@ fn main() {
         .file("csrc/rms_norm.cpp")
         .file("csrc/rotary.cpp")
         .file("csrc/swiglu.cpp")
+        .file("csrc/cross_entropy.cpp")
         .compile("loratch_bridge");
 }

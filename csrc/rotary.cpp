@@ -37,6 +37,24 @@ LORATCH_VECTORIZED void unrotate_row(const float* __restrict dy, const float* __
   for (int64_t i = half; i < 2 * half; ++i) dx[i] = dy[i] * cos[i] - dy[i - half] * sin[i - half];
 }
 
+// Calls `row_fn(head_major, position_major, table)` for every (batch, position, head), in
+// parallel over (batch, position): the offsets of one head's row in `[B, H, T, D]` and in
+// `[B, T, H, D]`, and of its position's row in the `[Bc, T, D]` tables. The forward reads the
+// second layout and writes the first; the backward the other way round.
+template <typename RowFn>
+void for_each_head_row(int64_t b, int64_t t, int64_t h, int64_t d, int64_t table_batch,
+                       const RowFn& row_fn) {
+  at::parallel_for(0, b * t, kPositionsPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t bi = row / t, ti = row % t;
+      const int64_t tab = bi * table_batch + ti * d;
+      for (int64_t hi = 0; hi < h; ++hi) {
+        row_fn(((bi * h + hi) * t + ti) * d, (row * h + hi) * d, tab);
+      }
+    }
+  });
+}
+
 // cos and sin as [Bc, T, D] contiguous float32, Bc 1 or B; they carry no gradient.
 at::Tensor table(const at::Tensor& t, int64_t b, int64_t len, int64_t d, const char* name) {
   TORCH_CHECK(t.dim() == 4 && (t.size(0) == 1 || t.size(0) == b) && t.size(1) == 1 &&
@@ -64,15 +82,8 @@ struct Rotary : public torch::autograd::Function<Rotary> {
     const float* sp = sin.const_data_ptr<float>();
     float* yp = y.mutable_data_ptr<float>();
     const int64_t table_batch = cos.size(0) == 1 ? 0 : t * d;
-    at::parallel_for(0, b * t, kPositionsPerTask, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t bi = row / t, ti = row % t;
-        const int64_t tab = bi * table_batch + ti * d;
-        for (int64_t hi = 0; hi < h; ++hi) {
-          rotate_row(xp + (row * h + hi) * d, cp + tab, sp + tab, yp + ((bi * h + hi) * t + ti) * d,
-                     d / 2);
-        }
-      }
+    for_each_head_row(b, t, h, d, table_batch, [&](int64_t y_row, int64_t x_row, int64_t tab) {
+      rotate_row(xp + x_row, cp + tab, sp + tab, yp + y_row, d / 2);
     });
     ctx->save_for_backward({cos, sin});
     ctx->saved_data["heads"] = h;
@@ -92,15 +103,8 @@ struct Rotary : public torch::autograd::Function<Rotary> {
     const float* sp = sin.const_data_ptr<float>();
     float* dp = dx.mutable_data_ptr<float>();
     const int64_t table_batch = cos.size(0) == 1 ? 0 : t * d;
-    at::parallel_for(0, b * t, kPositionsPerTask, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t bi = row / t, ti = row % t;
-        const int64_t tab = bi * table_batch + ti * d;
-        for (int64_t hi = 0; hi < h; ++hi) {
-          unrotate_row(gp + ((bi * h + hi) * t + ti) * d, cp + tab, sp + tab,
-                       dp + (row * h + hi) * d, d / 2);
-        }
-      }
+    for_each_head_row(b, t, h, d, table_batch, [&](int64_t g_row, int64_t dx_row, int64_t tab) {
+      unrotate_row(gp + g_row, cp + tab, sp + tab, dp + dx_row, d / 2);
     });
     return {dx, at::Tensor(), at::Tensor()};
   }

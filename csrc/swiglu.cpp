@@ -11,11 +11,9 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <cmath>
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
 
 #include "bridge.h"
+#include "vectorize.h"
 
 namespace {
 
@@ -41,18 +39,9 @@ void backward_scalar(const float* gate, const float* up, const float* grad, floa
   }
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
-// The AVX2 e^x (1-ulp) that libtorch's own silu kernel calls, exported by libtorch_cpu.
-extern "C" __m256 Sleef_expf8_u10avx2(__m256);
-
-bool has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
-}
-
+#ifdef LORATCH_SLEEF_AVX2
 // 8 elements at a time, the tail by the scalar loop.
-__attribute__((target("avx2,fma"))) void forward_avx2(const float* gate, const float* up,
-                                                       float* out, int64_t n) {
+LORATCH_AVX2 void forward_avx2(const float* gate, const float* up, float* out, int64_t n) {
   const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
@@ -64,9 +53,8 @@ __attribute__((target("avx2,fma"))) void forward_avx2(const float* gate, const f
   forward_scalar(gate + i, up + i, out + i, n - i);
 }
 
-__attribute__((target("avx2,fma"))) void backward_avx2(const float* gate, const float* up,
-                                                        const float* grad, float* d_gate,
-                                                        float* d_up, int64_t n) {
+LORATCH_AVX2 void backward_avx2(const float* gate, const float* up, const float* grad,
+                                float* d_gate, float* d_up, int64_t n) {
   const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
@@ -82,26 +70,22 @@ __attribute__((target("avx2,fma"))) void backward_avx2(const float* gate, const 
   backward_scalar(gate + i, up + i, grad + i, d_gate + i, d_up + i, n - i);
 }
 
-void forward_kernel(const float* gate, const float* up, float* out, int64_t n) {
-  if (has_avx2()) return forward_avx2(gate, up, out, n);
-  forward_scalar(gate, up, out, n);
-}
-
-void backward_kernel(const float* gate, const float* up, const float* grad, float* d_gate,
-                     float* d_up, int64_t n) {
-  if (has_avx2()) return backward_avx2(gate, up, grad, d_gate, d_up, n);
-  backward_scalar(gate, up, grad, d_gate, d_up, n);
-}
 #else
+// Never called: loratch_has_avx2() is false off x86-64.
+void forward_avx2(const float*, const float*, float*, int64_t) {}
+void backward_avx2(const float*, const float*, const float*, float*, float*, int64_t) {}
+#endif
+
 void forward_kernel(const float* gate, const float* up, float* out, int64_t n) {
+  if (loratch_has_avx2()) return forward_avx2(gate, up, out, n);
   forward_scalar(gate, up, out, n);
 }
 
 void backward_kernel(const float* gate, const float* up, const float* grad, float* d_gate,
                      float* d_up, int64_t n) {
+  if (loratch_has_avx2()) return backward_avx2(gate, up, grad, d_gate, d_up, n);
   backward_scalar(gate, up, grad, d_gate, d_up, n);
 }
-#endif
 
 struct SwiGlu : public torch::autograd::Function<SwiGlu> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& gate, const at::Tensor& up) {

@@ -2,8 +2,9 @@
 //! exposes as `tensor._cdata` (see csrc/tensor_bridge.cpp). Both sides then share one tensor.
 //! Also the C++ ops loratch needs that tch does not offer: libtorch's fused AdamW kernel and the
 //! fused LoRA linear (csrc/lora_linear.cpp), the blocked causal attention
-//! (csrc/causal_attention.cpp), and fused RMSNorm, rotary embedding and SwiGLU for training on CPU
-//! (csrc/rms_norm.cpp, csrc/rotary.cpp, csrc/swiglu.cpp).
+//! (csrc/causal_attention.cpp), fused RMSNorm, rotary embedding and SwiGLU for training on CPU
+//! (csrc/rms_norm.cpp, csrc/rotary.cpp, csrc/swiglu.cpp), and the loss's in-place cross-entropy
+//! (csrc/cross_entropy.cpp).
 use std::ffi::c_void;
 use tch::Tensor;
 
@@ -58,6 +59,13 @@ extern "C" {
         gate: *const c_void,
         up: *const c_void,
         out: *mut *mut c_void,
+    ) -> *mut std::ffi::c_char;
+    fn loratch_cross_entropy(
+        logits: *mut c_void,
+        targets: *const c_void,
+        scale: f64,
+        grad: bool,
+        losses: *mut *mut c_void,
     ) -> *mut std::ffi::c_char;
     fn loratch_free_string(s: *mut std::ffi::c_char);
 }
@@ -188,6 +196,22 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor, tch::TchError> {
     let ptr = |t: &Tensor| t.as_ptr() as *const c_void;
     // SAFETY: both pointers are live at::Tensor* borrowed for the call.
     new_tensor(|out| unsafe { loratch_swiglu(ptr(gate), ptr(up), out) })
+}
+
+/// The softmax cross-entropy of each row of `logits` `[rows, vocab]` (float32, contiguous, CPU)
+/// against `targets` `[rows]` (int64 in `[0, vocab)`), as float32 `[rows]` (csrc/cross_entropy.cpp).
+/// With `grad_scale = Some(s)` the logits are overwritten with the gradient of `s * sum(losses)`,
+/// `s * (softmax - onehot)`; with `None` they are left as they are. Nothing is written on error.
+pub fn cross_entropy_(
+    logits: &mut Tensor,
+    targets: &Tensor,
+    grad_scale: Option<f64>,
+) -> Result<Tensor, tch::TchError> {
+    let x = logits.as_mut_ptr() as *mut c_void;
+    let t = targets.as_ptr() as *const c_void;
+    let (grad, scale) = (grad_scale.is_some(), grad_scale.unwrap_or(1.0));
+    // SAFETY: `x` is a live at::Tensor* borrowed mutably for the call, `t` a live one borrowed.
+    new_tensor(|out| unsafe { loratch_cross_entropy(x, t, scale, grad, out) })
 }
 
 /// Runs a bridge call that returns null or an error message and, on success, has written a new

@@ -714,7 +714,24 @@ fn attention_mask_4d(mask: &Tensor, past: i64, t: i64) -> Result<Tensor> {
 mod tests {
     use super::*;
 
-    /// Output and the gradients of q, k, v under a random upstream gradient.
+    /// Output and the gradients of `inputs` (copies, recording gradients) under `upstream`.
+    fn with_grads(
+        f: impl Fn(&[Tensor]) -> Tensor,
+        inputs: &[&Tensor],
+        upstream: &Tensor,
+    ) -> Vec<Tensor> {
+        let leaves: Vec<Tensor> = inputs
+            .iter()
+            .map(|t| t.copy().set_requires_grad(true))
+            .collect();
+        let out = f(&leaves);
+        let loss = (&out * upstream).sum(Kind::Float);
+        let mut all = vec![out.detach()];
+        all.extend(Tensor::run_backward(&[loss], &leaves, false, false));
+        all
+    }
+
+    /// [`with_grads`] for the attention's three inputs.
     fn run(
         f: impl Fn(&Tensor, &Tensor, &Tensor) -> Tensor,
         q: &Tensor,
@@ -722,16 +739,7 @@ mod tests {
         v: &Tensor,
         upstream: &Tensor,
     ) -> Vec<Tensor> {
-        let (q, k, v) = (
-            q.copy().set_requires_grad(true),
-            k.copy().set_requires_grad(true),
-            v.copy().set_requires_grad(true),
-        );
-        let out = f(&q, &k, &v);
-        let loss = (&out * upstream).sum(Kind::Float);
-        let mut all = vec![out.detach()];
-        all.extend(Tensor::run_backward(&[loss], &[&q, &k, &v], false, false));
-        all
+        with_grads(|t| f(&t[0], &t[1], &t[2]), &[q, k, v], upstream)
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -827,23 +835,6 @@ mod tests {
         }
         let err = crate::bridge::causal_attention(&q, &q, &q, 0.5, 0).unwrap_err();
         assert!(err.to_string().contains("block"), "{err}");
-    }
-
-    /// Output and the gradients of `inputs` (copies, recording gradients) under `upstream`.
-    fn with_grads(
-        f: impl Fn(&[Tensor]) -> Tensor,
-        inputs: &[&Tensor],
-        upstream: &Tensor,
-    ) -> Vec<Tensor> {
-        let leaves: Vec<Tensor> = inputs
-            .iter()
-            .map(|t| t.copy().set_requires_grad(true))
-            .collect();
-        let out = f(&leaves);
-        let loss = (&out * upstream).sum(Kind::Float);
-        let mut all = vec![out.detach()];
-        all.extend(Tensor::run_backward(&[loss], &leaves, false, false));
-        all
     }
 
     fn assert_close(ours: &[Tensor], reference: &[Tensor], tol: f64, case: &str) {

@@ -44,6 +44,44 @@ fn head_logits(head: &crate::model::Linear, x: &Tensor, mode: LoraMode) -> Resul
     Ok(out)
 }
 
+/// Each row's cross-entropy of float32 `logits` `[rows, vocab]` against `targets` `[rows]`; with
+/// `grad_scale = Some(s)` it overwrites the logits with the gradient of `s * sum(losses)`,
+/// `s * (softmax - onehot)`. On CPU one fused pass per row ([`crate::bridge::cross_entropy_`]),
+/// elsewhere libtorch's ops in the logits' memory (no second `[rows, vocab]` buffer either way).
+fn cross_entropy_(
+    logits: &mut Tensor,
+    targets: &Tensor,
+    grad_scale: Option<f64>,
+) -> Result<Tensor> {
+    if !logits.is_contiguous() {
+        *logits = logits.f_contiguous()?;
+    }
+    if logits.device() == tch::Device::Cpu {
+        return Ok(crate::bridge::cross_entropy_(logits, targets, grad_scale)?);
+    }
+    composite_cross_entropy_(logits, targets, grad_scale)
+}
+
+/// [`cross_entropy_`] from libtorch's ops, for contiguous logits on any device.
+fn composite_cross_entropy_(
+    logits: &mut Tensor,
+    targets: &Tensor,
+    grad_scale: Option<f64>,
+) -> Result<Tensor> {
+    let tgt = targets.f_unsqueeze(1)?;
+    // log_softmax in place (one vectorised pass per row, no second [rows, vocab] buffer).
+    let out = logits.shallow_clone();
+    let logp = logits.f_internal_log_softmax_out(&out, -1, false)?;
+    let loss = logp.f_gather(1, &tgt, false)?.f_neg()?.f_squeeze_dim(1)?;
+    if let Some(scale) = grad_scale {
+        let minus_one = Tensor::f_full([tgt.size()[0], 1], -1.0, (Kind::Float, logits.device()))?;
+        let _ = logits.f_exp_()?;
+        let _ = logits.f_scatter_add_(1, &tgt, &minus_one)?;
+        let _ = logits.f_mul_scalar_(scale)?;
+    }
+    Ok(loss)
+}
+
 /// What [`causal_lm_loss`] computed.
 #[derive(Debug)]
 pub struct LossSum {
@@ -127,19 +165,13 @@ pub fn causal_lm_loss(
         for start in (0..n).step_by(chunk as usize) {
             let len = chunk.min(n - start);
             let x = detached.f_narrow(0, start, len)?;
-            let tgt = targets.f_narrow(0, start, len)?.f_unsqueeze(1)?;
-            let logits = tch::no_grad(|| head_logits(head, &x, mode))?.f_to_kind(Kind::Float)?;
-            // log_softmax in place (one vectorised pass per row, no second [rows, vocab] buffer).
-            let logp = logits.f_internal_log_softmax_out(&logits, -1, false)?;
-            let loss = logp.f_gather(1, &tgt, false)?.f_neg()?.f_squeeze_dim(1)?;
-            losses.push(loss);
-            if let Some(scale) = backward {
-                // (softmax - onehot) * scale, still in the logits' memory.
-                let mut g = logp;
-                let _ = g.f_exp_()?;
-                let _ = g.f_scatter_add_(1, &tgt, &Tensor::f_full([len, 1], -1.0, float_opts)?)?;
-                let _ = g.f_mul_scalar_(scale)?;
-                let g = g.f_to_kind(head.weight.f_kind()?)?;
+            let tgt = targets.f_narrow(0, start, len)?;
+            let mut logits =
+                tch::no_grad(|| head_logits(head, &x, mode))?.f_to_kind(Kind::Float)?;
+            losses.push(cross_entropy_(&mut logits, &tgt, backward)?);
+            if backward.is_some() {
+                // `logits` now holds the gradient (softmax - onehot) * scale.
+                let g = logits.f_to_kind(head.weight.f_kind()?)?;
                 grads.push(g.f_matmul(&head.weight)?);
             }
         }
@@ -213,6 +245,106 @@ mod tests {
                 assert!(diff <= 1e-6 * scale, "{rows}x{vocab}: {diff} vs {scale}");
             }
         }
+    }
+
+    /// libtorch's cross-entropy per row and the gradient of `scale * sum` by autograd.
+    fn reference_cross_entropy(logits: &Tensor, targets: &Tensor, scale: f64) -> (Tensor, Tensor) {
+        let x = logits.copy().set_requires_grad(true);
+        let loss =
+            x.cross_entropy_loss::<&Tensor>(targets, None, tch::Reduction::None, IGNORE_INDEX, 0.0);
+        (loss.sum(Kind::Float) * scale).backward();
+        (loss.detach(), x.grad())
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+        if a.numel() == 0 {
+            return 0.0;
+        }
+        (a - b).abs().max().double_value(&[])
+    }
+
+    #[test]
+    fn fused_cross_entropy_matches_libtorch() {
+        tch::manual_seed(5);
+        let opts = (Kind::Float, tch::Device::Cpu);
+        // Vocabularies that are and are not multiples of the 8 AVX2 lanes; spread-out, flat and
+        // large logits (softmax saturating at 0 and 1).
+        for (rows, vocab, spread) in [
+            (5, 4099, 3.0),
+            (3, 49152, 8.0),
+            (1, 1, 1.0),
+            (4, 7, 0.0),
+            (6, 64, 300.0),
+            (0, 16, 1.0),
+        ] {
+            let logits = Tensor::randn([rows, vocab], opts) * spread;
+            let targets = Tensor::randint(vocab, [rows], (Kind::Int64, tch::Device::Cpu));
+            for scale in [1.0, 0.125] {
+                let case = format!("{rows}x{vocab} spread {spread} scale {scale}");
+                let (want_loss, want_grad) = reference_cross_entropy(&logits, &targets, scale);
+                // Without a gradient: the losses, and the logits left alone.
+                let mut x = logits.copy();
+                let loss = cross_entropy_(&mut x, &targets, None).unwrap();
+                assert!(x.equal(&logits), "{case}: logits changed");
+                let tol = 1e-5 * (1.0 + max_abs_diff(&want_loss, &want_loss.zeros_like()));
+                assert!(max_abs_diff(&loss, &want_loss) <= tol, "{case}: loss");
+                // With one: the same losses, and the gradient over the logits.
+                let mut x = logits.copy();
+                let loss = cross_entropy_(&mut x, &targets, Some(scale)).unwrap();
+                assert!(max_abs_diff(&loss, &want_loss) <= tol, "{case}: loss");
+                let diff = max_abs_diff(&x, &want_grad);
+                assert!(diff <= 1e-6 * scale, "{case}: gradient {diff}");
+                // The composite path (other devices) gives the same.
+                let mut y = logits.copy();
+                let loss = composite_cross_entropy_(&mut y, &targets, Some(scale)).unwrap();
+                assert!(
+                    max_abs_diff(&loss, &want_loss) <= tol,
+                    "{case}: composite loss"
+                );
+                assert!(
+                    max_abs_diff(&y, &want_grad) <= 1e-6 * scale,
+                    "{case}: composite"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn fused_cross_entropy_rejects_bad_inputs_and_keeps_the_logits() {
+        let opts = (Kind::Float, tch::Device::Cpu);
+        let logits = Tensor::randn([3, 10], opts);
+        let ids = |v: &[i64]| Tensor::from_slice(v);
+        let cases: Vec<(Tensor, Tensor, &str)> = vec![
+            (logits.copy(), ids(&[0, 10, 2]), "outside [0, 10)"),
+            (logits.copy(), ids(&[0, -1, 2]), "outside [0, 10)"),
+            (logits.copy(), ids(&[0, 1]), "targets must be"),
+            (
+                logits.copy(),
+                ids(&[0, 1, 2]).to_kind(Kind::Int),
+                "targets must be",
+            ),
+            (
+                logits.to_kind(Kind::Double),
+                ids(&[0, 1, 2]),
+                "logits must be",
+            ),
+            (logits.reshape([30]), ids(&[0, 1, 2]), "logits must be"),
+        ];
+        for (mut x, t, want) in cases {
+            let before = x.copy();
+            let err = crate::bridge::cross_entropy_(&mut x, &t, Some(1.0)).unwrap_err();
+            assert!(err.to_string().contains(want), "{err}");
+            assert!(x.equal(&before));
+        }
+        // A transposed (non-contiguous) buffer is refused by the kernel; `cross_entropy_` makes
+        // it contiguous first.
+        let base = Tensor::randn([10, 3], opts);
+        let mut x = base.tr();
+        assert!(crate::bridge::cross_entropy_(&mut x, &ids(&[1, 2, 3]), None).is_err());
+        let (want_loss, want_grad) = reference_cross_entropy(&base.tr(), &ids(&[1, 2, 3]), 2.0);
+        let loss = cross_entropy_(&mut x, &ids(&[1, 2, 3]), Some(2.0)).unwrap();
+        assert!(max_abs_diff(&loss, &want_loss) < 1e-5);
+        assert!(max_abs_diff(&x, &want_grad) < 1e-5);
     }
 
     #[test]
