@@ -435,6 +435,11 @@ def test_unload_returns_memory_and_tensor_count(dirs: dict[str, str], tmp_path: 
         # first use of the big model's shapes keeps a few MiB for good (about 5 MiB measured, in
         # glibc's arenas and libtorch's caches; malloc_trim cannot return all of it) ...
         assert c["after"] - base <= 0.10 * fp32_weights, summary
-    # ... but nothing accumulates from one load to the next (1 MiB: about 1% of the weights).
+    # ... but nothing accumulates from one load to the next (1 MiB: about 1% of the weights): the
+    # second round of loads (float32, bfloat16) ends where the first did, and flat. Within the
+    # first round, the first bfloat16 load of the big shapes may keep a few MiB more for good
+    # (2.7 MiB on some machines, 0 on others), which the 10% bound above covers.
     afters = [c["after"] for c in r["big"]]
-    assert max(afters) - min(afters) <= 2**20, summary
+    first, second = afters[:2], afters[2:]
+    assert max(second) - max(first) <= 2**20, summary
+    assert max(second) - min(second) <= 2**20, summary
