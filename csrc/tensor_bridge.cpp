@@ -7,10 +7,12 @@
 // metadata and all. No libtorch_python or Python headers are needed, so the same object code links
 // into the standalone binary too.
 //
-// It also reaches one ATen op that tch does not wrap: the fused multi-tensor AdamW kernel. (The
-// other C++ op, the fused LoRA linear, lives in lora_linear.cpp.)
+// It also holds the optimizer's helpers that tch does not offer: the fused multi-tensor AdamW
+// kernel, clearing `.grad`, and the total gradient norm in one call. (The other C++ ops live in
+// their own files.)
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_fused_adamw.h>
+#include <ATen/ops/stack.h>
 #include <c10/core/TensorImpl.h>
 #include <c10/core/UndefinedTensorImpl.h>
 #include <torch/version.h>
@@ -72,6 +74,30 @@ char* loratch_fused_adamw(const void* const* params, const void* const* grads,
     at::_fused_adamw_(tensor_list(params, n), tensor_list(grads, n), tensor_list(exp_avgs, n),
                       tensor_list(exp_avg_sqs, n), {}, tensor_list(steps, n), lr, beta1, beta2,
                       weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false);
+  });
+}
+
+// Makes the `.grad` of each of the `n` at::Tensor* in `params` undefined, as
+// `zero_grad(set_to_none=True)` does. Returns nullptr, or the error message.
+char* loratch_clear_grads(const void* const* params, size_t n) {
+  return loratch_guard("unknown C++ exception while clearing gradients", [&] {
+    for (at::Tensor& p : tensor_list(params, n)) p.mutable_grad().reset();
+  });
+}
+
+// Writes to `*out` a new at::Tensor* holding the 2-norm of the 2-norms of the `n` (>= 1)
+// at::Tensor* in `grads`, each taken in float32, as a 0-dim float32 tensor on the first one's
+// device: `torch.nn.utils.clip_grad_norm_`'s total, in one call instead of a few per gradient.
+// Returns nullptr, or the error message.
+char* loratch_grad_norm(const void* const* grads, size_t n, void** out) {
+  return loratch_guard("unknown C++ exception in the gradient norm", [&] {
+    TORCH_CHECK(n > 0, "gradient norm of no tensors");
+    const std::vector<at::Tensor> list = tensor_list(grads, n);
+    const at::Device device = list.front().device();
+    std::vector<at::Tensor> norms;
+    norms.reserve(n);
+    for (const at::Tensor& g : list) norms.push_back(g.to(at::kFloat).norm().to(device));
+    *out = new at::Tensor(at::stack(norms).norm());
   });
 }
 

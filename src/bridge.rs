@@ -12,6 +12,12 @@ extern "C" {
     fn loratch_tensor_from_impl(tensor_impl: *mut c_void) -> *mut c_void;
     fn loratch_tensor_impl(tensor: *const c_void) -> *mut c_void;
     fn loratch_torch_version() -> *const std::ffi::c_char;
+    fn loratch_clear_grads(params: *const *const c_void, n: usize) -> *mut std::ffi::c_char;
+    fn loratch_grad_norm(
+        grads: *const *const c_void,
+        n: usize,
+        out: *mut *mut c_void,
+    ) -> *mut std::ffi::c_char;
     fn loratch_fused_adamw(
         params: *const *const c_void,
         grads: *const *const c_void,
@@ -212,6 +218,23 @@ pub fn cross_entropy_(
     let (grad, scale) = (grad_scale.is_some(), grad_scale.unwrap_or(1.0));
     // SAFETY: `x` is a live at::Tensor* borrowed mutably for the call, `t` a live one borrowed.
     new_tensor(|out| unsafe { loratch_cross_entropy(x, t, scale, grad, out) })
+}
+
+/// Makes each tensor's `.grad` undefined (`zero_grad(set_to_none=True)`), which tch 0.24 cannot.
+pub fn clear_grads(params: &[&Tensor]) -> Result<(), tch::TchError> {
+    let ptrs: Vec<*const c_void> = params.iter().map(|t| t.as_ptr() as *const c_void).collect();
+    // SAFETY: every pointer is a live at::Tensor* borrowed for the call; the array has n entries.
+    let err = unsafe { loratch_clear_grads(ptrs.as_ptr(), ptrs.len()) };
+    // SAFETY: `err` comes straight from a bridge call.
+    unsafe { take_error(err) }
+}
+
+/// The 2-norm of the float32 2-norms of `grads` (at least one), a 0-dim float32 tensor on the
+/// first one's device: `clip_grad_norm_`'s total in one bridge call.
+pub fn grad_norm(grads: &[&Tensor]) -> Result<Tensor, tch::TchError> {
+    let ptrs: Vec<*const c_void> = grads.iter().map(|t| t.as_ptr() as *const c_void).collect();
+    // SAFETY: every pointer is a live at::Tensor* borrowed for the call; the array has n entries.
+    new_tensor(|out| unsafe { loratch_grad_norm(ptrs.as_ptr(), ptrs.len(), out) })
 }
 
 /// Runs a bridge call that returns null or an error message and, on success, has written a new

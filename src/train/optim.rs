@@ -252,16 +252,22 @@ impl AdamW {
         Ok(())
     }
 
-    /// Whether one fused kernel call can do this step: every parameter fp32, contiguous, without
-    /// master weights, with a defined dense fp32 gradient, all on one device. (Other cases, such
-    /// as bf16 parameters with fp32 masters or skipped parameters, take the per-tensor loop.)
+    /// Whether one fused kernel call can do this step: at least one parameter has a gradient, and
+    /// every parameter that has one is fp32, contiguous, without master weights, with a dense fp32
+    /// gradient, all on one device (parameters without a gradient are left out of the call).
+    /// Other cases, such as bf16 parameters with fp32 masters, take the per-tensor loop.
     fn fusable(&self, grads: &[Tensor]) -> Result<bool> {
         let Some(device) = self.params.first().map(|p| p.device()) else {
             return Ok(false);
         };
+        let mut any = false;
         for ((p, st), g) in self.params.iter().zip(&self.states).zip(grads) {
-            let ok = g.defined()
-                && st.master.is_none()
+            // Parameters without a gradient are skipped by the step either way.
+            if !g.defined() {
+                continue;
+            }
+            any = true;
+            let ok = st.master.is_none()
                 && p.f_kind()? == Kind::Float
                 && g.f_kind()? == Kind::Float
                 && p.device() == device
@@ -274,65 +280,55 @@ impl AdamW {
                 return Ok(false);
             }
         }
-        Ok(true)
+        Ok(any)
     }
 
     /// The step as `torch.optim.AdamW(fused=True)`: libtorch's multi-tensor kernel over every
     /// parameter at once (the same update as the per-tensor loop, to within float rounding:
     /// about 1e-6 after 20 steps; one call instead of a dozen ops per parameter).
     fn fused_step(&mut self, grads: &[Tensor]) -> Result<()> {
-        // The step counts of this step; the states count it only once the kernel succeeded.
-        let mut steps = Vec::with_capacity(self.states.len());
-        for (st, p) in self.states.iter().zip(&self.params) {
+        // The parameters with a gradient, and their step counts including this step; the states
+        // count it only once the kernel succeeded.
+        let live: Vec<usize> = (0..grads.len()).filter(|&i| grads[i].defined()).collect();
+        let mut steps = Vec::with_capacity(live.len());
+        for &i in &live {
             steps.push(Tensor::f_full(
                 [],
-                (st.step + 1) as f64,
-                (Kind::Float, p.device()),
+                (self.states[i].step + 1) as f64,
+                (Kind::Float, self.params[i].device()),
             )?);
         }
-        fn refs(v: &[Tensor]) -> Vec<&Tensor> {
-            v.iter().collect()
-        }
-        let exp_avgs: Vec<&Tensor> = self.states.iter().map(|s| &s.exp_avg).collect();
-        let exp_avg_sqs: Vec<&Tensor> = self.states.iter().map(|s| &s.exp_avg_sq).collect();
-        let (params, grads, steps) = (refs(&self.params), refs(grads), refs(&steps));
+        let params: Vec<&Tensor> = live.iter().map(|&i| &self.params[i]).collect();
+        let grads: Vec<&Tensor> = live.iter().map(|&i| &grads[i]).collect();
+        let exp_avgs: Vec<&Tensor> = live.iter().map(|&i| &self.states[i].exp_avg).collect();
+        let exp_avg_sqs: Vec<&Tensor> = live.iter().map(|&i| &self.states[i].exp_avg_sq).collect();
         crate::bridge::fused_adamw(
             &crate::bridge::FusedAdamW {
                 params: &params,
                 grads: &grads,
                 exp_avgs: &exp_avgs,
                 exp_avg_sqs: &exp_avg_sqs,
-                steps: &steps,
+                steps: &steps.iter().collect::<Vec<_>>(),
             },
             self.lr,
             self.betas,
             self.weight_decay,
             self.eps,
         )?;
-        for st in &mut self.states {
-            st.step += 1;
+        for &i in &live {
+            self.states[i].step += 1;
         }
         Ok(())
     }
 
-    /// Zeroes every defined gradient in place (detaching it first if it requires grad).
-    ///
-    /// `torch.optim`'s default (`set_to_none=True`) makes gradients undefined, but tch 0.24 has
-    /// no way to reset a tensor's `.grad`, so this matches `zero_grad(set_to_none=False)`: a
-    /// parameter that then receives no gradient still takes steps (with a zero gradient: its
-    /// moments decay, weight decay applies) instead of being skipped.
+    /// Clears every parameter's gradient (`.grad` becomes undefined), as `torch.optim`'s default
+    /// `zero_grad(set_to_none=True)`: a parameter that then receives no gradient is skipped by the
+    /// next [`AdamW::step`], and the next backward stores its gradient instead of adding it to
+    /// zeros.
     pub fn zero_grad(&mut self) -> Result<()> {
-        let _no_grad = tch::no_grad_guard();
-        for p in &self.params {
-            let mut g = p.f_grad()?;
-            if g.defined() {
-                if g.requires_grad() {
-                    let _ = g.f_detach_()?;
-                }
-                let _ = g.f_zero_()?;
-            }
-        }
-        Ok(())
+        Ok(crate::bridge::clear_grads(
+            &self.params.iter().collect::<Vec<_>>(),
+        )?)
     }
 
     /// The defined gradients and their total 2-norm (the 2-norm of the per-gradient fp32 2-norms,
@@ -346,22 +342,10 @@ impl AdamW {
                 grads.push(g);
             }
         }
-        let Some(first) = grads.first() else {
+        if grads.is_empty() {
             return Ok(None);
-        };
-        let device = first.device();
-        let norms = grads
-            .iter()
-            .map(|g| {
-                Ok(g.f_to_kind(Kind::Float)?.f_norm()?.f_to_device_(
-                    device,
-                    Kind::Float,
-                    false,
-                    false,
-                )?)
-            })
-            .collect::<Result<Vec<Tensor>>>()?;
-        let total = Tensor::f_stack(&norms, 0)?.f_norm()?;
+        }
+        let total = crate::bridge::grad_norm(&grads.iter().collect::<Vec<_>>())?;
         Ok(Some((grads, total)))
     }
 
@@ -1214,7 +1198,7 @@ print(json.dumps(out))
     }
 
     #[test]
-    fn zero_grad_zeroes_and_ungraded_params_are_skipped() {
+    fn zero_grad_clears_and_ungraded_params_are_skipped() {
         let m = Meta {
             shape: vec![3],
             kind: Kind::Float,
@@ -1234,10 +1218,18 @@ print(json.dumps(out))
         assert_eq!(values(&b), [4.0, 5.0, 6.0]);
         assert_ne!(values(&a), [1.0, 2.0, 3.0]);
         opt.zero_grad().unwrap();
-        assert_eq!(values(&a.grad()), [0.0, 0.0, 0.0]);
-        assert!(!b.grad().defined());
+        assert!(!a.grad().defined() && !b.grad().defined());
         let st = opt.state_tensors();
         let step = |n: &str| st.iter().find(|(m, _)| m == n).unwrap().1.int64_value(&[]);
         assert_eq!((step("state.0.step"), step("state.1.step")), (1, 0));
+        // Now only b gets a gradient: a (cleared, not zeroed) is skipped, b takes its first step.
+        let a_before = values(&a);
+        set_grads(&mut opt, &[None, Some(tensor(&[0.5, 0.5, -0.5], &m))]);
+        opt.step().unwrap();
+        assert_eq!(values(&a), a_before);
+        assert_ne!(values(&b), [4.0, 5.0, 6.0]);
+        let st = opt.state_tensors();
+        let step = |n: &str| st.iter().find(|(m, _)| m == n).unwrap().1.int64_value(&[]);
+        assert_eq!((step("state.0.step"), step("state.1.step")), (1, 1));
     }
 }
