@@ -8,11 +8,12 @@
 // into the standalone binary too.
 //
 // It also holds the optimizer's helpers that tch does not offer: the fused multi-tensor AdamW
-// kernel, clearing `.grad`, and the total gradient norm in one call. (The other C++ ops live in
+// kernel, clearing and filling `.grad`, and the total gradient norm in one call. (The other C++ ops live in
 // their own files.)
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_fused_adamw.h>
 #include <ATen/ops/stack.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/core/TensorImpl.h>
 #include <c10/core/UndefinedTensorImpl.h>
 #include <torch/version.h>
@@ -82,6 +83,17 @@ char* loratch_fused_adamw(const void* const* params, const void* const* grads,
 char* loratch_clear_grads(const void* const* params, size_t n) {
   return loratch_guard("unknown C++ exception while clearing gradients", [&] {
     for (at::Tensor& p : tensor_list(params, n)) p.mutable_grad().reset();
+  });
+}
+
+// Gives each of the `n` at::Tensor* in `params` whose `.grad` is undefined a zero gradient (so
+// that every rank of a distributed run all-reduces the same tensors). Returns nullptr, or the
+// error message.
+char* loratch_fill_missing_grads(const void* const* params, size_t n) {
+  return loratch_guard("unknown C++ exception while filling gradients", [&] {
+    for (at::Tensor& p : tensor_list(params, n)) {
+      if (!p.grad().defined()) p.mutable_grad() = at::zeros_like(p);
+    }
   });
 }
 

@@ -13,6 +13,7 @@ extern "C" {
     fn loratch_tensor_impl(tensor: *const c_void) -> *mut c_void;
     fn loratch_torch_version() -> *const std::ffi::c_char;
     fn loratch_clear_grads(params: *const *const c_void, n: usize) -> *mut std::ffi::c_char;
+    fn loratch_fill_missing_grads(params: *const *const c_void, n: usize) -> *mut std::ffi::c_char;
     fn loratch_grad_norm(
         grads: *const *const c_void,
         n: usize,
@@ -225,6 +226,15 @@ pub fn clear_grads(params: &[&Tensor]) -> Result<(), tch::TchError> {
     let ptrs: Vec<*const c_void> = params.iter().map(|t| t.as_ptr() as *const c_void).collect();
     // SAFETY: every pointer is a live at::Tensor* borrowed for the call; the array has n entries.
     let err = unsafe { loratch_clear_grads(ptrs.as_ptr(), ptrs.len()) };
+    // SAFETY: `err` comes straight from a bridge call.
+    unsafe { take_error(err) }
+}
+
+/// Gives each tensor whose `.grad` is undefined a zero gradient of its shape and dtype.
+pub fn fill_missing_grads(params: &[&Tensor]) -> Result<(), tch::TchError> {
+    let ptrs: Vec<*const c_void> = params.iter().map(|t| t.as_ptr() as *const c_void).collect();
+    // SAFETY: every pointer is a live at::Tensor* borrowed for the call; the array has n entries.
+    let err = unsafe { loratch_fill_missing_grads(ptrs.as_ptr(), ptrs.len()) };
     // SAFETY: `err` comes straight from a bridge call.
     unsafe { take_error(err) }
 }

@@ -511,6 +511,13 @@ impl<'a> Run<'a> {
                 }
             }
             hooks.all_reduce_sum(&mut sums)?;
+            if self.world > 1 {
+                // Every rank must hand the all-reduce the same tensors, also a rank that had no
+                // batch in a short last window (zero_grad leaves gradients undefined).
+                crate::bridge::fill_missing_grads(
+                    &self.optimizer.params().iter().collect::<Vec<_>>(),
+                )?;
+            }
             let grads: Vec<Tensor> = self
                 .optimizer
                 .params()
