@@ -8,8 +8,8 @@
 // into the standalone binary too.
 //
 // It also holds the optimizer's helpers that tch does not offer: the fused multi-tensor AdamW
-// kernel, clearing and filling `.grad`, and the total gradient norm in one call. (The other C++ ops live in
-// their own files.)
+// kernel, clearing and filling `.grad`, and the total gradient norm in one call. (The other C++
+// ops live in their own files.)
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_fused_adamw.h>
 #include <ATen/ops/stack.h>

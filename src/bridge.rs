@@ -1,6 +1,7 @@
 //! Zero-copy conversion between a tch [`Tensor`] and the `c10::TensorImpl*` that Python's torch
 //! exposes as `tensor._cdata` (see csrc/tensor_bridge.cpp). Both sides then share one tensor.
-//! Also the C++ ops loratch needs that tch does not offer: libtorch's fused AdamW kernel and the
+//! Also the C++ ops loratch needs that tch does not offer: libtorch's fused AdamW kernel, clearing
+//! and filling `.grad` and the total gradient norm in one call (the optimizer's), the
 //! fused LoRA linear (csrc/lora_linear.cpp), the blocked causal attention
 //! (csrc/causal_attention.cpp), fused RMSNorm, rotary embedding and SwiGLU for training on CPU
 //! (csrc/rms_norm.cpp, csrc/rotary.cpp, csrc/swiglu.cpp), and the loss's in-place cross-entropy
