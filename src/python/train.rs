@@ -114,16 +114,7 @@ fn torch_optimizer_add_params(
 /// Clears the parameters' gradients (sets `.grad` to None, as `torch.optim`'s default).
 #[pyfunction]
 fn torch_optimizer_zero_grad(py: Python<'_>, optimizer: &PyOptimizer) -> PyResult<()> {
-    let params: Vec<_> = optimizer
-        .lock()
-        .params()
-        .iter()
-        .map(|t| t.shallow_clone())
-        .collect();
-    for p in params {
-        PyTensor(p).into_pyobject(py)?.setattr("grad", py.None())?;
-    }
-    Ok(())
+    Ok(py.detach(|| optimizer.lock().zero_grad())?)
 }
 
 /// One AdamW step (parameters without a gradient are skipped).
