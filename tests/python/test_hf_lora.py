@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from tiny_models import make_model
 
@@ -183,6 +183,7 @@ def test_non_finite_merge_raises_and_changes_nothing(model_dir: Path, ids: torch
 
 @settings(max_examples=8, deadline=None)
 @given(scale=st.floats(0.001, 0.3), rank=st.integers(1, 6), alpha=st.floats(0.5, 32.0), seed=st.integers(0, 10_000))
+@example(scale=0.25, rank=1, alpha=28.0, seed=0)
 def test_merge_unmerge_enable_properties(model_dir: Path, scale: float, rank: int, alpha: float, seed: int) -> None:
     ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(seed))
     load("p", model_dir)
@@ -193,9 +194,12 @@ def test_merge_unmerge_enable_properties(model_dir: Path, scale: float, rank: in
     loratch.torch_hf_lora_merge("p")
     assert (logits("p", ids) - unmerged).abs().max().item() <= TOL * max(1.0, unmerged.abs().max().item())
     loratch.torch_hf_lora_enable("p", False)  # unmerges first
-    assert (logits("p", ids) - base).abs().max().item() <= 1e-5 * max(1.0, base.abs().max().item())
+    # Unmerging subtracts in float32 the delta that merging added: each weight comes back up to the
+    # rounding of |W + delta|, which a large delta makes larger than 1e-5 of the logits (the
+    # explicit example: 5.2e-5 of 1.96), so these compare to TOL, as the merge itself does.
+    assert (logits("p", ids) - base).abs().max().item() <= TOL * max(1.0, base.abs().max().item())
     loratch.torch_hf_lora_enable("p", True)
-    assert (logits("p", ids) - unmerged).abs().max().item() <= 1e-5 * max(1.0, unmerged.abs().max().item())
+    assert (logits("p", ids) - unmerged).abs().max().item() <= TOL * max(1.0, unmerged.abs().max().item())
 
 
 def test_autograd_reaches_adapters_and_torch_optim_trains(model_dir: Path, ids: torch.Tensor) -> None:
