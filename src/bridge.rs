@@ -51,6 +51,7 @@ extern "C" {
         block: i64,
         out: *mut *mut c_void,
     ) -> *mut std::ffi::c_char;
+    fn loratch_causal_attention_use_blas(on: bool) -> bool;
     fn loratch_rms_norm(
         input: *const c_void,
         weight: *const c_void,
@@ -168,7 +169,8 @@ pub fn lora_linear(
 /// `q` `[B, H, T, D]`, `k` and `v` `[B, KV, T, D]` with `H` a multiple of `KV` (query head `h`
 /// reads key head `h / (H / KV)`); the result is `[B, H, T, D]`. Queries go in blocks of `block`
 /// positions, each multiplied only with the keys it may see. Saves the attention probabilities
-/// for the backward (about `B * H * T * T * 2` bytes in float32), so it suits short sequences.
+/// for the backward (`B * H * T * T * 4` bytes), so it suits short sequences. The result is laid
+/// out `[B, T, H, D]` in memory, so its `transpose(1, 2)` is contiguous.
 pub fn causal_attention(
     q: &Tensor,
     k: &Tensor,
@@ -179,6 +181,15 @@ pub fn causal_attention(
     let ptr = |t: &Tensor| t.as_ptr() as *const c_void;
     // SAFETY: all three pointers are live at::Tensor* borrowed for the call.
     new_tensor(|out| unsafe { loratch_causal_attention(ptr(q), ptr(k), ptr(v), scale, block, out) })
+}
+
+/// Test hook of [`causal_attention`]: whether its products call libtorch's BLAS `sgemm_` directly
+/// (`true`, the default) or go through ATen (the fallback for a libtorch without `sgemm_`).
+/// Returns the previous setting. Process-wide.
+#[doc(hidden)]
+pub fn causal_attention_use_blas(on: bool) -> bool {
+    // SAFETY: swaps a process-wide atomic flag.
+    unsafe { loratch_causal_attention_use_blas(on) }
 }
 
 /// `weight * (x * rsqrt(mean(x^2, -1) + eps))` as one autograd node (csrc/rms_norm.cpp): `input`
