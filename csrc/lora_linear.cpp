@@ -8,9 +8,21 @@
 // fresh product plus an add on CPU, and gives bit-identical forwards (the GEMM adds C after the
 // rank-r sum, as the separate add does). Only what the backward needs is saved: the adapter's
 // input and its rank-r activation.
+//
+// The frozen products with a wide output and few rows (SmolLM2's gate/up forward and down's input
+// gradient: 256 x 576 -> 1536), with the rank-r term that accumulates into them, are computed in
+// column blocks of at most 768 straight into the result. On this project's 2-core machines
+// oneMKL runs such a whole product at ~150 GFLOP/s in some phases of the machine, which last
+// seconds to minutes and come and go within a process (210-215 otherwise; the rank-r
+// `[256, 16] x [16, 1536]` drops from ~180 to ~130), while in two column halves it runs at
+// 196-209 in those phases and at the whole product's speed in the others (alternated probes, both
+// layouts). Each core alone keeps its speed in those phases, so it is the two threads' shared
+// work on one product that slows. Products of 1024 rows or more showed no such phase. The blocks
+// compute the same dot products (the forward stays bit-identical to the composite).
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <algorithm>
 #include <optional>
 
 #include "bridge.h"
@@ -19,6 +31,32 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
+
+// Rows up to which a wide frozen product is split by output columns, and the widest block.
+constexpr int64_t kSplitMaxRows = 512;
+constexpr int64_t kMaxBlockColumns = 768;
+
+// `x @ w^T + lo @ hi^T` for `x [M, K]`, `w [N, K]`, `lo [M, r]`, `hi [N, r]` (`transposed`: the
+// forward), or `x @ w + lo @ hi` for `w [K, N]`, `hi [r, N]` (the input gradient). `lo` may be
+// undefined (no rank-r term). Both products run per column block when M <= kSplitMaxRows and
+// N > kMaxBlockColumns, the rank-r one accumulating into the block the frozen one just wrote.
+at::Tensor frozen_plus_low_rank(const at::Tensor& x, const at::Tensor& w, const at::Tensor& lo,
+                                const at::Tensor& hi, bool transposed) {
+  const int64_t m = x.size(0), n = transposed ? w.size(0) : w.size(1);
+  const auto columns_of = [&](const at::Tensor& t, int64_t start, int64_t len) {
+    return transposed ? t.narrow(0, start, len).t() : t.narrow(1, start, len);
+  };
+  const int64_t blocks = (n + kMaxBlockColumns - 1) / kMaxBlockColumns;
+  const int64_t columns = m > kSplitMaxRows || blocks < 2 ? n : (n + blocks - 1) / blocks;
+  at::Tensor out = at::empty({m, n}, x.options());
+  for (int64_t start = 0; start < n; start += columns) {
+    const int64_t len = std::min(columns, n - start);
+    at::Tensor block = out.narrow(1, start, len);
+    at::mm_out(block, x, columns_of(w, start, len));
+    if (lo.defined()) block.addmm_(lo, columns_of(hi, start, len));
+  }
+  return out;
+}
 
 struct LoraLinear : public torch::autograd::Function<LoraLinear> {
   // `dropped` absent: the adapter reads x. `bias` may be absent too. Absent inputs are not
@@ -36,9 +74,14 @@ struct LoraLinear : public torch::autograd::Function<LoraLinear> {
     const int64_t out = weight.size(0);
     const at::Tensor x2 = x.reshape({-1, in});
     const at::Tensor lora_in = dropped.defined() ? dropped.reshape({-1, in}) : x2;
-    at::Tensor y = at::linear(x2, weight, bias);
     const at::Tensor h = at::mm(lora_in, a.t()).mul_(scaling);
-    y.addmm_(h, b.t());
+    at::Tensor y;
+    if (bias.defined()) {
+      y = at::linear(x2, weight, bias);
+      y.addmm_(h, b.t());
+    } else {
+      y = frozen_plus_low_rank(x2, weight, h, b, /*transposed=*/true);
+    }
     // x itself is needed only for a trainable base weight's gradient.
     ctx->save_for_backward(
         {lora_in, weight, a, b, h, weight.requires_grad() ? x2 : at::Tensor()});
@@ -75,9 +118,8 @@ struct LoraLinear : public torch::autograd::Function<LoraLinear> {
 
     at::Tensor gx, gdropped, gweight, gbias, ga, gb;
     if (need_x) {
-      gx = at::mm(g, weight);
-      if (!dropped) gx.addmm_(gh, a);
-      gx = gx.view(x_sizes);
+      gx = frozen_plus_low_rank(g, weight, dropped ? at::Tensor() : gh, a, /*transposed=*/false)
+               .view(x_sizes);
     }
     if (need_dropped) gdropped = at::mm(gh, a).view(x_sizes);
     if (ctx->needs_input_grad(w_edge)) gweight = at::mm(g.t(), saved[5]);

@@ -247,6 +247,29 @@ mod tests {
         }
     }
 
+    /// Wide outputs of few rows run in column blocks (csrc/lora_linear.cpp): the forward's
+    /// `x W^T` (out 1600: three blocks) and the input gradient's `g W` (in 1000: two blocks),
+    /// with or without bias and dropout, match the composite; so do 600 rows (not split).
+    #[test]
+    fn fused_matches_composite_in_column_blocks() {
+        for (lead, dims) in [
+            (vec![2, 50], (1000, 1600, 8)),
+            (vec![100], (1600, 24, 4)),
+            (vec![600], (1000, 1600, 4)),
+        ] {
+            for (with_bias, dropout) in [(false, 0.0), (true, 0.0), (false, 0.3), (true, 0.3)] {
+                let (fwd, grads) =
+                    compare(&lead, dims, with_bias, dropout, true, false, Kind::Float, 7);
+                let case = format!("{lead:?} {dims:?} bias {with_bias} dropout {dropout}");
+                if !with_bias && dropout == 0.0 {
+                    assert_eq!(fwd, 0.0, "{case}");
+                }
+                assert!(fwd <= 1e-5, "{case}: forward {fwd}");
+                assert!(grads <= 1e-4, "{case}: gradients {grads}");
+            }
+        }
+    }
+
     #[test]
     fn fused_matches_composite_in_bf16() {
         let (fwd, grads) = compare(
