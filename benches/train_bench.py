@@ -117,6 +117,8 @@ def loratch_fixed(model: Path, work: Path, tag: str) -> tuple[float, float]:
     rss = max(r["peak_rss_bytes"] for r in metrics if "peak_rss_bytes" in r)
     times = [r["train_time_s"] for r in metrics if "train_time_s" in r]
     steps = [b - a for a, b in zip(times, times[1:])]  # drops the first (warm-up) step
+    # Each step, for the log: the machine has slow phases that show as runs of slower steps.
+    print(f"loratch fixed-length run {tag}: steps {[round(s, 3) for s in steps]} s", flush=True)
     return statistics.median(steps), rss
 
 
