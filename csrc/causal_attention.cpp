@@ -73,7 +73,9 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const 
 struct Rows {
   float* data;
   int64_t sb, sh, st;
-  float* row(int64_t bi, int64_t hi, int64_t pos) const { return data + bi * sb + hi * sh + pos * st; }
+  float* row(int64_t bi, int64_t hi, int64_t pos) const {
+    return data + bi * sb + hi * sh + pos * st;
+  }
 };
 
 Rows rows_of(const at::Tensor& x) {
@@ -133,7 +135,8 @@ LORATCH_AVX2 void softmax_row_avx2(float* s, int64_t n, int64_t end) {
   for (int64_t j = i; j < n; ++j) sum += (s[j] = std::exp(s[j] - m));
   const float inv = 1.0f / sum;
   const __m256 iv = _mm256_set1_ps(inv);
-  for (i = 0; i + 8 <= n; i += 8) _mm256_storeu_ps(s + i, _mm256_mul_ps(_mm256_loadu_ps(s + i), iv));
+  for (i = 0; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(s + i, _mm256_mul_ps(_mm256_loadu_ps(s + i), iv));
   for (int64_t j = i; j < n; ++j) s[j] *= inv;
   std::fill(s + n, s + end, 0.0f);
 }
@@ -269,7 +272,8 @@ struct CausalAttention : public torch::autograd::Function<CausalAttention> {
     float* const dsp = ds.data_ptr<float>();
     std::vector<Task> by_query, by_key;
     for (int64_t bh = 0; bh < b * h; ++bh)
-      for (int64_t j = 0; j < blocks; ++j) by_query.push_back({bh, j, std::min(t, (j + 1) * block)});
+      for (int64_t j = 0; j < blocks; ++j)
+        by_query.push_back({bh, j, std::min(t, (j + 1) * block)});
     for (int64_t g = 0; g < b * kv; ++g)
       for (int64_t i = 0; i < blocks; ++i) by_key.push_back({g, i, t - i * block});
     // Query blocks: the score gradients (scale included, which dq and dk both carry) and dq.

@@ -9,16 +9,16 @@
 // rank-r sum, as the separate add does). Only what the backward needs is saved: the adapter's
 // input and its rank-r activation.
 //
-// The frozen products with a wide output and few rows (SmolLM2's gate/up forward and down's input
-// gradient: 256 x 576 -> 1536), with the rank-r term that accumulates into them, are computed in
-// column blocks of at most 768 straight into the result. On this project's 2-core machines
-// oneMKL runs such a whole product at ~150 GFLOP/s in some phases of the machine, which last
-// seconds to minutes and come and go within a process (210-215 otherwise; the rank-r
-// `[256, 16] x [16, 1536]` drops from ~180 to ~130), while in two column halves it runs at
-// 196-209 in those phases and at the whole product's speed in the others (alternated probes, both
-// layouts). Each core alone keeps its speed in those phases, so it is the two threads' shared
-// work on one product that slows. Products of 1024 rows or more showed no such phase. The blocks
-// compute the same dot products (the forward stays bit-identical to the composite).
+// On CPU, the frozen products with a wide output and few rows (SmolLM2's gate/up forward and down's
+// input gradient: 256 x 576 -> 1536), with the rank-r term that accumulates into them, run in
+// column blocks of at most 768 straight into the result. On this project's 2-core machines oneMKL
+// runs such a whole product at ~150 GFLOP/s in some phases of the machine, which last seconds to
+// minutes and come and go within a process (210-215 otherwise; the rank-r `[256, 16] x [16, 1536]`
+// drops from ~180 to ~130), while in two column halves it runs at 196-209 in those phases and at
+// the whole product's speed in the others (alternated probes, both layouts). Each core alone keeps
+// its speed in those phases, so it is the two threads' shared work on one product that slows.
+// Products of 1024 rows or more showed no such phase. The blocks compute the same dot products (the
+// forward stays bit-identical to the composite).
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 
@@ -38,16 +38,21 @@ constexpr int64_t kMaxBlockColumns = 768;
 
 // `x @ w^T + lo @ hi^T` for `x [M, K]`, `w [N, K]`, `lo [M, r]`, `hi [N, r]` (`transposed`: the
 // forward), or `x @ w + lo @ hi` for `w [K, N]`, `hi [r, N]` (the input gradient). `lo` may be
-// undefined (no rank-r term). Both products run per column block when M <= kSplitMaxRows and
-// N > kMaxBlockColumns, the rank-r one accumulating into the block the frozen one just wrote.
+// undefined (no rank-r term). On CPU both products run per column block when M <= kSplitMaxRows
+// and N > kMaxBlockColumns, the rank-r one accumulating into the block the frozen one just wrote.
 at::Tensor frozen_plus_low_rank(const at::Tensor& x, const at::Tensor& w, const at::Tensor& lo,
                                 const at::Tensor& hi, bool transposed) {
   const int64_t m = x.size(0), n = transposed ? w.size(0) : w.size(1);
+  const int64_t blocks = (n + kMaxBlockColumns - 1) / kMaxBlockColumns;
+  if (!x.is_cpu() || m > kSplitMaxRows || blocks < 2) {
+    at::Tensor out = transposed ? at::mm(x, w.t()) : at::mm(x, w);
+    if (lo.defined()) out.addmm_(lo, transposed ? hi.t() : hi);
+    return out;
+  }
   const auto columns_of = [&](const at::Tensor& t, int64_t start, int64_t len) {
     return transposed ? t.narrow(0, start, len).t() : t.narrow(1, start, len);
   };
-  const int64_t blocks = (n + kMaxBlockColumns - 1) / kMaxBlockColumns;
-  const int64_t columns = m > kSplitMaxRows || blocks < 2 ? n : (n + blocks - 1) / blocks;
+  const int64_t columns = (n + blocks - 1) / blocks;
   at::Tensor out = at::empty({m, n}, x.options());
   for (int64_t start = 0; start < n; start += columns) {
     const int64_t len = std::min(columns, n - start);
