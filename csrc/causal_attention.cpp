@@ -10,14 +10,14 @@
 // oneMKL to split well over threads, and unequal in size; so each runs whole on one thread, and
 // the tasks are dealt out to the threads by cost.
 //
-// Every operand is addressed in place through its strides (the head dimension must be unit-
-// stride), and the products are direct BLAS calls on those pointers: no copies, views or ATen
+// Every operand is addressed in place through its strides (one whose rows BLAS cannot read is
+// copied first), and the products are direct BLAS calls on those pointers: no copies, views or ATen
 // calls per task. The masked softmax and its backward are one pass per row over the keys the row
 // may see. The output is laid out `[B, T, H, D]` in memory (returned as a `[B, H, T, D]` tensor),
 // so the model's move back to `[B, T, H * D]` is a view. The backward reuses the saved
-// probabilities (`[B * H, T, T]`, of which the causal blocks are filled: 2.25 MiB per layer for
-// 9 x 256 x 256) instead of recomputing them, and gathers dk and dv per key block with one product
-// per head over all later queries, so no two threads write the same rows.
+// probabilities (`[B * H, T, T]`, of which the causal blocks are filled: 2.25 MiB per layer for 9 x
+// 256 x 256) instead of recomputing them, and gathers dk and dv per key block with one product per
+// head over all later queries, so no two threads write the same rows.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -68,8 +68,9 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const 
                 matrix(b, tb ? n : k, tb ? k : n, ldb, tb), beta, alpha);
 }
 
-// A `[B, heads, T, D]` float32 tensor with unit stride along D, addressed per (batch, head,
-// position) row.
+// A `[B, heads, T, D]` float32 tensor that BLAS can read (see `blas_ready`), addressed per
+// (batch, head, position) row. A length-1 dimension may have any stride, so a single row's
+// stride is taken as D.
 struct Rows {
   float* data;
   int64_t sb, sh, st;
@@ -79,12 +80,17 @@ struct Rows {
 };
 
 Rows rows_of(const at::Tensor& x) {
-  TORCH_CHECK(x.stride(3) == 1, "causal attention: internal error, head dim not unit-stride");
-  return {x.data_ptr<float>(), x.stride(0), x.stride(1), x.stride(2)};
+  const int64_t st = x.size(2) <= 1 ? x.size(3) : x.stride(2);
+  return {x.data_ptr<float>(), x.stride(0), x.stride(1), st};
 }
 
-// The tensor itself when its head dimension is unit-stride, else a contiguous copy.
-at::Tensor unit_stride(const at::Tensor& x) { return x.stride(3) == 1 ? x : x.contiguous(); }
+// The tensor itself when each (batch, head) is a row-major `[T, D]` matrix BLAS can read (unit
+// stride along D, rows at least D apart), else a contiguous copy.
+at::Tensor blas_ready(const at::Tensor& x) {
+  const bool unit = x.size(3) <= 1 || x.stride(3) == 1;
+  const bool rows = x.size(2) <= 1 || x.stride(2) >= x.size(3);
+  return unit && rows ? x : x.contiguous();
+}
 
 // Probabilities of one query row in place: `s[0, n)` are its scaled scores over the keys it may
 // see, `s[n, end)` become 0 (the keys it may not).
@@ -227,8 +233,9 @@ struct CausalAttention : public torch::autograd::Function<CausalAttention> {
                 "causal attention: k and v must be [B, kv_heads, T, head_dim] like q");
     TORCH_CHECK(kv > 0 && h % kv == 0, "causal attention: heads must be a multiple of kv_heads");
     TORCH_CHECK(block > 0, "causal attention: block must be positive");
-    const at::Tensor q = unit_stride(q_in.detach()), k = unit_stride(k_in.detach());
-    const at::Tensor v = unit_stride(v_in.detach());
+    TORCH_CHECK(d > 0, "causal attention: head_dim must be positive");
+    const at::Tensor q = blas_ready(q_in.detach()), k = blas_ready(k_in.detach());
+    const at::Tensor v = blas_ready(v_in.detach());
     const int64_t r = h / kv, blocks = (t + block - 1) / block;
     at::Tensor p = at::empty({b * h, t, t}, q.options());
     at::Tensor out = at::empty_strided({b, h, t, d}, {t * h * d, d, h * d, 1}, q.options());
@@ -262,7 +269,7 @@ struct CausalAttention : public torch::autograd::Function<CausalAttention> {
     const int64_t block = ctx->saved_data["block"].toInt();
     const int64_t b = q.size(0), h = q.size(1), t = q.size(2), d = q.size(3);
     const int64_t kv = k.size(1), r = h / kv, blocks = (t + block - 1) / block;
-    const at::Tensor go = unit_stride(grads[0]);
+    const at::Tensor go = blas_ready(grads[0]);
     at::Tensor ds = at::empty({b * h, t, t}, q.options());
     // Laid out like the inputs, so each gradient flows back in its input's layout.
     at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);

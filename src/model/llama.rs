@@ -823,7 +823,8 @@ mod tests {
     /// The blocked op reads its inputs through their strides and writes each gradient in its
     /// input's layout: the model's layouts (q and k from the rotary op, v a transposed view),
     /// a head dim that is not unit-stride (copied first), and the ATen fallback of its BLAS
-    /// calls all give the contiguous run's results.
+    /// calls all give the contiguous run's results; odd strides of length-1 dims and expanded
+    /// keys match libtorch's attention.
     #[test]
     fn blocked_attention_takes_any_layout() {
         tch::manual_seed(1);
@@ -857,6 +858,63 @@ mod tests {
             for (i, (a, r)) in ours.iter().zip(&reference).enumerate() {
                 assert!(a.equal(r), "{name} layout, tensor {i}: {}", max_diff(a, r));
             }
+        }
+        // One position, its rows given odd strides (a length-1 dim may have any), and keys and
+        // values expanded along T (stride 0: BLAS cannot read them, so they are copied first).
+        let sdpa = |q: &Tensor, k: &Tensor, v: &Tensor| {
+            Tensor::scaled_dot_product_attention::<&Tensor>(
+                q,
+                k,
+                v,
+                None,
+                0.0,
+                true,
+                Some(0.25),
+                true,
+            )
+        };
+        let odd = |x: &Tensor| {
+            let s = x.size();
+            x.as_strided(s.as_slice(), [s[1] * s[3], s[3], 1, 1], None)
+        };
+        let (q1, k1, v1) = (
+            Tensor::randn([1, 4, 1, 8], opts),
+            Tensor::randn([1, 2, 1, 8], opts),
+            Tensor::randn([1, 2, 1, 8], opts),
+        );
+        let up1 = Tensor::randn([1, 4, 1, 8], opts);
+        let ours = run(
+            |q, k, v| attention(&odd(q), &odd(k), &odd(v)),
+            &q1,
+            &k1,
+            &v1,
+            &up1,
+        );
+        let reference1 = run(sdpa, &q1, &k1, &v1, &up1);
+        for (i, (a, r)) in ours.iter().zip(&reference1).enumerate() {
+            assert!(
+                max_diff(a, r) < 1e-5,
+                "one position, tensor {i}: {}",
+                max_diff(a, r)
+            );
+        }
+        let q5 = Tensor::randn([1, 4, 5, 8], opts);
+        let up5 = Tensor::randn([1, 4, 5, 8], opts);
+        let wide = |x: &Tensor| x.expand([1, 2, 5, 8], false);
+        let ours = run(
+            |q, k, v| attention(q, &wide(k), &wide(v)),
+            &q5,
+            &k1,
+            &v1,
+            &up5,
+        );
+        let reference5 = run(|q, k, v| sdpa(q, &wide(k), &wide(v)), &q5, &k1, &v1, &up5);
+        for (i, (a, r)) in ours.iter().zip(&reference5).enumerate() {
+            assert!(
+                max_diff(a, r) < 1e-5,
+                "expanded keys, tensor {i}: {}",
+                max_diff(a, r)
+            );
         }
         let before = crate::bridge::causal_attention_use_blas(false);
         let fallback = run(attention, &q, &k, &v, &up);
