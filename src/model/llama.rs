@@ -859,6 +859,12 @@ mod tests {
                 assert!(a.equal(r), "{name} layout, tensor {i}: {}", max_diff(a, r));
             }
         }
+        let within_1e5 = |ours: &[Tensor], reference: &[Tensor], case: &str| {
+            for (i, (a, r)) in ours.iter().zip(reference).enumerate() {
+                let diff = max_diff(a, r);
+                assert!(diff < 1e-5, "{case}, tensor {i}: {diff}");
+            }
+        };
         // One position, its rows given odd strides (a length-1 dim may have any), and keys and
         // values expanded along T (stride 0: BLAS cannot read them, so they are copied first).
         let sdpa = |q: &Tensor, k: &Tensor, v: &Tensor| {
@@ -891,13 +897,7 @@ mod tests {
             &up1,
         );
         let reference1 = run(sdpa, &q1, &k1, &v1, &up1);
-        for (i, (a, r)) in ours.iter().zip(&reference1).enumerate() {
-            assert!(
-                max_diff(a, r) < 1e-5,
-                "one position, tensor {i}: {}",
-                max_diff(a, r)
-            );
-        }
+        within_1e5(&ours, &reference1, "one position");
         let q5 = Tensor::randn([1, 4, 5, 8], opts);
         let up5 = Tensor::randn([1, 4, 5, 8], opts);
         let wide = |x: &Tensor| x.expand([1, 2, 5, 8], false);
@@ -909,19 +909,11 @@ mod tests {
             &up5,
         );
         let reference5 = run(|q, k, v| sdpa(q, &wide(k), &wide(v)), &q5, &k1, &v1, &up5);
-        for (i, (a, r)) in ours.iter().zip(&reference5).enumerate() {
-            assert!(
-                max_diff(a, r) < 1e-5,
-                "expanded keys, tensor {i}: {}",
-                max_diff(a, r)
-            );
-        }
+        within_1e5(&ours, &reference5, "expanded keys");
         let before = crate::bridge::causal_attention_use_blas(false);
         let fallback = run(attention, &q, &k, &v, &up);
         crate::bridge::causal_attention_use_blas(before);
-        for (i, (a, r)) in fallback.iter().zip(&reference).enumerate() {
-            assert!(max_diff(a, r) < 1e-5, "ATen fallback, tensor {i}");
-        }
+        within_1e5(&fallback, &reference, "ATen fallback");
     }
 
     #[test]
