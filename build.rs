@@ -6,6 +6,8 @@ use std::path::PathBuf;
 fn main() {
     for file in [
         "csrc/bridge.h",
+        "csrc/blas.h",
+        "csrc/blas.cpp",
         "csrc/tensor_bridge.cpp",
         "csrc/lora_linear.cpp",
         "csrc/causal_attention.cpp",
@@ -70,6 +72,7 @@ fn main() {
         .flag("-fopenmp")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={cxx11_abi}"))
         .file("csrc/tensor_bridge.cpp")
+        .file("csrc/blas.cpp")
         .file("csrc/lora_linear.cpp")
         .file("csrc/causal_attention.cpp")
         .file("csrc/rms_norm.cpp")

@@ -23,50 +23,20 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
 
+#include "blas.h"
 #include "bridge.h"
 #include "vectorize.h"
-
-// The Fortran BLAS sgemm that libtorch_cpu exports (oneMKL's in PyPI's torch). Weak, so the
-// library still loads against a libtorch without it; `gemm` then falls back to ATen.
-extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
-                       const int* k, const float* alpha, const float* a, const int* lda,
-                       const float* b, const int* ldb, const float* beta, float* c,
-                       const int* ldc) __attribute__((weak));
 
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// Whether `gemm` calls sgemm_ when libtorch has it (the tests also run the ATen fallback).
-std::atomic<bool> use_blas{true};
-
-// Row-major `C = alpha * op(A) op(B) + beta * C`, op(A) [m, k], op(B) [k, n], C [m, n]; `ta`
-// means A is stored [k, m] (likewise `tb`). With beta = 0, C is not read.
-void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
-          int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  if (sgemm_ != nullptr && use_blas.load(std::memory_order_relaxed)) {
-    // Column-major BLAS computes C^T = op(B)^T op(A)^T over the same memory.
-    const char opa = ta ? 'T' : 'N', opb = tb ? 'T' : 'N';
-    const int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(k);
-    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
-    sgemm_(&opb, &opa, &mi, &ni, &ki, &alpha, b, &la, a, &lb, &beta, c, &lc);
-    return;
-  }
-  const auto opts = at::TensorOptions().dtype(at::kFloat);
-  const auto matrix = [&](const float* p, int64_t rows, int64_t cols, int64_t ld, bool t) {
-    const at::Tensor x = at::from_blob(const_cast<float*>(p), {rows, cols}, {ld, 1}, opts);
-    return t ? x.t() : x;
-  };
-  at::Tensor out = at::from_blob(c, {m, n}, {ldc, 1}, opts);
-  at::addmm_out(out, out, matrix(a, ta ? k : m, ta ? m : k, lda, ta),
-                matrix(b, tb ? n : k, tb ? k : n, ldb, tb), beta, alpha);
-}
+using loratch::gemm;
 
 // A `[B, heads, T, D]` float32 tensor that BLAS can read (see `blas_ready`), addressed per
 // (batch, head, position) row. A length-1 dimension may have any stride, so a single row's
@@ -331,9 +301,5 @@ char* loratch_causal_attention(const void* q, const void* k, const void* v, doub
     *out = new at::Tensor(std::move(y));
   });
 }
-
-// Test hook: whether the products call BLAS directly (true, the default, where libtorch exports
-// sgemm_) or go through ATen. Returns the previous setting.
-bool loratch_causal_attention_use_blas(bool on) { return use_blas.exchange(on); }
 
 }  // extern "C"

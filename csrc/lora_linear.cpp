@@ -9,58 +9,103 @@
 // rank-r sum, as the separate add does). Only what the backward needs is saved: the adapter's
 // input and its rank-r activation.
 //
-// On CPU, the frozen products with a wide output and few rows (SmolLM2's gate/up forward and down's
-// input gradient: 256 x 576 -> 1536), with the rank-r term that accumulates into them, run in
-// column blocks of at most 768 straight into the result. On this project's 2-core machines oneMKL
-// runs such a whole product at ~150 GFLOP/s in some phases of the machine, which last seconds to
-// minutes and come and go within a process (210-215 otherwise; the rank-r `[256, 16] x [16, 1536]`
-// drops from ~180 to ~130), while in two column halves it runs at 196-209 in those phases and at
-// the whole product's speed in the others (alternated probes, both layouts). Each core alone keeps
-// its speed in those phases, so it is the two threads' shared work on one product that slows.
-// Products of 1024 rows or more showed no such phase. The blocks compute the same dot products (the
-// forward stays bit-identical to the composite).
+// On CPU in float32 with 2 to 4 intra-op threads, the node deals rows out to the threads instead
+// of letting oneMKL split each product: each thread runs all of its rows' products, forward and
+// backward, single-threaded (direct BLAS calls, blas.h), and the adapter's gradients sum one
+// partial per thread. The fused ops around the projections (RMSNorm, SwiGLU, residual adds) split
+// rows the same way, so a thread reads the activations it wrote itself. On this project's 2-core
+// machines the fixed step (SmolLM2, 1 x 256) went from 0.87-0.90 to 0.85-0.86 s in the machine's
+// fast stretches and from ~1.00 to 0.94-0.97 s in its slow ones, in which two threads sharing one
+// product of 256 rows slowed from ~210 to ~150 GFLOP/s (alternated A/B of the binaries, 4 x 7
+// steps; BENCHMARKS.md). More threads keep oneMKL's own split (unmeasured here: each thread
+// would pack the whole weight), as do other devices and dtypes.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <algorithm>
 #include <optional>
 
+#include "blas.h"
 #include "bridge.h"
 
 namespace {
 
+using loratch::gemm;
+using loratch::Matrix;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// Rows up to which a wide frozen product is split by output columns, and the widest block.
-constexpr int64_t kSplitMaxRows = 512;
-constexpr int64_t kMaxBlockColumns = 768;
+// Rows split over the threads: at least this many per thread, and at most this many threads.
+constexpr int64_t kMinRowsPerThread = 64;
+constexpr int64_t kMaxSplitThreads = 4;
 
-// `x @ w^T + lo @ hi^T` for `x [M, K]`, `w [N, K]`, `lo [M, r]`, `hi [N, r]` (`transposed`: the
-// forward), or `x @ w + lo @ hi` for `w [K, N]`, `hi [r, N]` (the input gradient). `lo` may be
-// undefined (no rank-r term). On CPU both products run per column block when M <= kSplitMaxRows
-// and N > kMaxBlockColumns, the rank-r one accumulating into the block the frozen one just wrote.
-at::Tensor frozen_plus_low_rank(const at::Tensor& x, const at::Tensor& w, const at::Tensor& lo,
-                                const at::Tensor& hi, bool transposed) {
-  const int64_t m = x.size(0), n = transposed ? w.size(0) : w.size(1);
-  const int64_t blocks = (n + kMaxBlockColumns - 1) / kMaxBlockColumns;
-  if (!x.is_cpu() || m > kSplitMaxRows || blocks < 2) {
-    at::Tensor out = transposed ? at::mm(x, w.t()) : at::mm(x, w);
-    if (lo.defined()) out.addmm_(lo, transposed ? hi.t() : hi);
-    return out;
-  }
-  const auto columns_of = [&](const at::Tensor& t, int64_t start, int64_t len) {
-    return transposed ? t.narrow(0, start, len).t() : t.narrow(1, start, len);
-  };
-  const int64_t columns = (n + blocks - 1) / blocks;
-  at::Tensor out = at::empty({m, n}, x.options());
-  for (int64_t start = 0; start < n; start += columns) {
-    const int64_t len = std::min(columns, n - start);
-    at::Tensor block = out.narrow(1, start, len);
-    at::mm_out(block, x, columns_of(w, start, len));
-    if (lo.defined()) block.addmm_(lo, columns_of(hi, start, len));
-  }
-  return out;
+// The threads to deal `m` rows out to, or 0 to leave the products to oneMKL's own split.
+int64_t row_split_threads(const at::Tensor& x2, int64_t m) {
+  const int64_t threads = at::get_num_threads();
+  const bool fits = threads >= 2 && threads <= kMaxSplitThreads && m >= threads * kMinRowsPerThread;
+  return x2.is_cpu() && x2.scalar_type() == at::kFloat && fits ? threads : 0;
+}
+
+// Runs `body(thread, first_row, rows)` for each thread's share of `m` rows, in parallel.
+template <typename Body>
+void per_thread_rows(int64_t m, int64_t threads, const Body& body) {
+  const int64_t share = (m + threads - 1) / threads;
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t start = t * share, len = std::min(share, m - start);
+      if (len > 0) body(t, start, len);
+    }
+  });
+}
+
+// `c = alpha * a b + beta * c` for Matrix operands `a` [m, k], `b` [k, n] and row-major `c`.
+void product(int64_t m, int64_t n, int64_t k, float alpha, Matrix a, Matrix b, float beta,
+             float* c, int64_t ldc) {
+  gemm(a.transposed, b.transposed, m, n, k, alpha, a.data, a.ld, b.data, b.ld, beta, c, ldc);
+}
+
+// The same Matrix read transposed.
+Matrix t(Matrix x) { return {x.data, x.ld, !x.transposed}; }
+
+// A float32 2-D tensor BLAS can read: `x` itself, or a contiguous copy.
+at::Tensor readable(const at::Tensor& x) {
+  return loratch::blas_readable(x) ? x : x.contiguous();
+}
+
+void scale_rows(float* p, int64_t n, float scaling) {
+  for (int64_t i = 0; i < n; ++i) p[i] *= scaling;
+}
+
+// The forward with rows dealt out to `threads` threads: writes `y` [M, out] and `h` [M, r].
+void forward_split(const at::Tensor& x2, const at::Tensor& lora_in, const at::Tensor& weight,
+                   const at::Tensor& bias, const at::Tensor& a, const at::Tensor& b,
+                   float scaling, int64_t threads, at::Tensor& y, at::Tensor& h) {
+  const int64_t m = x2.size(0), in = weight.size(1), out = weight.size(0), r = a.size(0);
+  const at::Tensor xr = readable(x2), xdr = readable(lora_in);
+  const at::Tensor wr = readable(weight), ar = readable(a), br = readable(b);
+  const Matrix x = loratch::matrix_of(xr), xd = loratch::matrix_of(xdr);
+  const Matrix w_t = t(loratch::matrix_of(wr)), a_t = t(loratch::matrix_of(ar));
+  const Matrix b_t = t(loratch::matrix_of(br));
+  const at::Tensor bias_c = bias.defined() ? bias.contiguous() : bias;
+  h = at::empty({m, r}, x2.options());
+  y = at::empty({m, out}, x2.options());
+  float* hp = h.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  per_thread_rows(m, threads, [&](int64_t, int64_t s, int64_t n) {
+    float* hr = hp + s * r;
+    float* yr = yp + s * out;
+    product(n, r, in, 1.0f, xd.rows_from(s), a_t, 0.0f, hr, r);
+    scale_rows(hr, n * r, scaling);
+    float beta = 0.0f;
+    if (bias_c.defined()) {
+      const float* bp = bias_c.data_ptr<float>();
+      for (int64_t i = 0; i < n; ++i) std::copy(bp, bp + out, yr + i * out);
+      beta = 1.0f;
+    }
+    product(n, out, in, 1.0f, x.rows_from(s), w_t, beta, yr, out);
+    product(n, out, r, 1.0f, {hr, r, false}, b_t, 1.0f, yr, out);
+  });
 }
 
 struct LoraLinear : public torch::autograd::Function<LoraLinear> {
@@ -79,13 +124,22 @@ struct LoraLinear : public torch::autograd::Function<LoraLinear> {
     const int64_t out = weight.size(0);
     const at::Tensor x2 = x.reshape({-1, in});
     const at::Tensor lora_in = dropped.defined() ? dropped.reshape({-1, in}) : x2;
-    const at::Tensor h = at::mm(lora_in, a.t()).mul_(scaling);
-    at::Tensor y;
-    if (bias.defined()) {
-      y = at::linear(x2, weight, bias);
-      y.addmm_(h, b.t());
+    const int64_t threads = row_split_threads(x2, x2.size(0));
+    const bool split = threads > 0 && a.dim() == 2 && b.dim() == 2 && a.size(1) == in &&
+                       b.size(0) == out && b.size(1) == a.size(0) &&
+                       lora_in.sizes() == x2.sizes() &&
+                       (!bias.defined() || bias.sizes() == at::IntArrayRef{out}) &&
+                       weight.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat &&
+                       b.scalar_type() == at::kFloat && lora_in.scalar_type() == at::kFloat &&
+                       (!bias.defined() || bias.scalar_type() == at::kFloat) &&
+                       weight.is_cpu() && a.is_cpu() && b.is_cpu();
+    at::Tensor h, y;
+    if (split) {
+      forward_split(x2, lora_in, weight, bias, a, b, static_cast<float>(scaling), threads, y, h);
     } else {
-      y = frozen_plus_low_rank(x2, weight, h, b, /*transposed=*/true);
+      h = at::mm(lora_in, a.t()).mul_(scaling);
+      y = bias.defined() ? at::linear(x2, weight, bias) : at::mm(x2, weight.t());
+      y.addmm_(h, b.t());
     }
     // x itself is needed only for a trainable base weight's gradient.
     ctx->save_for_backward(
@@ -94,6 +148,7 @@ struct LoraLinear : public torch::autograd::Function<LoraLinear> {
     ctx->saved_data["x_sizes"] = x.sizes().vec();
     ctx->saved_data["dropped"] = dropped.defined();
     ctx->saved_data["bias"] = bias.defined();
+    ctx->saved_data["split"] = split;
     std::vector<int64_t> sizes = x.sizes().vec();
     sizes.back() = out;
     // Not a view: a custom Function's view outputs may not be modified in place afterwards.
@@ -118,20 +173,83 @@ struct LoraLinear : public torch::autograd::Function<LoraLinear> {
     const bool need_x = ctx->needs_input_grad(0);
     const bool need_dropped = dropped && ctx->needs_input_grad(1);
     const bool need_a = ctx->needs_input_grad(a_edge);
-    at::Tensor gh;  // d loss / d (scaling * x_d A^T) times scaling: [M, r]
-    if (need_a || need_dropped || (need_x && !dropped)) gh = at::mm(g, b).mul_(scaling);
+    const bool need_b = ctx->needs_input_grad(a_edge + 1);
+    const bool need_gh = need_a || need_dropped || (need_x && !dropped);
 
     at::Tensor gx, gdropped, gweight, gbias, ga, gb;
-    if (need_x) {
-      gx = frozen_plus_low_rank(g, weight, dropped ? at::Tensor() : gh, a, /*transposed=*/false)
-               .view(x_sizes);
+    const int64_t threads = ctx->saved_data["split"].toBool()
+                                ? row_split_threads(g, g.size(0))
+                                : 0;
+    if (threads > 0 && g.scalar_type() == at::kFloat) {
+      backward_split(g, lora_in, weight, a, b, h, static_cast<float>(scaling), threads,
+                     need_x, need_gh, need_dropped, need_a, need_b, dropped, gx, gdropped, ga,
+                     gb);
+    } else {
+      at::Tensor gh;  // d loss / d (scaling * x_d A^T) times scaling: [M, r]
+      if (need_gh) gh = at::mm(g, b).mul_(scaling);
+      if (need_x) {
+        gx = at::mm(g, weight);
+        if (!dropped) gx.addmm_(gh, a);
+      }
+      if (need_dropped) gdropped = at::mm(gh, a);
+      if (need_a) ga = at::mm(gh.t(), lora_in);
+      if (need_b) gb = at::mm(g.t(), h);
     }
-    if (need_dropped) gdropped = at::mm(gh, a).view(x_sizes);
+    if (gx.defined()) gx = gx.view(x_sizes);
+    if (gdropped.defined()) gdropped = gdropped.view(x_sizes);
     if (ctx->needs_input_grad(w_edge)) gweight = at::mm(g.t(), saved[5]);
     if (has_bias && ctx->needs_input_grad(w_edge + 1)) gbias = g.sum(0);
-    if (need_a) ga = at::mm(gh.t(), lora_in);
-    if (ctx->needs_input_grad(a_edge + 1)) gb = at::mm(g.t(), h);
     return {gx, gdropped, gweight, gbias, ga, gb, at::Tensor()};
+  }
+
+  // The backward with rows dealt out to `threads` threads. Each thread writes its rows of the
+  // input gradients and one partial sum of A's and B's gradients over its rows.
+  static void backward_split(const at::Tensor& g_in, const at::Tensor& lora_in,
+                             const at::Tensor& weight, const at::Tensor& a, const at::Tensor& b,
+                             const at::Tensor& h, float scaling, int64_t threads, bool need_x,
+                             bool need_gh, bool need_dropped, bool need_a, bool need_b,
+                             bool dropped, at::Tensor& gx, at::Tensor& gdropped, at::Tensor& ga,
+                             at::Tensor& gb) {
+    const at::Tensor gr = readable(g_in), xr = readable(lora_in);
+    const at::Tensor wr = readable(weight), ar = readable(a), br = readable(b);
+    const int64_t m = gr.size(0), out = weight.size(0), in = weight.size(1), r = a.size(0);
+    const Matrix g = loratch::matrix_of(gr), xd = loratch::matrix_of(xr);
+    const Matrix w = loratch::matrix_of(wr), am = loratch::matrix_of(ar);
+    const Matrix bm = loratch::matrix_of(br), hm = loratch::matrix_of(h);
+    const auto opts = gr.options();
+    const at::Tensor gh = need_gh ? at::empty({m, r}, opts) : at::Tensor();
+    if (need_x) gx = at::empty({m, in}, opts);
+    if (need_dropped) gdropped = at::empty({m, in}, opts);
+    const at::Tensor ga_parts = need_a ? at::empty({threads, r, in}, opts) : at::Tensor();
+    const at::Tensor gb_parts = need_b ? at::empty({threads, out, r}, opts) : at::Tensor();
+    const auto ptr = [](const at::Tensor& x) {
+      return x.defined() ? x.data_ptr<float>() : nullptr;
+    };
+    float *ghp = ptr(gh), *gxp = ptr(gx), *gdp = ptr(gdropped);
+    float *gap = ptr(ga_parts), *gbp = ptr(gb_parts);
+    per_thread_rows(m, threads, [&](int64_t thread, int64_t s, int64_t n) {
+      float* ghr = need_gh ? ghp + s * r : nullptr;
+      if (need_gh) {
+        product(n, r, out, 1.0f, g.rows_from(s), bm, 0.0f, ghr, r);
+        scale_rows(ghr, n * r, scaling);
+      }
+      const Matrix gh_rows{ghr, r, false};
+      if (need_x) {
+        product(n, in, out, 1.0f, g.rows_from(s), w, 0.0f, gxp + s * in, in);
+        if (!dropped) product(n, in, r, 1.0f, gh_rows, am, 1.0f, gxp + s * in, in);
+      }
+      if (need_dropped) product(n, in, r, 1.0f, gh_rows, am, 0.0f, gdp + s * in, in);
+      if (need_a) {
+        product(r, in, n, 1.0f, t(gh_rows), xd.rows_from(s), 0.0f, gap + thread * r * in, in);
+      }
+      if (need_b) {
+        product(out, r, n, 1.0f, t(g.rows_from(s)), hm.rows_from(s), 0.0f,
+                gbp + thread * out * r, r);
+      }
+    });
+    // Every thread has rows: m >= threads * kMinRowsPerThread.
+    if (need_a) ga = ga_parts.sum(0);
+    if (need_b) gb = gb_parts.sum(0);
   }
 };
 

@@ -51,7 +51,7 @@ extern "C" {
         block: i64,
         out: *mut *mut c_void,
     ) -> *mut std::ffi::c_char;
-    fn loratch_causal_attention_use_blas(on: bool) -> bool;
+    fn loratch_use_blas(on: bool) -> bool;
     fn loratch_rms_norm(
         input: *const c_void,
         weight: *const c_void,
@@ -183,13 +183,13 @@ pub fn causal_attention(
     new_tensor(|out| unsafe { loratch_causal_attention(ptr(q), ptr(k), ptr(v), scale, block, out) })
 }
 
-/// Test hook of [`causal_attention`]: whether its products call libtorch's BLAS `sgemm_` directly
-/// (`true`, the default) or go through ATen (the fallback for a libtorch without `sgemm_`).
-/// Returns the previous setting. Process-wide.
+/// Test hook of the C++ ops ([`causal_attention`], [`lora_linear`]): whether their products call
+/// libtorch's BLAS `sgemm_` directly (`true`, the default) or go through ATen (the fallback for a
+/// libtorch without `sgemm_`). Returns the previous setting. Process-wide.
 #[doc(hidden)]
-pub fn causal_attention_use_blas(on: bool) -> bool {
+pub fn use_blas(on: bool) -> bool {
     // SAFETY: swaps a process-wide atomic flag.
-    unsafe { loratch_causal_attention_use_blas(on) }
+    unsafe { loratch_use_blas(on) }
 }
 
 /// `weight * (x * rsqrt(mean(x^2, -1) + eps))` as one autograd node (csrc/rms_norm.cpp): `input`

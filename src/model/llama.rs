@@ -910,9 +910,9 @@ mod tests {
         );
         let reference5 = run(|q, k, v| sdpa(q, &wide(k), &wide(v)), &q5, &k1, &v1, &up5);
         within_1e5(&ours, &reference5, "expanded keys");
-        let before = crate::bridge::causal_attention_use_blas(false);
+        let before = crate::bridge::use_blas(false);
         let fallback = run(attention, &q, &k, &v, &up);
-        crate::bridge::causal_attention_use_blas(before);
+        crate::bridge::use_blas(before);
         within_1e5(&fallback, &reference, "ATen fallback");
     }
 
