@@ -1,5 +1,10 @@
-// The direct BLAS products of blas.h, and the test hook that sends them through ATen instead.
+// The direct BLAS products of blas.h, a plain product with its rows split over the threads (the
+// output head's), and the test hook that sends the products through ATen instead.
 #include "blas.h"
+
+#include "bridge.h"
+
+#include <c10/core/GradMode.h>
 
 #include <atomic>
 
@@ -59,6 +64,51 @@ Matrix matrix_of(const at::Tensor& x) {
 }  // namespace loratch
 
 extern "C" {
+
+// Writes a new at::Tensor* holding `a @ b` (`a` [m, k], `b` [k, n]) to `*out`. On CPU in float32
+// with a row split (blas.h), each thread computes its rows single-threaded; otherwise the threads
+// share each product (at::mm). Either way in blocks of at most `block_columns` columns (0: all at
+// once; other devices: at once). No autograd. Returns nullptr, or the error message
+// (free it with loratch_free_string).
+char* loratch_mm_rows(const void* a_in, const void* b_in, int64_t block_columns, void** out) {
+  return loratch_guard("unknown C++ exception in a row-split product", [&] {
+    const at::Tensor& a = *static_cast<const at::Tensor*>(a_in);
+    const at::Tensor& b = *static_cast<const at::Tensor*>(b_in);
+    TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0),
+                "a row-split product needs [m, k] and [k, n] operands, got ", a.sizes(), " and ",
+                b.sizes());
+    c10::AutoGradMode no_grad(false);
+    const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
+    const int64_t threads = loratch::row_split_threads(a, m);
+    if (threads == 0 || !b.is_cpu() || b.scalar_type() != at::kFloat) {
+      if (block_columns <= 0 || n <= block_columns || !a.is_cpu()) {
+        *out = new at::Tensor(at::mm(a, b));
+        return;
+      }
+      at::Tensor c = at::empty({m, n}, a.options());
+      for (int64_t start = 0; start < n; start += block_columns) {
+        const int64_t len = std::min(block_columns, n - start);
+        at::Tensor block = c.narrow(1, start, len);
+        at::mm_out(block, a, b.narrow(1, start, len));
+      }
+      *out = new at::Tensor(std::move(c));
+      return;
+    }
+    const at::Tensor ar = loratch::readable(a), br = loratch::readable(b);
+    const loratch::Matrix am = loratch::matrix_of(ar), bm = loratch::matrix_of(br);
+    at::Tensor c = at::empty({m, n}, a.options());
+    float* cp = c.data_ptr<float>();
+    const int64_t block = block_columns > 0 ? block_columns : std::max<int64_t>(n, 1);
+    loratch::per_thread_rows(m, threads, [&](int64_t, int64_t s, int64_t rows) {
+      for (int64_t start = 0; start < n; start += block) {
+        const int64_t len = std::min(block, n - start);
+        loratch::product(rows, len, k, 1.0f, am.rows_from(s), bm.cols_from(start), 0.0f,
+                         cp + s * n + start, n);
+      }
+    });
+    *out = new at::Tensor(std::move(c));
+  });
+}
 
 // Test hook: whether the C++ ops' products call BLAS directly (true, the default, where libtorch
 // exports sgemm_) or go through ATen. Returns the previous setting.

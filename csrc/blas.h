@@ -5,6 +5,9 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
 
 #include <cstdint>
 
@@ -26,7 +29,17 @@ struct Matrix {
   Matrix rows_from(int64_t start) const {
     return {data + start * (transposed ? 1 : ld), ld, transposed};
   }
+  // Columns [start, ...) of the matrix (the same layout).
+  Matrix cols_from(int64_t start) const {
+    return {data + start * (transposed ? ld : 1), ld, transposed};
+  }
 };
+
+// `c = alpha * a b + beta * c` for Matrix operands `a` [m, k], `b` [k, n] and row-major `c`.
+inline void product(int64_t m, int64_t n, int64_t k, float alpha, Matrix a, Matrix b, float beta,
+                    float* c, int64_t ldc) {
+  gemm(a.transposed, b.transposed, m, n, k, alpha, a.data, a.ld, b.data, b.ld, beta, c, ldc);
+}
 
 // Whether BLAS can read the 2-D tensor `x` in place: unit stride along one dimension and the
 // other at least that dimension's length apart (a length-1 dimension's stride does not count).
@@ -34,5 +47,40 @@ bool blas_readable(const at::Tensor& x);
 
 // `x` (2-D, float32, BLAS-readable: see `blas_readable`) as a Matrix.
 Matrix matrix_of(const at::Tensor& x);
+
+// A 2-D tensor BLAS can read: `x` itself, or a contiguous copy.
+inline at::Tensor readable(const at::Tensor& x) { return blas_readable(x) ? x : x.contiguous(); }
+
+// Row splits: instead of letting oneMKL split each product over the threads, an op deals its rows
+// out to them and each thread runs its rows' products single-threaded. On this project's 2-core
+// machines that keeps a thread on the activations it wrote itself (the fused elementwise ops split
+// rows the same way), and it avoids the machine's slow phases, in which two threads sharing one
+// product of 256 rows slowed from ~210 to ~150 GFLOP/s (see csrc/lora_linear.cpp).
+// At least this many rows per thread, and at most this many threads (more keep oneMKL's own
+// split, unmeasured here: each thread would pack the whole weight).
+constexpr int64_t kMinRowsPerThread = 64;
+constexpr int64_t kMaxSplitThreads = 4;
+
+// The threads to deal the `m` rows of a product over CPU float32 `x` out to, or 0 to leave the
+// product to oneMKL's own split.
+inline int64_t row_split_threads(const at::Tensor& x, int64_t m) {
+  const int64_t threads = at::get_num_threads();
+  const bool fits = threads >= 2 && threads <= kMaxSplitThreads && m >= threads * kMinRowsPerThread;
+  return x.is_cpu() && x.scalar_type() == at::kFloat && fits ? threads : 0;
+}
+
+// Runs `body(thread, first_row, rows)` for each of `threads` equal shares of `m` rows, in
+// parallel; with m >= threads * kMinRowsPerThread every thread has rows. The shares match the
+// halves at::parallel_for gives the fused ops' row loops on 2 threads.
+template <typename Body>
+void per_thread_rows(int64_t m, int64_t threads, const Body& body) {
+  const int64_t share = (m + threads - 1) / threads;
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t start = t * share, len = std::min(share, m - start);
+      if (len > 0) body(t, start, len);
+    }
+  });
+}
 
 }  // namespace loratch

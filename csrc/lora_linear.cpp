@@ -31,47 +31,16 @@
 
 namespace {
 
-using loratch::gemm;
 using loratch::Matrix;
+using loratch::per_thread_rows;
+using loratch::product;
+using loratch::readable;
+using loratch::row_split_threads;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// Rows split over the threads: at least this many per thread, and at most this many threads.
-constexpr int64_t kMinRowsPerThread = 64;
-constexpr int64_t kMaxSplitThreads = 4;
-
-// The threads to deal `m` rows out to, or 0 to leave the products to oneMKL's own split.
-int64_t row_split_threads(const at::Tensor& x2, int64_t m) {
-  const int64_t threads = at::get_num_threads();
-  const bool fits = threads >= 2 && threads <= kMaxSplitThreads && m >= threads * kMinRowsPerThread;
-  return x2.is_cpu() && x2.scalar_type() == at::kFloat && fits ? threads : 0;
-}
-
-// Runs `body(thread, first_row, rows)` for each thread's share of `m` rows, in parallel.
-template <typename Body>
-void per_thread_rows(int64_t m, int64_t threads, const Body& body) {
-  const int64_t share = (m + threads - 1) / threads;
-  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t start = t * share, len = std::min(share, m - start);
-      if (len > 0) body(t, start, len);
-    }
-  });
-}
-
-// `c = alpha * a b + beta * c` for Matrix operands `a` [m, k], `b` [k, n] and row-major `c`.
-void product(int64_t m, int64_t n, int64_t k, float alpha, Matrix a, Matrix b, float beta,
-             float* c, int64_t ldc) {
-  gemm(a.transposed, b.transposed, m, n, k, alpha, a.data, a.ld, b.data, b.ld, beta, c, ldc);
-}
-
 // The same Matrix read transposed.
 Matrix t(Matrix x) { return {x.data, x.ld, !x.transposed}; }
-
-// A float32 2-D tensor BLAS can read: `x` itself, or a contiguous copy.
-at::Tensor readable(const at::Tensor& x) {
-  return loratch::blas_readable(x) ? x : x.contiguous();
-}
 
 void scale_rows(float* p, int64_t n, float scaling) {
   for (int64_t i = 0; i < n; ++i) p[i] *= scaling;

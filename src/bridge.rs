@@ -52,6 +52,12 @@ extern "C" {
         out: *mut *mut c_void,
     ) -> *mut std::ffi::c_char;
     fn loratch_use_blas(on: bool) -> bool;
+    fn loratch_mm_rows(
+        a: *const c_void,
+        b: *const c_void,
+        block_columns: i64,
+        out: *mut *mut c_void,
+    ) -> *mut std::ffi::c_char;
     fn loratch_rms_norm(
         input: *const c_void,
         weight: *const c_void,
@@ -181,6 +187,16 @@ pub fn causal_attention(
     let ptr = |t: &Tensor| t.as_ptr() as *const c_void;
     // SAFETY: all three pointers are live at::Tensor* borrowed for the call.
     new_tensor(|out| unsafe { loratch_causal_attention(ptr(q), ptr(k), ptr(v), scale, block, out) })
+}
+
+/// `a @ b` for `a` `[m, k]` and `b` `[k, n]`, without autograd (csrc/blas.cpp). On CPU in float32
+/// with 2 to 4 threads and at least 64 rows per thread, the rows are dealt out to the threads and
+/// each computes its rows single-threaded; otherwise libtorch's `mm`. On CPU in blocks of at most
+/// `block_columns` columns (0: all at once).
+pub fn mm_rows(a: &Tensor, b: &Tensor, block_columns: i64) -> Result<Tensor, tch::TchError> {
+    let ptr = |t: &Tensor| t.as_ptr() as *const c_void;
+    // SAFETY: both pointers are live at::Tensor* borrowed for the call.
+    new_tensor(|out| unsafe { loratch_mm_rows(ptr(a), ptr(b), block_columns, out) })
 }
 
 /// Test hook of the C++ ops ([`causal_attention`], [`lora_linear`]): whether their products call

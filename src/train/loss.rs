@@ -25,23 +25,18 @@ const HEAD_BLOCK: i64 = 512;
 /// well below its usual speed (256 x 576 x 49152: about 60 GFLOP/s against 105 in 512-column
 /// blocks, default dispatch; the fixed training step is ~6% faster in an alternated A/B of the
 /// binary). So the product is written block by block straight into the result: the same dot
-/// products, up to float rounding. Other devices, heads with a bias and small vocabularies take
-/// the plain `linear`.
+/// products, up to float rounding. With a row split ([`crate::bridge::mm_rows`]) each thread
+/// computes its own rows, so the cross-entropy's row loop (the same halves) reads logits its own
+/// core wrote. Other devices, heads with a bias and small vocabularies take the plain `linear`.
 fn head_logits(head: &crate::model::Linear, x: &Tensor, mode: LoraMode) -> Result<Tensor> {
     let w = &head.weight;
-    let vocab = head.out_features();
-    if w.device() != tch::Device::Cpu || head.bias.is_some() || vocab <= 2 * HEAD_BLOCK {
+    if w.device() != tch::Device::Cpu
+        || head.bias.is_some()
+        || head.out_features() <= 2 * HEAD_BLOCK
+    {
         return head.forward(x, mode);
     }
-    let out = Tensor::f_empty([x.size()[0], vocab], (w.f_kind()?, w.device()))?;
-    for start in (0..vocab).step_by(HEAD_BLOCK as usize) {
-        let len = HEAD_BLOCK.min(vocab - start);
-        let _ = x.f_mm_out(
-            &out.f_narrow(1, start, len)?,
-            &w.f_narrow(0, start, len)?.f_tr()?,
-        )?;
-    }
-    Ok(out)
+    Ok(crate::bridge::mm_rows(x, &w.f_tr()?, HEAD_BLOCK)?)
 }
 
 /// Each row's cross-entropy of float32 `logits` `[rows, vocab]` against `targets` `[rows]`; with
@@ -172,7 +167,7 @@ pub fn causal_lm_loss(
             if backward.is_some() {
                 // `logits` now holds the gradient (softmax - onehot) * scale.
                 let g = logits.f_to_kind(head.weight.f_kind()?)?;
-                grads.push(g.f_matmul(&head.weight)?);
+                grads.push(crate::bridge::mm_rows(&g, &head.weight, 0)?);
             }
         }
         if backward.is_some() && rows.requires_grad() {
@@ -228,23 +223,43 @@ mod tests {
         }
     }
 
+    /// The head's forward (column blocks; rows split over 2 threads from 128 rows) and its
+    /// backward product (`g W`) match libtorch's products, through BLAS and through ATen.
     #[test]
     fn blocked_head_matches_linear() {
         tch::manual_seed(3);
+        tch::set_num_threads(2);
         let opts = (Kind::Float, tch::Device::Cpu);
-        // 2600 = five 512-column blocks and a partial one.
-        for (rows, vocab) in [(7, 2600), (1, 1025), (300, 1536), (0, 2600)] {
-            let head = Linear::from_weight(Tensor::randn([vocab, 64], opts));
-            let x = Tensor::randn([rows, 64], opts);
-            let got = head_logits(&head, &x, mode()).unwrap();
-            let want = x.linear::<&Tensor>(&head.weight, None);
-            assert_eq!(got.size(), want.size());
-            if rows > 0 {
-                let diff = (&got - &want).abs().max().double_value(&[]);
+        let close = |got: &Tensor, want: &Tensor, case: &str| {
+            assert_eq!(got.size(), want.size(), "{case}");
+            if want.numel() > 0 {
+                let diff = (got - want).abs().max().double_value(&[]);
                 let scale = want.abs().max().double_value(&[]);
-                assert!(diff <= 1e-6 * scale, "{rows}x{vocab}: {diff} vs {scale}");
+                assert!(diff <= 1e-6 * scale, "{case}: {diff} vs {scale}");
             }
+        };
+        for blas in [true, false] {
+            let before = crate::bridge::use_blas(blas);
+            // 2600 = five 512-column blocks and a partial one; 131 rows split 66 + 65.
+            for (rows, vocab) in [(7, 2600), (1, 1025), (300, 1536), (131, 2600), (0, 2600)] {
+                let head = Linear::from_weight(Tensor::randn([vocab, 64], opts));
+                let x = Tensor::randn([rows, 64], opts);
+                let case = format!("blas {blas}: {rows}x{vocab}");
+                let got = head_logits(&head, &x, mode()).unwrap();
+                close(&got, &x.linear::<&Tensor>(&head.weight, None), &case);
+                let g = Tensor::randn([rows, vocab], opts);
+                let back = crate::bridge::mm_rows(&g, &head.weight, 0).unwrap();
+                close(&back, &g.mm(&head.weight), &format!("{case} backward"));
+            }
+            crate::bridge::use_blas(before);
         }
+        let err = crate::bridge::mm_rows(
+            &Tensor::zeros([3, 4], opts),
+            &Tensor::zeros([5, 2], opts),
+            0,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("[m, k] and [k, n]"), "{err}");
     }
 
     /// libtorch's cross-entropy per row and the gradient of `scale * sum` by autograd.
