@@ -46,26 +46,32 @@ void scale_rows(float* p, int64_t n, float scaling) {
   for (int64_t i = 0; i < n; ++i) p[i] *= scaling;
 }
 
-// The forward with rows dealt out to `threads` threads: writes `y` [M, out] and `h` [M, r].
+// The forward with rows dealt out to `threads` threads: writes `y` [M, out] and, with an adapter
+// (`a` defined), `h` [M, r].
 void forward_split(const at::Tensor& x2, const at::Tensor& lora_in, const at::Tensor& weight,
                    const at::Tensor& bias, const at::Tensor& a, const at::Tensor& b,
                    float scaling, int64_t threads, at::Tensor& y, at::Tensor& h) {
-  const int64_t m = x2.size(0), in = weight.size(1), out = weight.size(0), r = a.size(0);
-  const at::Tensor xr = readable(x2), xdr = readable(lora_in);
-  const at::Tensor wr = readable(weight), ar = readable(a), br = readable(b);
+  const bool adapter = a.defined();
+  const int64_t m = x2.size(0), in = weight.size(1), out = weight.size(0);
+  const int64_t r = adapter ? a.size(0) : 0;
+  const at::Tensor xr = readable(x2), xdr = readable(lora_in), wr = readable(weight);
+  const at::Tensor ar = adapter ? readable(a) : a, br = adapter ? readable(b) : b;
   const Matrix x = loratch::matrix_of(xr), xd = loratch::matrix_of(xdr);
-  const Matrix w_t = t(loratch::matrix_of(wr)), a_t = t(loratch::matrix_of(ar));
-  const Matrix b_t = t(loratch::matrix_of(br));
+  const Matrix w_t = t(loratch::matrix_of(wr));
+  const Matrix a_t = adapter ? t(loratch::matrix_of(ar)) : Matrix{};
+  const Matrix b_t = adapter ? t(loratch::matrix_of(br)) : Matrix{};
   const at::Tensor bias_c = bias.defined() ? bias.contiguous() : bias;
-  h = at::empty({m, r}, x2.options());
+  if (adapter) h = at::empty({m, r}, x2.options());
   y = at::empty({m, out}, x2.options());
-  float* hp = h.data_ptr<float>();
+  float* hp = adapter ? h.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   per_thread_rows(m, threads, [&](int64_t, int64_t s, int64_t n) {
-    float* hr = hp + s * r;
+    float* hr = adapter ? hp + s * r : nullptr;
     float* yr = yp + s * out;
-    product(n, r, in, 1.0f, xd.rows_from(s), a_t, 0.0f, hr, r);
-    scale_rows(hr, n * r, scaling);
+    if (adapter) {
+      product(n, r, in, 1.0f, xd.rows_from(s), a_t, 0.0f, hr, r);
+      scale_rows(hr, n * r, scaling);
+    }
     float beta = 0.0f;
     if (bias_c.defined()) {
       const float* bp = bias_c.data_ptr<float>();
@@ -73,9 +79,75 @@ void forward_split(const at::Tensor& x2, const at::Tensor& lora_in, const at::Te
       beta = 1.0f;
     }
     product(n, out, in, 1.0f, x.rows_from(s), w_t, beta, yr, out);
-    product(n, out, r, 1.0f, {hr, r, false}, b_t, 1.0f, yr, out);
+    if (adapter) product(n, out, r, 1.0f, {hr, r, false}, b_t, 1.0f, yr, out);
   });
 }
+
+// Whether the CPU float32 operands of a node over `x2` [M, in] may take the row split: the
+// weight [out, in] and the bias [out] (if any) of matching shapes, float32, on the CPU.
+bool split_operands_fit(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& bias) {
+  const int64_t out = weight.size(0);
+  const bool bias_fits = !bias.defined() || (bias.sizes() == at::IntArrayRef{out} &&
+                                             bias.scalar_type() == at::kFloat && bias.is_cpu());
+  return weight.scalar_type() == at::kFloat && weight.is_cpu() && bias_fits &&
+         x2.size(1) == weight.size(1);
+}
+
+// `x W^T + b` as one autograd node for a projection without an adapter (or with its adapter
+// merged or disabled) while training: on CPU its products split rows over the threads as the
+// LoRA node's do, so the row halves stay with their cores through every projection.
+struct FrozenLinear : public torch::autograd::Function<FrozenLinear> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias_in) {
+    const at::Tensor bias = bias_in.value_or(at::Tensor());
+    TORCH_CHECK(x.dim() >= 1, "the linear's input needs at least one dimension");
+    TORCH_CHECK(weight.dim() == 2, "the linear's weight must be 2-D [out, in]");
+    const int64_t in = weight.size(1), out = weight.size(0);
+    const at::Tensor x2 = x.reshape({-1, in});
+    const int64_t threads = row_split_threads(x2, x2.size(0));
+    const bool split = threads > 0 && split_operands_fit(x2, weight, bias);
+    at::Tensor y, unused;
+    if (split) {
+      forward_split(x2, x2, weight, bias, at::Tensor(), at::Tensor(), 0.0f, threads, y, unused);
+    } else {
+      y = at::linear(x2, weight, bias);
+    }
+    ctx->save_for_backward({weight, weight.requires_grad() ? x2 : at::Tensor()});
+    ctx->saved_data["x_sizes"] = x.sizes().vec();
+    ctx->saved_data["bias"] = bias.defined();
+    ctx->saved_data["split"] = split;
+    std::vector<int64_t> sizes = x.sizes().vec();
+    sizes.back() = out;
+    return at::_unsafe_view(y, sizes);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor& weight = saved[0];
+    const at::Tensor g = grads[0].reshape({-1, weight.size(0)});
+    at::Tensor gx, gweight, gbias;
+    if (ctx->needs_input_grad(0)) {
+      const int64_t threads =
+          ctx->saved_data["split"].toBool() ? row_split_threads(g, g.size(0)) : 0;
+      if (threads > 0) {
+        const int64_t in = weight.size(1), out = weight.size(0);
+        const at::Tensor gr = readable(g), wr = readable(weight);
+        const Matrix gm = loratch::matrix_of(gr), w = loratch::matrix_of(wr);
+        gx = at::empty({g.size(0), in}, gr.options());
+        float* gxp = gx.data_ptr<float>();
+        per_thread_rows(g.size(0), threads, [&](int64_t, int64_t s, int64_t n) {
+          product(n, in, out, 1.0f, gm.rows_from(s), w, 0.0f, gxp + s * in, in);
+        });
+      } else {
+        gx = at::mm(g, weight);
+      }
+      gx = gx.view(ctx->saved_data["x_sizes"].toIntVector());
+    }
+    if (ctx->needs_input_grad(1)) gweight = at::mm(g.t(), saved[1]);
+    if (ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(2)) gbias = g.sum(0);
+    return {gx, gweight, gbias};
+  }
+};
 
 struct LoraLinear : public torch::autograd::Function<LoraLinear> {
   // `dropped` absent: the adapter reads x. `bias` may be absent too. Absent inputs are not
@@ -94,14 +166,11 @@ struct LoraLinear : public torch::autograd::Function<LoraLinear> {
     const at::Tensor x2 = x.reshape({-1, in});
     const at::Tensor lora_in = dropped.defined() ? dropped.reshape({-1, in}) : x2;
     const int64_t threads = row_split_threads(x2, x2.size(0));
-    const bool split = threads > 0 && a.dim() == 2 && b.dim() == 2 && a.size(1) == in &&
-                       b.size(0) == out && b.size(1) == a.size(0) &&
-                       lora_in.sizes() == x2.sizes() &&
-                       (!bias.defined() || bias.sizes() == at::IntArrayRef{out}) &&
-                       weight.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat &&
-                       b.scalar_type() == at::kFloat && lora_in.scalar_type() == at::kFloat &&
-                       (!bias.defined() || bias.scalar_type() == at::kFloat) &&
-                       weight.is_cpu() && a.is_cpu() && b.is_cpu();
+    const bool split = threads > 0 && split_operands_fit(x2, weight, bias) && a.dim() == 2 &&
+                       b.dim() == 2 && a.size(1) == in && b.size(0) == out &&
+                       b.size(1) == a.size(0) && lora_in.sizes() == x2.sizes() &&
+                       a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
+                       lora_in.scalar_type() == at::kFloat && a.is_cpu() && b.is_cpu();
     at::Tensor h, y;
     if (split) {
       forward_split(x2, lora_in, weight, bias, a, b, static_cast<float>(scaling), threads, y, h);
@@ -238,6 +307,18 @@ char* loratch_lora_linear(const void* x, const void* dropped, const void* weight
     };
     at::Tensor y = LoraLinear::apply(tensor(x), optional(dropped), tensor(weight), optional(bias),
                                      tensor(a), tensor(b), scaling);
+    *out = new at::Tensor(std::move(y));
+  });
+}
+
+// Writes a new at::Tensor* holding `x W^T + b` (FrozenLinear) to `*out`. `bias` may be nullptr.
+// Returns nullptr, or the error message (free it with loratch_free_string).
+char* loratch_frozen_linear(const void* x, const void* weight, const void* bias, void** out) {
+  return loratch_guard("unknown C++ exception in the linear", [&] {
+    const auto tensor = [](const void* t) { return *static_cast<const at::Tensor*>(t); };
+    std::optional<at::Tensor> b;
+    if (bias != nullptr) b = tensor(bias);
+    at::Tensor y = FrozenLinear::apply(tensor(x), tensor(weight), b);
     *out = new at::Tensor(std::move(y));
   });
 }

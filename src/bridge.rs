@@ -52,6 +52,12 @@ extern "C" {
         out: *mut *mut c_void,
     ) -> *mut std::ffi::c_char;
     fn loratch_use_blas(on: bool) -> bool;
+    fn loratch_frozen_linear(
+        x: *const c_void,
+        weight: *const c_void,
+        bias: *const c_void,
+        out: *mut *mut c_void,
+    ) -> *mut std::ffi::c_char;
     fn loratch_mm_rows(
         a: *const c_void,
         b: *const c_void,
@@ -187,6 +193,20 @@ pub fn causal_attention(
     let ptr = |t: &Tensor| t.as_ptr() as *const c_void;
     // SAFETY: all three pointers are live at::Tensor* borrowed for the call.
     new_tensor(|out| unsafe { loratch_causal_attention(ptr(q), ptr(k), ptr(v), scale, block, out) })
+}
+
+/// `x W^T + bias` as one autograd node (csrc/lora_linear.cpp) for a projection without an active
+/// adapter while training: on CPU in float32 its products split rows over the threads as
+/// [`lora_linear`]'s do; elsewhere libtorch's `linear`.
+pub fn frozen_linear(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<Tensor, tch::TchError> {
+    let ptr = |t: &Tensor| t.as_ptr() as *const c_void;
+    let b = bias.map_or(std::ptr::null(), ptr);
+    // SAFETY: x and weight are live at::Tensor* borrowed for the call; b is one too, or null.
+    new_tensor(|out| unsafe { loratch_frozen_linear(ptr(x), ptr(weight), b, out) })
 }
 
 /// `a @ b` for `a` `[m, k]` and `b` `[k, n]`, without autograd (csrc/blas.cpp). On CPU in float32

@@ -214,7 +214,7 @@ impl Attention {
 /// device, and some of them recording gradients. Those kernels round differently from libtorch's
 /// composite ops (by float rounding), so forwards without gradients (inference, evaluation) keep
 /// the composite ops and stay equal to transformers bit for bit.
-fn trains_on_cpu_f32(tensors: &[&Tensor]) -> Result<bool> {
+pub(super) fn trains_on_cpu_f32(tensors: &[&Tensor]) -> Result<bool> {
     for t in tensors {
         if t.device() != Device::Cpu || t.f_kind()? != Kind::Float {
             return Ok(false);
