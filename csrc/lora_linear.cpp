@@ -83,6 +83,14 @@ void forward_split(const at::Tensor& x2, const at::Tensor& lora_in, const at::Te
   });
 }
 
+// The node's `[M, out]` result `y` in the input `x`'s shape with the last dimension `out`. Not a
+// view: a custom Function's view outputs may not be modified in place afterwards.
+at::Tensor output_like(const at::Tensor& y, const at::Tensor& x) {
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = y.size(1);
+  return at::_unsafe_view(y, sizes);
+}
+
 // Whether the CPU float32 operands of a node over `x2` [M, in] may take the row split: the
 // weight [out, in] and the bias [out] (if any) of matching shapes, float32, on the CPU.
 bool split_operands_fit(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& bias) {
@@ -102,7 +110,7 @@ struct FrozenLinear : public torch::autograd::Function<FrozenLinear> {
     const at::Tensor bias = bias_in.value_or(at::Tensor());
     TORCH_CHECK(x.dim() >= 1, "the linear's input needs at least one dimension");
     TORCH_CHECK(weight.dim() == 2, "the linear's weight must be 2-D [out, in]");
-    const int64_t in = weight.size(1), out = weight.size(0);
+    const int64_t in = weight.size(1);
     const at::Tensor x2 = x.reshape({-1, in});
     const int64_t threads = row_split_threads(x2, x2.size(0));
     const bool split = threads > 0 && split_operands_fit(x2, weight, bias);
@@ -116,9 +124,7 @@ struct FrozenLinear : public torch::autograd::Function<FrozenLinear> {
     ctx->saved_data["x_sizes"] = x.sizes().vec();
     ctx->saved_data["bias"] = bias.defined();
     ctx->saved_data["split"] = split;
-    std::vector<int64_t> sizes = x.sizes().vec();
-    sizes.back() = out;
-    return at::_unsafe_view(y, sizes);
+    return output_like(y, x);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -187,10 +193,7 @@ struct LoraLinear : public torch::autograd::Function<LoraLinear> {
     ctx->saved_data["dropped"] = dropped.defined();
     ctx->saved_data["bias"] = bias.defined();
     ctx->saved_data["split"] = split;
-    std::vector<int64_t> sizes = x.sizes().vec();
-    sizes.back() = out;
-    // Not a view: a custom Function's view outputs may not be modified in place afterwards.
-    return at::_unsafe_view(y, sizes);
+    return output_like(y, x);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
