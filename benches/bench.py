@@ -31,15 +31,31 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def alternate(cases: dict[str, Callable[[], object]], rounds: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds of each case, run in turn (A B C A B C ...) after `warmup` rounds."""
+def alternate_times(
+    cases: dict[str, Callable[[], object]], rounds: int, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Seconds of each case per round, `rounds` rounds after `warmup` ones. The cases run in turn,
+    in reverse order every other round (A B C, C B A, A B C, ...), so no case always runs right
+    after the same one."""
     times: dict[str, list[float]] = {k: [] for k in cases}
+    names = list(cases)
     for r in range(warmup + rounds):
-        for k, fn in cases.items():
-            t = timed(fn)
+        for k in names if r % 2 == 0 else names[::-1]:
+            t = timed(cases[k])
             if r >= warmup:
                 times[k].append(t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def alternate(cases: dict[str, Callable[[], object]], rounds: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each case, run in turn as `alternate_times` runs them."""
+    return {k: statistics.median(v) for k, v in alternate_times(cases, rounds, warmup).items()}
+
+
+def paired_change(times: dict[str, list[float]], a: str, b: str) -> float:
+    """Median over rounds of a's time over b's in the same round, minus 1: the machine's slow and
+    fast phases (minutes long) hit both cases of a round alike, so they cancel in each ratio."""
+    return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True)) - 1
 
 
 def matmul_peak_gflops(n: int = 1024, reps: int = 10) -> float:
@@ -149,7 +165,7 @@ def bench_model(model_dir: Path, rounds: int) -> list[str]:
             def fwd(name: str) -> Callable[[], object]:
                 return lambda: loratch.torch_hf_forward(name, ids)
 
-            med = alternate(
+            times = alternate_times(
                 {
                     "loratch unmerged": fwd("unmerged"),
                     "loratch merged": fwd("merged"),
@@ -159,6 +175,7 @@ def bench_model(model_dir: Path, rounds: int) -> list[str]:
                 },
                 rounds,
             )
+    med = {k: statistics.median(v) for k, v in times.items()}
     for n in ("unmerged", "merged", "base"):
         loratch.torch_hf_unload(n)
     peft_ms = med["PEFT unmerged"]
@@ -175,10 +192,14 @@ def bench_model(model_dir: Path, rounds: int) -> list[str]:
         lines.append(f"| {k} | {v * 1e3:.1f} | {peft_ms / v:.2f}x |")
     lines += [
         "",
-        f"- loratch unmerged vs merged: {100 * (med['loratch unmerged'] / med['loratch merged'] - 1):+.1f}% "
-        "(target: within +10%)",
-        f"- loratch merged vs loratch base: {100 * (med['loratch merged'] / med['loratch base'] - 1):+.1f}%; "
-        f"PEFT unmerged vs transformers base: {100 * (peft_ms / med['transformers base'] - 1):+.1f}%",
+        "- Changes below: the median over rounds of the ratio of the two times in the same round "
+        "(a round runs each contender once), then the ratio of the medians above.",
+        f"- loratch unmerged vs merged: {100 * paired_change(times, 'loratch unmerged', 'loratch merged'):+.1f}% "
+        f"({100 * (med['loratch unmerged'] / med['loratch merged'] - 1):+.1f}%; target: within +10%)",
+        f"- loratch merged vs loratch base: {100 * paired_change(times, 'loratch merged', 'loratch base'):+.1f}% "
+        f"({100 * (med['loratch merged'] / med['loratch base'] - 1):+.1f}%; target: within 2%)",
+        f"- PEFT unmerged vs transformers base: {100 * paired_change(times, 'PEFT unmerged', 'transformers base'):+.1f}% "
+        f"({100 * (peft_ms / med['transformers base'] - 1):+.1f}%)",
         f"- load (median of 5, alternated): loratch {load['loratch'] * 1e3:.0f} ms, "
         f"transformers {load['transformers'] * 1e3:.0f} ms (ratio {load['transformers'] / load['loratch']:.2f}x)",
         f"- adapter save {save_s * 1e3:.1f} ms, load {load_ad_s * 1e3:.1f} ms (PEFT directory, 7 projections x 30 layers)",
@@ -189,7 +210,8 @@ def bench_model(model_dir: Path, rounds: int) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=7, help="rounds of the Python tables (x3 for the layer's)")
+    ap.add_argument("--forward-rounds", type=int, default=25, help="rounds of the model forward table")
     ap.add_argument("--model-dir", type=Path, default=None, help="default: the embedded SmolLM2-135M-Instruct")
     ap.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
     ap.add_argument("--no-rust", action="store_true", help="skip `cargo bench --bench lora_linear`")
@@ -202,7 +224,7 @@ def main() -> None:
         "",
         f"Measured by `make bench` on {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"torch threads {torch.get_num_threads()}; fp32 matmul peak {peak:.0f} GFLOP/s (1024^3, best of 10). "
-        "Each table alternates the contenders in one process (A B A B ...) after a warm-up; numbers are medians.",
+        "Each table alternates the contenders in one process (A B C, C B A, ...) after a warm-up; numbers are medians.",
         "",
     ]
     body = bench_lora_linear(args.rounds * 3)
@@ -211,7 +233,7 @@ def main() -> None:
         from loratch.default_model import default_model_dir
 
         model_dir = default_model_dir()
-    body += bench_model(model_dir, args.rounds)
+    body += bench_model(model_dir, args.forward_rounds)
     if not args.no_rust:
         body += bench_rust_lora_linear()
     if args.train_rounds > 0:
