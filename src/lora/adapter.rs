@@ -63,6 +63,10 @@ impl Adapter {
         bias: Option<&Tensor>,
         training: bool,
     ) -> Result<Tensor> {
+        let kind = x.f_kind()?;
+        if self.a.f_kind()? != kind {
+            return self.forward_mixed(x, weight, bias, training, kind);
+        }
         let dropped = if training && self.config.dropout > 0.0 {
             Some(x.f_dropout(self.config.dropout, true)?)
         } else {
@@ -77,6 +81,32 @@ impl Adapter {
             &self.b,
             self.config.scaling(),
         )?)
+    }
+
+    /// The forward of an adapter whose dtype differs from the model's (float32 adapters on a
+    /// bfloat16 or float16 model, as the trainer lays them), in PEFT's steps: the base linear in
+    /// the model's dtype; the adapter's input cast to the adapter's dtype, then dropout,
+    /// `(x A^T) B^T * scaling` there; the sum taken in the wider dtype and cast back to x's.
+    fn forward_mixed(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        training: bool,
+        kind: Kind,
+    ) -> Result<Tensor> {
+        let base = x.f_linear(weight, bias)?;
+        let xa = x.f_to_kind(self.a.f_kind()?)?;
+        let xa = if training && self.config.dropout > 0.0 {
+            xa.f_dropout(self.config.dropout, true)?
+        } else {
+            xa
+        };
+        let lora = xa
+            .f_linear::<&Tensor>(&self.a, None)?
+            .f_linear::<&Tensor>(&self.b, None)?
+            .f_mul_scalar(self.config.scaling())?;
+        Ok(base.f_add(&lora)?.f_to_kind(kind)?)
     }
 
     /// `scaling * B @ A` in float32 (whatever the adapter's dtype), detached. A delta holding NaN or

@@ -81,15 +81,26 @@ TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "chat_template.jin
 TOPICS = ["building permits", "roof repairs", "drainage", "facade changes", "extensions", "fire safety"]
 
 
+def tokenizer_source() -> Path:
+    """Where SmolLM2's tokenizer files are taken from: $LORATCH_TOKENIZER_DIR (set by
+    benches/gpu.sh on the GPU machine, which has no default model), else the default model."""
+    import os
+
+    env = os.environ.get("LORATCH_TOKENIZER_DIR")
+    if env:
+        return Path(env)
+    from loratch.default_model import default_model_dir
+
+    return default_model_dir()
+
+
 def make_trainable_model(directory: Path, seed: int = 0) -> Any:
     """A tiny random Llama with SmolLM2's vocabulary size and its tokenizer files (copied from the
     default model), so the trainer can tokenize real text for it. Returns the transformers model."""
     import shutil
 
-    from loratch.default_model import default_model_dir
-
     model = make_model("llama", directory, seed=seed, vocab_size=49152)
-    source = default_model_dir()
+    source = tokenizer_source()
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
             shutil.copy(source / name, directory / name)
