@@ -14,7 +14,7 @@ EXT := python/loratch/.ext-stamp
 BIN := $(CARGO_TARGET_DIR)/release/loratch
 RUST_SRC := Cargo.toml build.rs $(shell find src csrc -type f)
 
-.PHONY: demo test lint test-rust test-python stubtest wheel build bench clean fuzz fuzz-short fuzz-build
+.PHONY: demo test lint test-rust test-python stubtest wheel build bench gpu-pack clean fuzz fuzz-short fuzz-build
 
 demo: build
 	$(PY) examples/faq_demo.py
@@ -94,6 +94,15 @@ fuzz fuzz-short: fuzz-build
 bench: build
 	$(PY) benches/bench.py
 
+# What benches/gpu.sh needs on a GPU machine without Rust or network: the extension (built here)
+# and, in .gpu/, SmolLM2's tokenizer files and the FAQ data. See benches/gpu.sh.
+gpu-pack: $(EXT)
+	rm -rf .gpu && mkdir -p .gpu/tokenizer
+	d=$$($(PY) -m loratch.default_model) && for f in tokenizer.json tokenizer_config.json chat_template.jinja \
+	  special_tokens_map.json; do if [ -f $$d/$$f ]; then cp $$d/$$f .gpu/tokenizer/; fi; done
+	cp $(FAQ_JSONL) .gpu/faq.jsonl
+	du -sh .gpu python/loratch/_loratch.abi3.so
+
 clean:
-	rm -rf dist $(EXT) python/loratch/*.so fuzz/corpus fuzz/artifacts fuzz/logs
+	rm -rf dist .gpu $(EXT) python/loratch/*.so fuzz/corpus fuzz/artifacts fuzz/logs
 	cargo clean
