@@ -7,6 +7,9 @@
 # carried along:
 #     bash benches/gpu.sh
 # Writes tests.log, bench.log and BENCHMARKS-cuda.md into $OUT (default /tmp/loratch-gpu-out).
+# With this project's device tool: run(command="bash benches/gpu.sh", timeout_s=580,
+# carry=["python/loratch/_loratch.abi3.so", ".gpu"]). Not yet run on a GPU: the whole script has
+# run on a CPU only (below), so expect to read its first CUDA run's log.
 # `GPU_BENCH_ARGS="--device cpu --size tiny" bash benches/gpu.sh` runs the same on a CPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from bench import alternate_times, paired_change  # noqa: E402
 from train_bench import _param_counts, encode_chat, padded, token_loss_sum, write_jsonl  # noqa: E402
 
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -261,7 +261,7 @@ def run_worker(a: argparse.Namespace, kind: str) -> dict[str, float]:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"worker {kind} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res: dict[str, float] = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"{kind}: {res}", flush=True)
     return res
 
@@ -269,28 +269,18 @@ def run_worker(a: argparse.Namespace, kind: str) -> dict[str, float]:
 # --- in-process tables ---------------------------------------------------------------------------
 
 
-def timed(fn: Callable[[], object], device: str) -> float:
-    sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - t0
-
-
 def alternate(cases: dict[str, Callable[[], object]], rounds: int, device: str) -> dict[str, list[float]]:
-    """Seconds per round of each case, in turn (A B C, C B A, ...) after one warm-up round."""
-    times: dict[str, list[float]] = {k: [] for k in cases}
-    names = list(cases)
-    for r in range(rounds + 1):
-        for k in names if r % 2 == 0 else names[::-1]:
-            t = timed(cases[k], device)
-            if r:
-                times[k].append(t)
-    return times
+    """`bench.alternate_times` (A B C, C B A, ... after one warm-up round), each case ending
+    with a device synchronize so its time includes its kernels."""
 
+    def synced(fn: Callable[[], object]) -> Callable[[], object]:
+        def call() -> None:
+            fn()
+            sync(device)
 
-def paired_change(times: dict[str, list[float]], a: str, b: str) -> float:
-    return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True)) - 1
+        return call
+
+    return alternate_times({k: synced(fn) for k, fn in cases.items()}, rounds)
 
 
 def forward_and_load(a: argparse.Namespace, rounds: int) -> list[str]:
@@ -367,7 +357,10 @@ def report(a: argparse.Namespace, shapes: list[tuple[int, ...]], rounds: int, re
     counts = _param_counts(a.model)
     non_embedding = sum(n for k, n in counts.items() if "embed_tokens" not in k and "lm_head" not in k)
     flops_per_token = 4 * (non_embedding + v * h)
-    med = lambda runs, key: statistics.median(r[key] for r in runs)  # noqa: E731
+
+    def med(runs: list[dict[str, float]], key: str) -> float:
+        return statistics.median(r[key] for r in runs)
+
     gib = float(1 << 30)
     memory = "peak GPU memory GiB" if a.device.startswith("cuda") else "peak RSS GiB"
     lines = [
@@ -439,7 +432,7 @@ def main() -> None:
                     help="fixed-length steps, BATCHxTOKENS each (1x256 is the CPU table's)")
     ap.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)  # a worker's shape
     ap.add_argument("--seq", type=int, default=256, help=argparse.SUPPRESS)
-    ap.add_argument("--rounds", type=int, default=3, help="fixed-length runs per side")
+    ap.add_argument("--rounds", type=int, default=2, help="fixed-length runs per side and shape")
     ap.add_argument("--real-rounds", type=int, default=1)
     ap.add_argument("--forward-rounds", type=int, default=25)
     ap.add_argument("--out", type=Path, default=Path("BENCHMARKS-cuda.md"))
