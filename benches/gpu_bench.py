@@ -35,7 +35,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench import alternate_times, paired_change  # noqa: E402
-from train_bench import _param_counts, encode_chat, padded, token_loss_sum, write_jsonl  # noqa: E402
+from train_bench import (  # noqa: E402
+    _param_counts, peak_rss, peft_model, peft_real_pass, peft_steps, sync, write_jsonl,
+)
 
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LR = 1e-3
@@ -61,19 +63,9 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def peak_memory(device: str) -> float:
     """Peak bytes: the CUDA caching allocator's high-water mark, or VmHWM on a CPU."""
-    if device.startswith("cuda"):
-        return float(torch.cuda.max_memory_allocated())
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return float(line.split()[1]) * 1024
-    return 0.0
+    return float(torch.cuda.max_memory_allocated()) if device.startswith("cuda") else peak_rss()
 
 
 def matmul_peak_tflops(device: str, dtype: torch.dtype) -> float:
@@ -164,38 +156,13 @@ def worker_loratch_fixed(a: argparse.Namespace) -> dict[str, float]:
     return {"step_s": statistics.median(steps), "peak": peak_memory(a.device)}
 
 
-def peft_model(a: argparse.Namespace) -> Any:
-    import transformers as tf
-    from peft import LoraConfig, get_peft_model
-
-    base = tf.AutoModelForCausalLM.from_pretrained(a.model, dtype=getattr(torch, a.dtype)).to(a.device)
-    cfg = LoraConfig(r=16, lora_alpha=32, target_modules=ALL7, lora_dropout=0.0, task_type="CAUSAL_LM")
-    model = get_peft_model(base, cfg)  # PEFT keeps the adapters in float32 (autocast_adapter_dtype)
-    model.train()
-    return model
-
-
 def worker_peft_fixed(a: argparse.Namespace) -> dict[str, float]:
     from loratch import torch_hf_tokenizer_load
 
     tok = torch_hf_tokenizer_load(a.model)
     texts = [json.loads(line)["text"] for line in (a.work / f"fixed-{a.batch}x{a.seq}.jsonl").read_text().splitlines()]
     ids = torch.tensor([tok.encode(t, add_special_tokens=False)[: a.seq] for t in texts], device=a.device)
-    model = peft_model(a)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.01)
-    times = []
-    for _ in range(WARMUP + STEPS):
-        sync(a.device)
-        t0 = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        float(loss)  # the loss read each step, as loratch's trainer logs it
-        sync(a.device)
-        times.append(time.perf_counter() - t0)
+    times = peft_steps(peft_model(a.model, getattr(torch, a.dtype), a.device), ids, WARMUP + STEPS, a.device)
     return {"step_s": statistics.median(times[WARMUP:]), "peak": peak_memory(a.device)}
 
 
@@ -212,39 +179,7 @@ def worker_loratch_real(a: argparse.Namespace) -> dict[str, float]:
 
 
 def worker_peft_real(a: argparse.Namespace) -> dict[str, float]:
-    import random
-
-    from loratch import torch_hf_tokenizer_load
-
-    tok = torch_hf_tokenizer_load(a.model)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    read = lambda name: [encode_chat(tok, json.loads(x)) for x in (a.work / name).read_text().splitlines()]  # noqa: E731
-    train, val = read("real-train.jsonl"), read("real-val.jsonl")
-    random.Random(0).shuffle(train)
-    model = peft_model(a)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.01)
-    on = lambda ts: [t.to(a.device) for t in ts]  # noqa: E731
-    sync(a.device)
-    t0 = time.perf_counter()
-    for start in range(0, len(train), 8):
-        loss, n = token_loss_sum(model, *on(padded(train[start : start + 8], pad)))
-        (loss / n).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        float(loss)
-    sync(a.device)
-    train_s = time.perf_counter() - t0
-    peak = peak_memory(a.device)
-    model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(val), 8):
-            loss, n = token_loss_sum(model, *on(padded(val[start : start + 8], pad)))
-            total += float(loss)
-            count += n
-    return {"train_s": train_s, "eval_loss": total / count, "peak": peak}
+    return peft_real_pass(a.model, a.work, lambda: peak_memory(a.device), getattr(torch, a.dtype), a.device)
 
 
 WORKERS: dict[str, Callable[[argparse.Namespace], dict[str, float]]] = {

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -142,15 +143,43 @@ def loratch_real(model: Path, work: Path, tag: str) -> tuple[float, float, float
 # --- PEFT side (worker processes) ----------------------------------------------------------------
 
 
-def peft_model(model_dir: Path) -> Any:
+def sync(device: str) -> None:
+    """Waits for a CUDA device's queued work (nothing to wait for on a CPU)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def peft_model(model_dir: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Any:
+    """PEFT on transformers, r=16 alpha=32 on all 7 projections, in training mode. PEFT keeps the
+    adapters in float32 whatever `dtype` is (autocast_adapter_dtype)."""
     import transformers as tf
     from peft import LoraConfig, get_peft_model
 
-    base = tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    base = tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
     cfg = LoraConfig(r=16, lora_alpha=32, target_modules=ALL7, lora_dropout=0.0, task_type="CAUSAL_LM")
     model = get_peft_model(base, cfg)
     model.train()
     return model
+
+
+def peft_steps(model: Any, ids: torch.Tensor, steps: int, device: str) -> list[float]:
+    """Seconds of each of `steps` training steps on `ids` (AdamW, clip 1.0, the loss read each
+    step as loratch's trainer logs it)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.01)
+    times = []
+    for _ in range(steps):
+        sync(device)
+        t0 = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        float(loss)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
 
 
 def worker_peft_fixed(model_dir: Path, work: Path) -> None:
@@ -159,18 +188,8 @@ def worker_peft_fixed(model_dir: Path, work: Path) -> None:
     tok = torch_hf_tokenizer_load(model_dir)
     ids = torch.tensor([tok.encode(fixed_text(), add_special_tokens=False)[:SEQ]])
     assert ids.shape[1] == SEQ
-    model = peft_model(model_dir)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.01)
-    times = []
-    for _ in range(FIXED_STEPS + 1):
-        t0 = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
-    print(json.dumps({"step_s": statistics.median(times[1:]), "peak_rss": peak_rss()}))
+    times = peft_steps(peft_model(model_dir), ids, FIXED_STEPS + 1, "cpu")
+    print(json.dumps({"step_s": statistics.median(times[1:]), "peak": peak_rss()}))
 
 
 def encode_chat(tok: Any, record: dict[str, str]) -> tuple[list[int], list[int]]:
@@ -210,7 +229,11 @@ def token_loss_sum(model: Any, ids: torch.Tensor, labels: torch.Tensor, mask: to
     return loss, int((target != -100).sum())
 
 
-def worker_peft_real(model_dir: Path, work: Path) -> None:
+def peft_real_pass(
+    model_dir: Path, work: Path, peak: Callable[[], float], dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> dict[str, float]:
+    """PEFT's side of the real-data run: one pass over work/real-train.jsonl (8 examples a step,
+    padded), then the held-out loss over work/real-val.jsonl. `peak` is read after training."""
     from loratch import torch_hf_tokenizer_load
 
     tok = torch_hf_tokenizer_load(model_dir)
@@ -218,33 +241,43 @@ def worker_peft_real(model_dir: Path, work: Path) -> None:
     train = [encode_chat(tok, json.loads(line)) for line in (work / "real-train.jsonl").read_text().splitlines()]
     val = [encode_chat(tok, json.loads(line)) for line in (work / "real-val.jsonl").read_text().splitlines()]
     random.Random(0).shuffle(train)
-    model = peft_model(model_dir)
+    model = peft_model(model_dir, dtype, device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.01)
+
+    def batch(rows: list[tuple[list[int], list[int]]]) -> list[torch.Tensor]:
+        return [t.to(device) for t in padded(rows, pad)]
+
+    sync(device)
     t0 = time.perf_counter()
     for start in range(0, len(train), 8):
-        ids, labels, mask = padded(train[start : start + 8], pad)
-        loss, n = token_loss_sum(model, ids, labels, mask)
+        loss, n = token_loss_sum(model, *batch(train[start : start + 8]))
         (loss / n).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        float(loss)
+    sync(device)
     train_time = time.perf_counter() - t0
-    train_rss = peak_rss()
+    train_peak = peak()
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(val), 8):
-            loss, n = token_loss_sum(model, *padded(val[start : start + 8], pad))
+            loss, n = token_loss_sum(model, *batch(val[start : start + 8]))
             total += float(loss)
             count += n
-    print(json.dumps({"train_s": train_time, "eval_loss": total / count, "peak_rss": train_rss}))
+    return {"train_s": train_time, "eval_loss": total / count, "peak": train_peak}
+
+
+def worker_peft_real(model_dir: Path, work: Path) -> None:
+    print(json.dumps(peft_real_pass(model_dir, work, peak_rss)))
 
 
 def peft_run(kind: str, model: Path, work: Path, env: dict[str, str] | None = None) -> tuple[dict[str, float], float]:
     out = run([sys.executable, __file__, "--worker", kind, "--model", str(model), "--work", str(work)], env)
     res = json.loads(out.strip().splitlines()[-1])
-    return res, float(res["peak_rss"])
+    return res, float(res["peak"])
 
 
 # --- the same oneMKL dispatch for PEFT ----------------------------------------------------------

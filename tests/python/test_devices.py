@@ -41,6 +41,21 @@ def ids_on(device: str) -> torch.Tensor:
     return torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(7)).to(device)
 
 
+def peft_lora(pm: Any) -> dict[str, torch.Tensor]:
+    """PEFT's adapter tensors under loratch's names (no ".default")."""
+    return {k.replace(".default", ""): v for k, v in pm.named_parameters() if "lora_" in k}
+
+
+def copy_into_peft(pm: Any, values: dict[str, torch.Tensor]) -> None:
+    """Sets PEFT's adapter tensors to `values` (keyed by loratch's names); they must be float32."""
+    theirs = peft_lora(pm)
+    assert set(theirs) == set(values)
+    with torch.no_grad():
+        for k, v in theirs.items():
+            assert v.dtype == torch.float32
+            v.copy_(values[k])
+
+
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
@@ -116,10 +131,7 @@ def test_lora_logits_gradients_and_merge_match_peft(model_dir: Path, device: str
         cfg = LoraConfig(r=4, lora_alpha=8, target_modules=ALL7, lora_dropout=0.0, task_type="CAUSAL_LM")
         pm = get_peft_model(hf_model(model_dir, device, torch.float32), cfg)
         ours = loratch.torch_hf_lora_named_parameters("devlora")
-        with torch.no_grad():
-            for k, v in pm.named_parameters():
-                if "lora_" in k:
-                    v.copy_(ours[k.replace(".default", "")])
+        copy_into_peft(pm, ours)
         # Logits and the gradients of every adapter tensor, from the same loss.
         loratch.torch_hf_set_training("devlora", True)
         pm.train()
@@ -128,8 +140,7 @@ def test_lora_logits_gradients_and_merge_match_peft(model_dir: Path, device: str
         ref_loss = pm(ids).logits.float().logsumexp(-1).mean()
         ref_loss.backward()
         assert abs(loss.item() - ref_loss.item()) <= TOL
-        ref_grads = {k.replace(".default", ""): v.grad for k, v in pm.named_parameters() if "lora_" in k}
-        assert set(ref_grads) == set(ours)
+        ref_grads = {k: v.grad for k, v in peft_lora(pm).items()}
         for k, t in ours.items():
             assert t.grad is not None and t.grad.device == torch.device(device)
             assert max_diff(t.grad, ref_grads[k]) <= TOL * max(1.0, ref_grads[k].abs().max().item()), k
@@ -174,14 +185,10 @@ def test_float32_adapters_on_a_bfloat16_model_match_peft(model_dir: Path, device
             loratch.torch_hf_unload("mixed")
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=ALL7, lora_dropout=0.0, task_type="CAUSAL_LM")
     pm = get_peft_model(hf_model(model_dir, device, torch.bfloat16), cfg).train()
-    with torch.no_grad():
-        for k, v in pm.named_parameters():
-            if "lora_" in k:
-                assert v.dtype == torch.float32
-                v.copy_(values[k.replace(".default", "")])
+    copy_into_peft(pm, values)
     out = pm(ids).logits
     out.float().logsumexp(-1).mean().backward()
-    grads = {k.replace(".default", ""): v.grad for k, v in pm.named_parameters() if "lora_" in k}
+    grads = {k: v.grad for k, v in peft_lora(pm).items()}
     results["peft-bfloat16"] = (out.detach().float(), grads)
     ref_out, ref_grads = results["loratch-float32"]
     ours_out, ours_grads = results["loratch-bfloat16"]
