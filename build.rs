@@ -1,6 +1,7 @@
 //! Build script: link libtorch so CUDA stays visible, give every artifact an rpath to the torch
-//! libraries, and compile the small C++ bridge (csrc/: tensor hand-over, fused AdamW, fused LoRA linear,
-//! blocked causal attention, fused RMSNorm, rotary embedding, SwiGLU and cross-entropy).
+//! libraries, and compile the small C++ bridge (csrc/: tensor hand-over, the optimizer's helpers,
+//! fused LoRA linear, blocked causal attention, fused RMSNorm, rotary embedding, SwiGLU and
+//! cross-entropy).
 use std::path::PathBuf;
 
 fn main() {
@@ -9,6 +10,7 @@ fn main() {
         "csrc/blas.h",
         "csrc/blas.cpp",
         "csrc/tensor_bridge.cpp",
+        "csrc/optim.cpp",
         "csrc/lora_linear.cpp",
         "csrc/causal_attention.cpp",
         "csrc/vectorize.h",
@@ -72,6 +74,7 @@ fn main() {
         .flag("-fopenmp")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={cxx11_abi}"))
         .file("csrc/tensor_bridge.cpp")
+        .file("csrc/optim.cpp")
         .file("csrc/blas.cpp")
         .file("csrc/lora_linear.cpp")
         .file("csrc/causal_attention.cpp")

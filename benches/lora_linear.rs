@@ -9,7 +9,7 @@
 //! - `merge`: no-grad forward before and after `LoraLinear::merge`, 576x576 (raw_tch_merged is
 //!   `x W'^T` alone);
 //! - `causal_attention`: forward and backward of the blocked causal attention the trainer runs
-//!   (`loratch::bridge::causal_attention`, blocks of 64) against libtorch's
+//!   (`loratch::ops::attention::blocked`, blocks of 64) against libtorch's
 //!   `scaled_dot_product_attention` (its CPU flash attention), SmolLM2-135M's attention shape:
 //!   9 query heads over 3 key/value heads, 256 positions, head dim 64.
 //!
@@ -177,7 +177,7 @@ fn bench_causal_attention(c: &mut Criterion) {
     let id = format!("1x{heads}/{kv_heads}x{len}x{dim}");
     group.bench_function(BenchmarkId::new("loratch", &id), |bch| {
         bch.iter(|| {
-            backward(loratch::bridge::causal_attention(&q, &k, &v, scale, 64).expect("attention"))
+            backward(loratch::ops::attention::blocked(&q, &k, &v, scale, 64).expect("attention"))
         })
     });
     group.bench_function(BenchmarkId::new("raw_tch", &id), |bch| {

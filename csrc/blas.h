@@ -55,7 +55,7 @@ inline at::Tensor readable(const at::Tensor& x) { return blas_readable(x) ? x : 
 // out to them and each thread runs its rows' products single-threaded. On this project's 2-core
 // machines that keeps a thread on the activations it wrote itself (the fused elementwise ops split
 // rows the same way), and it avoids the machine's slow phases, in which two threads sharing one
-// product of 256 rows slowed from ~210 to ~150 GFLOP/s (see csrc/lora_linear.cpp).
+// product run slower (BENCHMARKS.md, "Figures moved out of code comments").
 // At least this many rows per thread, and at most this many threads (more keep oneMKL's own
 // split, unmeasured here: each thread would pack the whole weight).
 constexpr int64_t kMinRowsPerThread = 64;

@@ -13,12 +13,10 @@
 // of letting oneMKL split each product: each thread runs all of its rows' products, forward and
 // backward, single-threaded (direct BLAS calls, blas.h), and the adapter's gradients sum one
 // partial per thread. The fused ops around the projections (RMSNorm, SwiGLU, residual adds) split
-// rows the same way, so a thread reads the activations it wrote itself. On this project's 2-core
-// machines the fixed step (SmolLM2, 1 x 256) went from 0.87-0.90 to 0.85-0.86 s in the machine's
-// fast stretches and from ~1.00 to 0.94-0.97 s in its slow ones, in which two threads sharing one
-// product of 256 rows slowed from ~210 to ~150 GFLOP/s (alternated A/B of the binaries, 4 x 7
-// steps; BENCHMARKS.md). More threads keep oneMKL's own split (unmeasured here: each thread
-// would pack the whole weight), as do other devices and dtypes.
+// rows the same way, so a thread reads the activations it wrote itself, and two threads never
+// share one product's data, which on 2-core machines runs slower in some phases (BENCHMARKS.md,
+// "Figures moved out of code comments"). More threads keep oneMKL's own split (unmeasured here:
+// each thread would pack the whole weight), as do other devices and dtypes.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>

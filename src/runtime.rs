@@ -35,7 +35,7 @@ pub fn info() -> RuntimeInfo {
     }
     RuntimeInfo {
         loratch_version: env!("CARGO_PKG_VERSION"),
-        torch_version: crate::bridge::torch_version(),
+        torch_version: crate::ffi::torch_version(),
         cuda_devices,
         cudnn: tch::Cuda::cudnn_is_available(),
         mps,

@@ -58,7 +58,42 @@ pub fn load_linear_adapter_from(layer: &mut LoraLinear, file: &MappedSafetensors
         ));
     }
     let path = file.path();
-    let meta = file.metadata()?;
+    check_metadata(&file.metadata()?, path, layer)?;
+    let bad = |msg: String| Error::adapter(path, msg);
+    let names = file.names()?;
+    if names != [KEY_A, KEY_B] {
+        return Err(bad(format!(
+            "expected tensors [{KEY_A:?}, {KEY_B:?}], found {names:?}"
+        )));
+    }
+    let ad = layer.adapter_mut();
+    let a = file.tensor(KEY_A)?;
+    let b = file.tensor(KEY_B)?;
+    for (key, t, live) in [(KEY_A, &a, &ad.a), (KEY_B, &b, &ad.b)] {
+        if t.size() != live.size() {
+            return Err(bad(format!(
+                "{key} has shape {:?}, the layer expects {:?}",
+                t.size(),
+                live.size()
+            )));
+        }
+        if !t.f_is_floating_point()? {
+            return Err(bad(format!("{key} is not a floating-point tensor")));
+        }
+        if !all_finite(t)? {
+            return Err(bad(format!("{key} contains NaN or Inf")));
+        }
+    }
+    tch::no_grad(|| -> Result<()> {
+        ad.a.f_copy_(&a)?;
+        ad.b.f_copy_(&b)?;
+        Ok(())
+    })
+}
+
+/// Checks that an adapter file's metadata names this format and agrees with `layer`'s rank,
+/// features, alpha and rsLoRA setting.
+fn check_metadata(meta: &HashMap<String, String>, path: &Path, layer: &LoraLinear) -> Result<()> {
     let bad = |msg: String| Error::adapter(path, msg);
     if meta.get("loratch_format").map(String::as_str) != Some(FORMAT) {
         return Err(bad(format!(
@@ -105,35 +140,7 @@ pub fn load_linear_adapter_from(layer: &mut LoraLinear, file: &MappedSafetensors
             cfg.use_rslora
         )));
     }
-    let names = file.names()?;
-    if names != [KEY_A, KEY_B] {
-        return Err(bad(format!(
-            "expected tensors [{KEY_A:?}, {KEY_B:?}], found {names:?}"
-        )));
-    }
-    let ad = layer.adapter_mut();
-    let a = file.tensor(KEY_A)?;
-    let b = file.tensor(KEY_B)?;
-    for (key, t, live) in [(KEY_A, &a, &ad.a), (KEY_B, &b, &ad.b)] {
-        if t.size() != live.size() {
-            return Err(bad(format!(
-                "{key} has shape {:?}, the layer expects {:?}",
-                t.size(),
-                live.size()
-            )));
-        }
-        if !t.f_is_floating_point()? {
-            return Err(bad(format!("{key} is not a floating-point tensor")));
-        }
-        if !all_finite(t)? {
-            return Err(bad(format!("{key} contains NaN or Inf")));
-        }
-    }
-    tch::no_grad(|| -> Result<()> {
-        ad.a.f_copy_(&a)?;
-        ad.b.f_copy_(&b)?;
-        Ok(())
-    })
+    Ok(())
 }
 
 #[cfg(test)]

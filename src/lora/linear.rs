@@ -238,16 +238,15 @@ mod tests {
         .unwrap()
     }
 
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b).abs().max().double_value(&[])
-    }
-
     #[test]
     fn fresh_adapter_changes_nothing() {
         let l = layer(8, 5, 4, 8.0);
         let x = Tensor::randn([3, 8], (Kind::Float, Device::Cpu));
         let base = x.linear(l.weight(), l.bias());
-        assert_eq!(max_abs_diff(&l.forward(&x).unwrap(), &base), 0.0);
+        assert_eq!(
+            crate::testing::max_diff(&l.forward(&x).unwrap(), &base),
+            0.0
+        );
     }
 
     #[test]
@@ -274,7 +273,7 @@ mod tests {
         let _ = tch::no_grad(|| l.adapter_mut().b.fill_(f64::NAN));
         assert!(matches!(l.merge(), Err(Error::NonFinite(_))));
         assert!(!l.merged());
-        assert_eq!(max_abs_diff(l.weight(), &before), 0.0);
+        assert_eq!(crate::testing::max_diff(l.weight(), &before), 0.0);
     }
 
     proptest! {
@@ -292,15 +291,15 @@ mod tests {
             let expected = x.matmul(&l.weight().tr()) + l.bias().unwrap()
                 + x.matmul(&a.tr()).matmul(&b.tr()) * s;
             let y = l.forward(&x).unwrap();
-            prop_assert!(max_abs_diff(&y, &expected) <= 1e-4);
+            prop_assert!(crate::testing::max_diff(&y, &expected) <= 1e-4);
             let w0 = l.weight().copy();
             l.merge().unwrap();
-            prop_assert!(max_abs_diff(&l.forward(&x).unwrap(), &y) <= 1e-4);
+            prop_assert!(crate::testing::max_diff(&l.forward(&x).unwrap(), &y) <= 1e-4);
             l.unmerge().unwrap();
             // W + d - d in float32 rounds at the scale of |W| + |d|, not of |W| alone.
             let delta = l.adapter().delta_f32().unwrap();
             let scale = w0.abs().max().double_value(&[]) + delta.abs().max().double_value(&[]);
-            let err = max_abs_diff(l.weight(), &w0);
+            let err = crate::testing::max_diff(l.weight(), &w0);
             prop_assert!(err <= 1e-6 * scale.max(1e-6), "unmerge left {} (scale {})", err, scale);
         }
     }

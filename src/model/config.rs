@@ -137,6 +137,105 @@ fn ids(v: &Option<serde_json::Value>) -> Vec<i64> {
     }
 }
 
+impl RawConfig {
+    /// The raw keys of a `config.json` text; errors name the key path.
+    fn parse(text: &str) -> Result<Self> {
+        let value: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| Error::Config(format!("malformed config.json: {e}")))?;
+        // serde would read an array positionally as the struct's fields.
+        if !value.is_object() {
+            return Err(Error::Config(format!(
+                "malformed config.json: expected a JSON object, got {}",
+                kind_name(&value, Words::Json)
+            )));
+        }
+        serde_path_to_error::deserialize(value).map_err(|e| {
+            // The path is "." when the error is not inside a key (bad JSON, not an object).
+            let at = e.path().to_string();
+            match at.as_str() {
+                "." => Error::Config(format!("malformed config.json: {}", e.inner())),
+                _ => Error::Config(format!("malformed config.json: {at}: {}", e.inner())),
+            }
+        })
+    }
+
+    /// The checked sizes and `(num_key_value_heads, head_dim)`.
+    fn heads(&self) -> Result<(i64, i64)> {
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+        ];
+        for (k, v) in positive {
+            if v <= 0 {
+                return Err(Error::Config(format!("{k} must be > 0, got {v}")));
+            }
+        }
+        let kv_heads = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
+            return Err(Error::Config(format!(
+                "rms_norm_eps must be a finite number > 0, got {}",
+                self.rms_norm_eps
+            )));
+        }
+        if kv_heads <= 0 || self.num_attention_heads % kv_heads != 0 {
+            return Err(Error::Config(format!(
+                "num_attention_heads ({}) must be a multiple of num_key_value_heads ({kv_heads})",
+                self.num_attention_heads
+            )));
+        }
+        let head_dim = match self.head_dim {
+            Some(d) => d,
+            None => {
+                if self.hidden_size % self.num_attention_heads != 0 {
+                    return Err(Error::Config(
+                        "hidden_size is not a multiple of num_attention_heads".into(),
+                    ));
+                }
+                self.hidden_size / self.num_attention_heads
+            }
+        };
+        if head_dim <= 0 || head_dim % 2 != 0 {
+            return Err(Error::Config(format!(
+                "head_dim must be even and > 0, got {head_dim}"
+            )));
+        }
+        Ok((kv_heads, head_dim))
+    }
+
+    /// `rope_theta` and the supported `rope_scaling` ("llama3"; "default" is none), read from
+    /// either the legacy keys or transformers 5's `rope_parameters`.
+    fn rope(&self) -> Result<(f64, Option<RopeScaling>)> {
+        let mut rope_theta = self.rope_theta;
+        let mut rope_scaling = self.rope_scaling.clone();
+        if let Some(p) = &self.rope_parameters {
+            if let Some(t) = p.get("rope_theta").and_then(|v| v.as_f64()) {
+                rope_theta = t;
+            }
+            if p.get("rope_type")
+                .and_then(|v| v.as_str())
+                .is_some_and(|t| t != "default")
+            {
+                rope_scaling = Some(
+                    serde_json::from_value(p.clone())
+                        .map_err(|e| Error::Config(format!("malformed rope_parameters: {e}")))?,
+                );
+            }
+        }
+        if let Some(s) = &rope_scaling {
+            if s.rope_type != "llama3" && s.rope_type != "default" {
+                return Err(Error::Config(format!(
+                    "unsupported rope_scaling type {:?}: only \"llama3\"",
+                    s.rope_type
+                )));
+            }
+        }
+        Ok((rope_theta, rope_scaling.filter(|s| s.rope_type == "llama3")))
+    }
+}
+
 impl ModelConfig {
     /// Checks that every id of the non-empty integer tensor `ids` is in `[0, vocab_size)`: an
     /// [`Error::Input`] "`{what}` must be in [0, vocab)`{note}`; got min .., max .." otherwise.
@@ -166,23 +265,7 @@ impl ModelConfig {
 
     /// Parses and checks a `config.json` text.
     pub fn from_json(text: &str) -> Result<Self> {
-        let value: serde_json::Value = serde_json::from_str(text)
-            .map_err(|e| Error::Config(format!("malformed config.json: {e}")))?;
-        // serde would read an array positionally as the struct's fields.
-        if !value.is_object() {
-            return Err(Error::Config(format!(
-                "malformed config.json: expected a JSON object, got {}",
-                kind_name(&value, Words::Json)
-            )));
-        }
-        let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
-            // The path is "." when the error is not inside a key (bad JSON, not an object).
-            let at = e.path().to_string();
-            match at.as_str() {
-                "." => Error::Config(format!("malformed config.json: {}", e.inner())),
-                _ => Error::Config(format!("malformed config.json: {at}: {}", e.inner())),
-            }
-        })?;
+        let raw = RawConfig::parse(text)?;
         let arch_name = raw.architectures.first().cloned().unwrap_or_default();
         let architecture = Architecture::from_name(&arch_name).ok_or_else(|| {
             Error::Config(format!(
@@ -199,73 +282,8 @@ impl ModelConfig {
                 )));
             }
         }
-        let positive = [
-            ("vocab_size", raw.vocab_size),
-            ("hidden_size", raw.hidden_size),
-            ("intermediate_size", raw.intermediate_size),
-            ("num_hidden_layers", raw.num_hidden_layers),
-            ("num_attention_heads", raw.num_attention_heads),
-        ];
-        for (k, v) in positive {
-            if v <= 0 {
-                return Err(Error::Config(format!("{k} must be > 0, got {v}")));
-            }
-        }
-        let kv_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
-        if !(raw.rms_norm_eps.is_finite() && raw.rms_norm_eps > 0.0) {
-            return Err(Error::Config(format!(
-                "rms_norm_eps must be a finite number > 0, got {}",
-                raw.rms_norm_eps
-            )));
-        }
-        if kv_heads <= 0 || raw.num_attention_heads % kv_heads != 0 {
-            return Err(Error::Config(format!(
-                "num_attention_heads ({}) must be a multiple of num_key_value_heads ({kv_heads})",
-                raw.num_attention_heads
-            )));
-        }
-        let head_dim = match raw.head_dim {
-            Some(d) => d,
-            None => {
-                if raw.hidden_size % raw.num_attention_heads != 0 {
-                    return Err(Error::Config(
-                        "hidden_size is not a multiple of num_attention_heads".into(),
-                    ));
-                }
-                raw.hidden_size / raw.num_attention_heads
-            }
-        };
-        if head_dim <= 0 || head_dim % 2 != 0 {
-            return Err(Error::Config(format!(
-                "head_dim must be even and > 0, got {head_dim}"
-            )));
-        }
-        let mut rope_theta = raw.rope_theta;
-        let mut rope_scaling = raw.rope_scaling.clone();
-        // transformers >= 5 may write `rope_parameters` {rope_type, rope_theta, ...} instead.
-        if let Some(p) = &raw.rope_parameters {
-            if let Some(t) = p.get("rope_theta").and_then(|v| v.as_f64()) {
-                rope_theta = t;
-            }
-            if p.get("rope_type")
-                .and_then(|v| v.as_str())
-                .is_some_and(|t| t != "default")
-            {
-                rope_scaling = Some(
-                    serde_json::from_value(p.clone())
-                        .map_err(|e| Error::Config(format!("malformed rope_parameters: {e}")))?,
-                );
-            }
-        }
-        if let Some(s) = &rope_scaling {
-            if s.rope_type != "llama3" && s.rope_type != "default" {
-                return Err(Error::Config(format!(
-                    "unsupported rope_scaling type {:?}: only \"llama3\"",
-                    s.rope_type
-                )));
-            }
-        }
-        let rope_scaling = rope_scaling.filter(|s| s.rope_type == "llama3");
+        let (kv_heads, head_dim) = raw.heads()?;
+        let (rope_theta, rope_scaling) = raw.rope()?;
         let sliding =
             raw.use_sliding_window && raw.sliding_window.as_ref().is_some_and(|v| !v.is_null());
         if sliding {

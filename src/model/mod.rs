@@ -1,8 +1,13 @@
 //! Llama-family decoders loaded from Hugging Face checkpoints, with LoRA slots on every linear.
+pub mod attention;
 pub mod cache;
 pub mod config;
 pub mod linear;
 pub mod llama;
+pub mod loader;
+pub mod mask;
+pub mod mlp;
+pub mod norm;
 pub mod rope;
 pub mod weights;
 
@@ -10,4 +15,5 @@ pub use cache::KvCache;
 pub use config::{Architecture, ModelConfig};
 pub use linear::{Linear, LoraMode};
 pub use llama::CausalLm;
+pub use loader::Loader;
 pub use weights::Checkpoint;

@@ -1,5 +1,6 @@
-//! Rotary position embeddings as Hugging Face applies them ("rotate half", not Meta's
-//! interleaved pairs), with Llama 3.1's frequency scaling (`rope_type: "llama3"`).
+//! The rotary position embedding's tables: inverse frequencies and the `cos`/`sin` of each
+//! position, with Llama 3.1's frequency scaling (`rope_type: "llama3"`). Applying them is
+//! [`crate::ops::rotary`].
 use super::config::{ModelConfig, RopeScaling};
 use crate::error::Result;
 use tch::{Device, Kind, Tensor};
@@ -46,15 +47,6 @@ impl Rope {
             .f_mul(&self.inv_freq)?;
         let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?.f_unsqueeze(1)?;
         Ok((emb.f_cos()?.f_to_kind(kind)?, emb.f_sin()?.f_to_kind(kind)?))
-    }
-
-    /// `x * cos + rotate_half(x) * sin` for `x` `[B, H, T, D]`.
-    pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let half = x.size()[3] / 2;
-        let x1 = x.f_narrow(-1, 0, half)?;
-        let x2 = x.f_narrow(-1, half, half)?;
-        let rotated = Tensor::f_cat(&[&x2.f_neg()?, &x1], -1)?;
-        Ok(x.f_mul(cos)?.f_add(&rotated.f_mul(sin)?)?)
     }
 }
 

@@ -4,6 +4,7 @@ use pyo3::prelude::*;
 
 mod args;
 mod errors;
+mod handover;
 mod hf;
 mod linear;
 mod tensor;
@@ -16,7 +17,7 @@ mod trainer;
 #[pyo3(name = "_loratch")]
 fn loratch_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-    m.add("TORCH_VERSION", crate::bridge::torch_version())?;
+    m.add("TORCH_VERSION", crate::ffi::torch_version())?;
     linear::register(m)?;
     hf::register(m)?;
     tokenizer::register(m)?;

@@ -1,6 +1,6 @@
 //! `PyTensor`: a `torch.Tensor` argument or return value backed by the same `TensorImpl` as a tch
 //! [`Tensor`] (zero-copy; autograd graph, `.grad` and in-place changes are shared).
-use crate::bridge;
+use super::handover;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use tch::Tensor;
@@ -32,7 +32,7 @@ impl<'py> FromPyObject<'py> for PyTensor {
         let impl_ptr: usize = ob.getattr("_cdata")?.extract()?;
         // SAFETY: `ob` is a live torch.Tensor for the duration of this call, so its TensorImpl
         // is alive; the new handle takes its own reference.
-        unsafe { bridge::tensor_from_impl(impl_ptr) }
+        unsafe { handover::tensor_from_impl(impl_ptr) }
             .map(PyTensor)
             .ok_or_else(|| PyValueError::new_err("the tensor is undefined"))
     }
@@ -44,7 +44,7 @@ impl<'py> IntoPyObject<'py> for PyTensor {
     type Error = PyErr;
 
     fn into_pyobject(self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let Some(impl_ptr) = bridge::tensor_impl(&self.0) else {
+        let Some(impl_ptr) = handover::tensor_impl(&self.0) else {
             return Ok(py.None().into_bound(py));
         };
         // torch._C._wrap_tensor_impl takes a capsule holding the TensorImpl*, takes its own

@@ -323,6 +323,9 @@ impl Vm<'_> {
         }
     }
 
+    /// Executes opcodes until STOP. One `match` over the opcode byte: a flat dispatch table, each
+    /// arm a few lines, is the shape of a pickle VM (CPython's `load` loop reads the same way), so
+    /// it stays one function rather than being split by opcode group.
     fn run(&mut self) -> R<Value> {
         loop {
             let op = self

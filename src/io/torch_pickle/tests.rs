@@ -1,25 +1,12 @@
 use super::*;
 use std::path::PathBuf;
-use std::process::Command;
 use tch::Device;
 
 const CPU: Device = Device::Cpu;
 
-/// Runs `script` with the test Python (`LORATCH_TEST_PYTHON`, else `python3`); torch must import.
+/// Runs `script` with the test Python and `args`; its standard output.
 fn run_py(script: &str, args: &[&str]) -> String {
-    let py = std::env::var("LORATCH_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let out = Command::new(&py)
-        .arg("-c")
-        .arg(script)
-        .args(args)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "{py} failed (is torch importable?): {err}"
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    crate::testing::run_py(script, args, "")
 }
 
 fn raw(t: &Tensor) -> Vec<u8> {

@@ -1,17 +1,14 @@
-//! Zero-copy conversion between a tch [`Tensor`] and the `c10::TensorImpl*` that Python's torch
-//! exposes as `tensor._cdata` (see csrc/tensor_bridge.cpp). Both sides then share one tensor.
-//! Also the C++ ops loratch needs that tch does not offer: libtorch's fused AdamW kernel, clearing
-//! and filling `.grad` and the total gradient norm in one call (the optimizer's), the
-//! fused LoRA linear (csrc/lora_linear.cpp), the blocked causal attention
-//! (csrc/causal_attention.cpp), fused RMSNorm, rotary embedding and SwiGLU for training on CPU
-//! (csrc/rms_norm.cpp, csrc/rotary.cpp, csrc/swiglu.cpp), and the loss's in-place cross-entropy
-//! (csrc/cross_entropy.cpp).
+//! The foreign-function declarations of the C++ side (csrc/) and their safe wrappers: the fused
+//! kernels that [`crate::ops`] chooses between (the LoRA and frozen linears and the row-split
+//! product, csrc/lora_linear.cpp and csrc/blas.cpp; the blocked causal attention; RMSNorm, rotary
+//! embedding and SwiGLU; the in-place cross-entropy), the optimizer's helpers (csrc/optim.cpp) and
+//! the libtorch version. Only `ops` and the optimizer call this module; the Python tensor hand-over
+//! has its own (`src/python/handover.rs`). Every call returns libtorch's error as
+//! [`tch::TchError::Torch`] (the protocol of csrc/bridge.h).
 use std::ffi::c_void;
 use tch::Tensor;
 
 extern "C" {
-    fn loratch_tensor_from_impl(tensor_impl: *mut c_void) -> *mut c_void;
-    fn loratch_tensor_impl(tensor: *const c_void) -> *mut c_void;
     fn loratch_torch_version() -> *const std::ffi::c_char;
     fn loratch_clear_grads(params: *const *const c_void, n: usize) -> *mut std::ffi::c_char;
     fn loratch_fill_missing_grads(params: *const *const c_void, n: usize) -> *mut std::ffi::c_char;
@@ -319,28 +316,6 @@ unsafe fn take_error(err: *mut std::ffi::c_char) -> Result<(), tch::TchError> {
     let msg = std::ffi::CStr::from_ptr(err).to_string_lossy().into_owned();
     loratch_free_string(err);
     Err(tch::TchError::Torch(msg))
-}
-
-/// A new [`Tensor`] handle on the tensor whose `TensorImpl*` is `tensor_impl`, or `None` for null.
-///
-/// # Safety
-/// `tensor_impl` must point to a live `c10::TensorImpl` (e.g. `_cdata` of a live `torch.Tensor`,
-/// read while that object is alive). The returned handle holds its own reference.
-pub unsafe fn tensor_from_impl(tensor_impl: usize) -> Option<Tensor> {
-    let ptr = loratch_tensor_from_impl(tensor_impl as *mut c_void);
-    if ptr.is_null() {
-        None
-    } else {
-        Some(Tensor::from_ptr(ptr.cast()))
-    }
-}
-
-/// The `TensorImpl*` of `tensor` as an integer (borrowed: valid while `tensor` lives), or `None`
-/// for an undefined tensor.
-pub fn tensor_impl(tensor: &Tensor) -> Option<usize> {
-    // SAFETY: `as_ptr` is a valid at::Tensor* for the lifetime of `tensor`.
-    let ptr = unsafe { loratch_tensor_impl(tensor.as_ptr().cast()) };
-    (!ptr.is_null()).then_some(ptr as usize)
 }
 
 /// The libtorch version this crate was compiled against (e.g. "2.11.0").
