@@ -353,9 +353,14 @@ impl LoadedModel {
         (params, grads)
     }
 
-    /// `[(part, bytes)]`: base weights, adapters, adapter gradients, and the state of live
-    /// loratch optimizers over this model's adapters.
-    pub fn memory_report(&self) -> Vec<(&'static str, i64)> {
+    /// `[(part, bytes)]`: base weights, adapters, adapter gradients, and optimizer state.
+    /// The model knows no optimizer: `optimizer_state_bytes` is given the data pointers of the
+    /// adapters' tensors and returns the bytes of optimizer state kept for them (the caller owns
+    /// the optimizers; one that trains none of these tensors adds 0).
+    pub fn memory_report(
+        &self,
+        optimizer_state_bytes: impl FnOnce(&std::collections::HashSet<usize>) -> i64,
+    ) -> Vec<(&'static str, i64)> {
         let (adapters, grads) = self.adapter_bytes();
         let ptrs: std::collections::HashSet<usize> = self
             .lm
@@ -368,10 +373,7 @@ impl LoadedModel {
             ("weights", self.lm.weight_bytes()),
             ("adapters", adapters),
             ("adapter_grads", grads),
-            (
-                "optimizer_state",
-                crate::train::optim::state_bytes_for(&ptrs),
-            ),
+            ("optimizer_state", optimizer_state_bytes(&ptrs)),
         ]
     }
 }

@@ -186,14 +186,18 @@ fn torch_hf_set_training(py: Python<'_>, model_name: &str, training: bool) -> Py
 /// Bytes held by the model: base weights + adapters + adapter gradients when allocated.
 #[pyfunction]
 fn torch_hf_memory_usage(py: Python<'_>, model_name: &str) -> PyResult<i64> {
-    let report = with_model(py, model_name, |m| Ok(m.memory_report()))?;
+    let report = with_model(py, model_name, |m| {
+        Ok(m.memory_report(super::train::live_state_bytes))
+    })?;
     Ok(report.iter().map(|(_, b)| b).sum())
 }
 
 /// The parts of `torch_hf_memory_usage`: `{"weights", "adapters", "adapter_grads", "total"}`.
 #[pyfunction]
 fn torch_hf_memory_report<'py>(py: Python<'py>, model_name: &str) -> PyResult<Bound<'py, PyDict>> {
-    let report = with_model(py, model_name, |m| Ok(m.memory_report()))?;
+    let report = with_model(py, model_name, |m| {
+        Ok(m.memory_report(super::train::live_state_bytes))
+    })?;
     let dict = PyDict::new(py);
     let mut total = 0;
     for (k, v) in report {

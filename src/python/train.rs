@@ -2,11 +2,12 @@
 //! state, LR schedules that set the optimizer's LR, gradient control and device sync.
 use super::tensor::PyTensor;
 use crate::error::Error;
-use crate::train::optim::AdamW;
-use crate::train::schedule::{Schedule, ScheduleKind};
+use crate::train::optim::{AdamW, AdamWConfig};
+use crate::train::schedule::{Schedule, ScheduleConfig, ScheduleKind};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::collections::HashSet;
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Weak};
 
 /// AdamW over live tensors, state and updates in float32 (fp32 masters for bf16/fp16 params).
 #[pyclass(name = "Optimizer", module = "loratch")]
@@ -18,6 +19,37 @@ impl PyOptimizer {
     fn lock(&self) -> MutexGuard<'_, AdamW> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// The optimizers created from Python that are still alive (weakly held), so that a model's
+/// memory report can count the state of those that train its adapters.
+static LIVE: LazyLock<Mutex<Vec<Weak<Mutex<AdamW>>>>> = LazyLock::new(Default::default);
+
+/// Makes `opt` visible to [`live_state_bytes`] while it lives.
+fn track(opt: &Arc<Mutex<AdamW>>) {
+    let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
+    live.retain(|w| w.strong_count() > 0);
+    live.push(Arc::downgrade(opt));
+}
+
+/// Bytes of optimizer state, over every live optimizer created from Python, of the parameters
+/// whose data pointer is in `data_ptrs` (what [`LoadedModel::memory_report`] asks for).
+///
+/// [`LoadedModel::memory_report`]: crate::hf::LoadedModel::memory_report
+pub(crate) fn live_state_bytes(data_ptrs: &HashSet<usize>) -> i64 {
+    let live: Vec<_> = LIVE
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter_map(|w| w.upgrade())
+        .collect();
+    live.iter()
+        .map(|o| {
+            o.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .state_bytes_where(|p| data_ptrs.contains(&(p.data_ptr() as usize)))
+        })
+        .sum()
 }
 
 #[pymethods]
@@ -87,9 +119,18 @@ impl PyScheduler {
 }
 
 /// Creates AdamW (torch.optim.AdamW's algorithm) over `params`.
+// `betas` and `eps` default to `AdamWConfig::default()`'s; text_signature spells those values
+// out for Python's `inspect` (stubtest checks them against the stub).
 #[pyfunction]
 #[pyo3(
-    signature = (params, learning_rate, weight_decay, *, betas=(0.9, 0.999), eps=1e-8),
+    signature = (
+        params,
+        learning_rate,
+        weight_decay,
+        *,
+        betas = AdamWConfig::default().betas,
+        eps = AdamWConfig::default().eps,
+    ),
     text_signature = "(params, learning_rate, weight_decay, *, betas=(0.9, 0.999), eps=1e-08)"
 )]
 fn torch_optimizer_add_params(
@@ -100,14 +141,14 @@ fn torch_optimizer_add_params(
     eps: f64,
 ) -> PyResult<PyOptimizer> {
     let params = params.into_iter().map(|p| p.0).collect();
-    let inner = Arc::new(Mutex::new(AdamW::new(
-        params,
-        learning_rate,
-        weight_decay,
+    let config = AdamWConfig {
+        lr: learning_rate,
         betas,
         eps,
-    )?));
-    crate::train::optim::track(&inner);
+        weight_decay,
+    };
+    let inner = Arc::new(Mutex::new(AdamW::new(params, config)?));
+    track(&inner);
     Ok(PyOptimizer { inner })
 }
 
@@ -231,15 +272,16 @@ fn torch_lr_scheduler(
     }
     let kind = ScheduleKind::from_name(scheduler_type)?;
     let current = optimizer.borrow().lock().lr();
-    let schedule = Schedule::new(
+    let d = ScheduleConfig::default();
+    let schedule = Schedule::new(ScheduleConfig {
         kind,
-        get_f64(config, "initial_lr", current)?,
-        get_f64(config, "min_lr", 0.0)?,
-        get_u64(config, "total_steps", 1000)?,
-        get_u64(config, "warmup_steps", 0)?,
-        get_f64(config, "gamma", 0.1)?,
-        get_u64(config, "step_size", 100)?,
-    )?;
+        initial_lr: get_f64(config, "initial_lr", current)?,
+        min_lr: get_f64(config, "min_lr", d.min_lr)?,
+        total_steps: get_u64(config, "total_steps", d.total_steps)?,
+        warmup_steps: get_u64(config, "warmup_steps", d.warmup_steps)?,
+        gamma: get_f64(config, "gamma", d.gamma)?,
+        step_size: get_u64(config, "step_size", d.step_size)?,
+    })?;
     optimizer.borrow().lock().set_lr(schedule.lr(0))?;
     Ok(PyScheduler {
         schedule,

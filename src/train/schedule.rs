@@ -73,34 +73,58 @@ impl ScheduleKind {
     }
 }
 
-/// A validated learning-rate schedule; [`Schedule::lr`] maps a step to its learning rate.
+/// The parameters of a learning-rate schedule, validated by [`Schedule::new`]. Callers set what
+/// they configure and take the rest from [`Default`]
+/// (`ScheduleConfig { kind, initial_lr, ..Default::default() }`).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Schedule {
-    kind: ScheduleKind,
-    initial_lr: f64,
-    min_lr: f64,
-    total_steps: u64,
-    warmup_steps: u64,
-    gamma: f64,
-    step_size: u64,
+pub struct ScheduleConfig {
+    /// The shape of the schedule.
+    pub kind: ScheduleKind,
+    /// The peak learning rate (finite, > 0).
+    pub initial_lr: f64,
+    /// The floor of the learning rate, in `[0, initial_lr]`.
+    pub min_lr: f64,
+    /// The step from which the learning rate stays constant (>= 1).
+    pub total_steps: u64,
+    /// The length of the warmup: `< total_steps` for the `linear_warmup_*` kinds (0 means no
+    /// warmup); every other kind requires 0 (a warmup would otherwise be silently dropped).
+    pub warmup_steps: u64,
+    /// The decay factor, in (0, 1] for `exponential` and `step`; ignored by the other kinds.
+    pub gamma: f64,
+    /// The steps between two decays, >= 1 for `step`; ignored by the other kinds.
+    pub step_size: u64,
 }
 
-impl Schedule {
-    /// A validated schedule. Every kind requires `initial_lr` finite and > 0,
-    /// `0 <= min_lr <= initial_lr` and `total_steps >= 1`.
-    /// - `warmup_steps`: for the `linear_warmup_*` kinds it must be `< total_steps` (0 means no
-    ///   warmup); every other kind requires 0 (a warmup would otherwise be silently dropped).
-    /// - `gamma`: in (0, 1] for `exponential` and `step`; ignored by the other kinds.
-    /// - `step_size`: >= 1 for `step`; ignored by the other kinds.
-    pub fn new(
-        kind: ScheduleKind,
-        initial_lr: f64,
-        min_lr: f64,
-        total_steps: u64,
-        warmup_steps: u64,
-        gamma: f64,
-        step_size: u64,
-    ) -> Result<Self> {
+impl Default for ScheduleConfig {
+    /// `linear_warmup_cosine` from AdamW's default LR
+    /// ([`AdamWConfig::default`](crate::train::optim::AdamWConfig)) down to 0 over 1000 steps
+    /// without warmup; `gamma` 0.1 and `step_size` 100 for the kinds that use them.
+    fn default() -> Self {
+        Self {
+            kind: ScheduleKind::LinearWarmupCosine,
+            initial_lr: crate::train::optim::AdamWConfig::default().lr,
+            min_lr: 0.0,
+            total_steps: 1000,
+            warmup_steps: 0,
+            gamma: 0.1,
+            step_size: 100,
+        }
+    }
+}
+
+impl ScheduleConfig {
+    /// Checks every value for this kind (see the fields); the first invalid one is an
+    /// [`Error::Config`] naming it.
+    pub fn validate(&self) -> Result<()> {
+        let ScheduleConfig {
+            kind,
+            initial_lr,
+            min_lr,
+            total_steps,
+            warmup_steps,
+            gamma,
+            step_size,
+        } = *self;
         let name = kind.name();
         if !(initial_lr.is_finite() && initial_lr > 0.0) {
             return Err(Error::Config(format!(
@@ -140,50 +164,62 @@ impl Schedule {
                 "step_size must be >= 1 for schedule step, got 0".into(),
             ));
         }
-        Ok(Self {
-            kind,
-            initial_lr,
-            min_lr,
-            total_steps,
-            warmup_steps,
-            gamma,
-            step_size,
-        })
+        Ok(())
+    }
+}
+
+/// A validated learning-rate schedule; [`Schedule::lr`] maps a step to its learning rate.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Schedule {
+    config: ScheduleConfig,
+}
+
+impl Schedule {
+    /// A validated schedule ([`ScheduleConfig::validate`] says what is valid); an invalid value
+    /// is an [`Error::Config`] naming it.
+    pub fn new(config: ScheduleConfig) -> Result<Self> {
+        config.validate()?;
+        Ok(Self { config })
+    }
+
+    /// The schedule's parameters.
+    pub fn config(&self) -> &ScheduleConfig {
+        &self.config
     }
 
     /// The schedule's kind.
     pub fn kind(&self) -> ScheduleKind {
-        self.kind
+        self.config.kind
     }
 
     /// The peak learning rate (reached at `warmup_steps`; at step 0 without warmup).
     pub fn initial_lr(&self) -> f64 {
-        self.initial_lr
+        self.config.initial_lr
     }
 
     /// The floor of the learning rate.
     pub fn min_lr(&self) -> f64 {
-        self.min_lr
+        self.config.min_lr
     }
 
     /// The step from which the learning rate stays constant.
     pub fn total_steps(&self) -> u64 {
-        self.total_steps
+        self.config.total_steps
     }
 
     /// The length of the warmup (0 for kinds without one).
     pub fn warmup_steps(&self) -> u64 {
-        self.warmup_steps
+        self.config.warmup_steps
     }
 
     /// The decay factor of `exponential` and `step`.
     pub fn gamma(&self) -> f64 {
-        self.gamma
+        self.config.gamma
     }
 
     /// The number of steps between two decays of `step`.
     pub fn step_size(&self) -> u64 {
-        self.step_size
+        self.config.step_size
     }
 
     /// The learning rate at `step` (counted from 0). With `s = min(step, total_steps)`,
@@ -199,16 +235,17 @@ impl Schedule {
     ///
     /// Every result is finally clamped to `[M, I]` (guards one-ulp rounding at the ends).
     pub fn lr(&self, step: u64) -> f64 {
-        let (init, min) = (self.initial_lr, self.min_lr);
-        let s = step.min(self.total_steps);
-        let w = if self.kind.has_warmup() {
-            self.warmup_steps
+        let c = &self.config;
+        let (init, min) = (c.initial_lr, c.min_lr);
+        let s = step.min(c.total_steps);
+        let w = if c.kind.has_warmup() {
+            c.warmup_steps
         } else {
             0
         };
         // `T > W` is validated; `max(1)` keeps a zero divisor impossible regardless.
-        let progress = || s.saturating_sub(w) as f64 / (self.total_steps - w).max(1) as f64;
-        let v = match self.kind {
+        let progress = || s.saturating_sub(w) as f64 / (c.total_steps - w).max(1) as f64;
+        let v = match c.kind {
             k if k.has_warmup() && s <= w => init * ((s + 1) as f64 / (w + 1) as f64),
             ScheduleKind::LinearWarmupCosine | ScheduleKind::Cosine => {
                 min + (init - min) * 0.5 * (1.0 + (std::f64::consts::PI * progress()).cos())
@@ -216,8 +253,8 @@ impl Schedule {
             ScheduleKind::LinearWarmupLinear | ScheduleKind::Linear => {
                 init + (min - init) * progress()
             }
-            ScheduleKind::Exponential => init * self.gamma.powf(s as f64),
-            ScheduleKind::Step => init * self.gamma.powf((s / self.step_size.max(1)) as f64),
+            ScheduleKind::Exponential => init * c.gamma.powf(s as f64),
+            ScheduleKind::Step => init * c.gamma.powf((s / c.step_size.max(1)) as f64),
             ScheduleKind::Constant => init,
         };
         // Not `f64::clamp`: it panics on a NaN bound; `max`/`min` cannot.
@@ -232,8 +269,29 @@ mod tests {
 
     const NOT_STEP: f64 = 0.5;
 
+    /// [`Schedule::new`] with the parameters as separate arguments.
+    fn new(
+        kind: ScheduleKind,
+        initial_lr: f64,
+        min_lr: f64,
+        total_steps: u64,
+        warmup_steps: u64,
+        gamma: f64,
+        step_size: u64,
+    ) -> Result<Schedule> {
+        Schedule::new(ScheduleConfig {
+            kind,
+            initial_lr,
+            min_lr,
+            total_steps,
+            warmup_steps,
+            gamma,
+            step_size,
+        })
+    }
+
     fn sched(kind: &str, init: f64, min: f64, total: u64, warm: u64) -> Result<Schedule> {
-        Schedule::new(
+        new(
             ScheduleKind::from_name(kind)?,
             init,
             min,
@@ -286,17 +344,24 @@ mod tests {
         assert!((s.lr(1) - 0.5).abs() < 1e-15);
         assert_eq!(s.lr(2), 0.0);
 
-        let s = Schedule::new(ScheduleKind::Exponential, 1.0, 0.2, 10, 0, 0.5, 1).unwrap();
+        let s = new(ScheduleKind::Exponential, 1.0, 0.2, 10, 0, 0.5, 1).unwrap();
         let got: Vec<f64> = (0..5).map(|i| s.lr(i)).collect();
         assert_eq!(got, [1.0, 0.5, 0.25, 0.2, 0.2]);
 
-        let s = Schedule::new(ScheduleKind::Step, 1.0, 0.0, 5, 0, 0.5, 2).unwrap();
+        let s = new(ScheduleKind::Step, 1.0, 0.0, 5, 0, 0.5, 2).unwrap();
         let got: Vec<f64> = (0..8).map(|i| s.lr(i)).collect();
         assert_eq!(got, [1.0, 1.0, 0.5, 0.5, 0.25, 0.25, 0.25, 0.25]);
 
         let s = sched("constant", 3e-4, 0.0, 1, 0).unwrap();
         assert_eq!(s.lr(0), 3e-4);
         assert_eq!(s.lr(99), 3e-4);
+    }
+
+    #[test]
+    fn default_config_is_valid() {
+        let s = Schedule::new(ScheduleConfig::default()).unwrap();
+        assert_eq!(s.lr(0), s.initial_lr());
+        assert_eq!(*s.config(), ScheduleConfig::default());
     }
 
     #[test]
@@ -323,24 +388,16 @@ mod tests {
         bad(sched("cosine", 1.0, 0.0, 10, 2)); // warmup on a kind without one
         bad(sched("linear_warmup_cosine", 1.0, 0.0, 10, 10)); // warmup == total
         bad(sched("linear_warmup_linear", 1.0, 0.0, 10, 11));
-        let e = |g: f64, ss: u64| Schedule::new(ScheduleKind::Step, 1.0, 0.0, 10, 0, g, ss);
+        let e = |g: f64, ss: u64| new(ScheduleKind::Step, 1.0, 0.0, 10, 0, g, ss);
         bad(e(0.0, 1));
         bad(e(1.5, 1));
         bad(e(f64::NAN, 1));
         bad(e(-0.5, 1));
         bad(e(0.5, 0));
-        bad(Schedule::new(
-            ScheduleKind::Exponential,
-            1.0,
-            0.0,
-            10,
-            0,
-            0.0,
-            1,
-        ));
+        bad(new(ScheduleKind::Exponential, 1.0, 0.0, 10, 0, 0.0, 1));
         // gamma/step_size are ignored where unused; gamma == 1 and min_lr == initial_lr are valid.
-        assert!(Schedule::new(ScheduleKind::Cosine, 1.0, 1.0, 10, 0, -3.0, 0).is_ok());
-        assert!(Schedule::new(ScheduleKind::Exponential, 1.0, 0.0, 10, 0, 1.0, 0).is_ok());
+        assert!(new(ScheduleKind::Cosine, 1.0, 1.0, 10, 0, -3.0, 0).is_ok());
+        assert!(new(ScheduleKind::Exponential, 1.0, 0.0, 10, 0, 1.0, 0).is_ok());
     }
 
     fn any_kind() -> impl Strategy<Value = ScheduleKind> {
@@ -369,7 +426,7 @@ mod tests {
                 } else {
                     0
                 };
-                Schedule::new(kind, init, init * min_frac, total, warm, gamma, ss).unwrap()
+                new(kind, init, init * min_frac, total, warm, gamma, ss).unwrap()
             })
     }
 
@@ -413,12 +470,12 @@ mod tests {
             init in prop_oneof![Just(0.0f64), -10.0f64..0.0, Just(f64::NAN), Just(f64::INFINITY)],
             total in 0u64..100,
         ) {
-            prop_assert!(Schedule::new(kind, init, 0.0, total.max(1), 0, 0.5, 1).is_err());
-            prop_assert!(Schedule::new(kind, 1.0, 0.0, 0, 0, 0.5, 1).is_err());
-            prop_assert!(Schedule::new(kind, 1.0, 1.0 + init.abs().max(1e-9), total.max(1), 0, 0.5, 1).is_err());
+            prop_assert!(new(kind, init, 0.0, total.max(1), 0, 0.5, 1).is_err());
+            prop_assert!(new(kind, 1.0, 0.0, 0, 0, 0.5, 1).is_err());
+            prop_assert!(new(kind, 1.0, 1.0 + init.abs().max(1e-9), total.max(1), 0, 0.5, 1).is_err());
             let t = total.max(1);
             // A warmup >= total (warmup kinds) or any warmup (the others) is rejected.
-            prop_assert!(Schedule::new(kind, 1.0, 0.0, t, t + total % 3, 0.5, 1).is_err());
+            prop_assert!(new(kind, 1.0, 0.0, t, t + total % 3, 0.5, 1).is_err());
         }
     }
 }

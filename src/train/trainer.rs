@@ -28,8 +28,8 @@ use crate::tokenizer::Tokenizer;
 use crate::train::checkpoint::{self, TrainerState};
 use crate::train::config::TrainConfig;
 use crate::train::loss::causal_lm_loss;
-use crate::train::optim::AdamW;
-use crate::train::schedule::{Schedule, ScheduleKind};
+use crate::train::optim::{AdamW, AdamWConfig};
+use crate::train::schedule::{Schedule, ScheduleConfig, ScheduleKind};
 
 /// The metrics file in the output directory: one JSON object per line.
 pub const METRICS_FILE: &str = "metrics.jsonl";
@@ -272,21 +272,21 @@ impl<'a> Run<'a> {
         } else {
             0
         };
-        let schedule = Schedule::new(
-            kind_name,
-            t.learning_rate,
-            t.min_lr,
+        let schedule = Schedule::new(ScheduleConfig {
+            kind: kind_name,
+            initial_lr: t.learning_rate,
+            min_lr: t.min_lr,
             total_steps,
-            warmup,
-            0.1,
-            100,
-        )?;
+            warmup_steps: warmup,
+            ..Default::default()
+        })?;
         let mut optimizer = AdamW::new(
             model.parameters()?,
-            schedule.lr(0),
-            t.weight_decay,
-            (0.9, 0.999),
-            1e-8,
+            AdamWConfig {
+                lr: schedule.lr(0),
+                weight_decay: t.weight_decay,
+                ..Default::default()
+            },
         )?;
         let mut state = TrainerState {
             global_step: 0,
