@@ -97,7 +97,7 @@ impl AdamW {
     /// next [`AdamW::step`], and the next backward stores its gradient instead of adding it to
     /// zeros.
     pub fn zero_grad(&mut self) -> Result<()> {
-        Ok(crate::bridge::clear_grads(
+        Ok(crate::ffi::clear_grads(
             &self.params.iter().collect::<Vec<_>>(),
         )?)
     }

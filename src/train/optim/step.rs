@@ -138,8 +138,8 @@ impl AdamW {
         let grads: Vec<&Tensor> = live.iter().map(|&i| &grads[i]).collect();
         let exp_avgs: Vec<&Tensor> = live.iter().map(|&i| &self.states[i].exp_avg).collect();
         let exp_avg_sqs: Vec<&Tensor> = live.iter().map(|&i| &self.states[i].exp_avg_sq).collect();
-        crate::bridge::fused_adamw(
-            &crate::bridge::FusedAdamW {
+        crate::ffi::fused_adamw(
+            &crate::ffi::FusedAdamW {
                 params: &params,
                 grads: &grads,
                 exp_avgs: &exp_avgs,
@@ -171,7 +171,7 @@ impl AdamW {
         if grads.is_empty() {
             return Ok(None);
         }
-        let total = crate::bridge::grad_norm(&grads.iter().collect::<Vec<_>>())?;
+        let total = crate::ffi::grad_norm(&grads.iter().collect::<Vec<_>>())?;
         Ok(Some((grads, total)))
     }
 

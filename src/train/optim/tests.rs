@@ -4,8 +4,6 @@ use super::{AdamW, AdamWConfig};
 use crate::error::{Error, Result};
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::io::Write;
-use std::process::{Command, Stdio};
 use tch::{Device, Kind, Tensor};
 
 const CPU: Device = Device::Cpu;
@@ -31,31 +29,9 @@ fn new_adamw(
     AdamW::new(params, config)
 }
 
-/// Runs `script` with the test Python (`LORATCH_TEST_PYTHON`, else `python3`), `input` on
-/// stdin; torch must import. Returns stdout parsed as JSON.
+/// Runs `script` with the test Python, `input` on stdin; its stdout parsed as JSON.
 fn run_py(script: &str, input: &Value) -> Value {
-    let py = std::env::var("LORATCH_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let mut child = Command::new(&py)
-        .arg("-c")
-        .arg(script)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {py}: {e}"));
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "{py} failed (is torch importable?): {err}"
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    serde_json::from_str(&crate::testing::run_py(script, &[], &input.to_string())).unwrap()
 }
 
 /// The Python side: tensors from `{"shape", "dtype", "values"}` specs.
