@@ -7,6 +7,7 @@ import gc
 import weakref
 
 import torch
+import torch.nn.functional as F
 
 import loratch
 
@@ -23,8 +24,9 @@ def test_in_place_changes_are_seen_both_ways() -> None:
     x = torch.randn(3, 6)
     with torch.no_grad():
         layer.lora_B.fill_(0.5)  # Python writes, Rust reads
-    expected = x @ layer.weight.T + layer.bias + layer.scaling * (x @ layer.lora_A.T) @ layer.lora_B.T
-    assert torch.allclose(loratch.torch_lora_forward(layer, x), expected, atol=1e-5)
+    # PEFT's formula (scaling 1, a power of two: bit for bit, see test_lora_linear).
+    expected = F.linear(x, layer.weight, layer.bias) + F.linear(F.linear(x, layer.lora_A), layer.lora_B) * layer.scaling
+    assert torch.equal(loratch.torch_lora_forward(layer, x), expected.detach())
     w = layer.weight
     w_before = w.clone()
     loratch.torch_lora_merge_weights(layer)  # Rust writes, Python's handle sees it

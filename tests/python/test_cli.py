@@ -12,16 +12,6 @@ import pytest
 import loratch
 
 
-@pytest.fixture(scope="module")
-def binary() -> Path:
-    path = os.environ.get("LORATCH_BIN")
-    if not path:
-        path = str(Path(__file__).resolve().parents[2] / "target" / "release" / "loratch")
-    p = Path(path)
-    assert p.is_file(), f"build the binary first (make build): {p} missing"
-    return p
-
-
 def clean_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in {"LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV"}}
     env["PATH"] = "/usr/bin:/bin"

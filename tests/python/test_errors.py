@@ -4,12 +4,11 @@ killing pytest."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import run_py
 
 SETUP = """
 import torch, loratch, sys
@@ -79,7 +78,7 @@ def test_bad_input_raises_typed_error(tmp_path: Path, code: str, exc: str, needl
             print("NO-ERROR")
         """
     )
-    proc = subprocess.run([sys.executable, "-c", program, str(tmp_path)], capture_output=True, text=True)
+    proc = run_py(program, tmp_path)
     assert proc.returncode == 0, f"crashed (rc={proc.returncode}): {proc.stderr[-2000:]}"
     out = proc.stdout.strip().splitlines()[-1]
     assert out.startswith("RAISED"), out

@@ -1,44 +1,48 @@
-"""Llama-family forward parity with transformers (fp32, max |diff| <= 1e-4), padding, autograd,
-registry behaviour and bad inputs."""
+"""Llama-family forward parity with transformers (fp32 logits without gradients: bit for bit),
+padding, registry behaviour, threads, the GIL and bad inputs."""
 
 from __future__ import annotations
 
 import threading
 from pathlib import Path
 
+from typing import Any
+
 import pytest
 import torch
+from helpers import assert_gil_released, assert_within_rounding, float32_errors, hf_model, logits_of, ticks_during
 from tiny_models import FAMILIES, make_model
 
 import loratch
 
-TOL = 1e-4
-
 
 @pytest.fixture(scope="module", params=FAMILIES)
-def family_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, object, Path]:
+def family_model(request: pytest.FixtureRequest, tiny_model: Any) -> tuple[str, Any, Path]:
     family: str = request.param
-    d = tmp_path_factory.mktemp(family)
-    model = make_model(family, d)
+    d = tiny_model(family)
     name = f"tiny-{family}"
     loratch.torch_hf_load_model_lora(name, str(d))
-    return name, model, d
+    return name, hf_model(d), d
 
 
-def test_logits_match_transformers(family_model: tuple[str, object, Path]) -> None:
+def test_logits_match_transformers(family_model: tuple[str, Any, Path]) -> None:
+    """The forward without gradients runs transformers' ops in transformers' order: the logits
+    are equal bit for bit (README), not merely close."""
     name, model, _ = family_model
     torch.manual_seed(1)
     ids = torch.randint(0, 97, (3, 19))
     with torch.no_grad():
-        ref = model(ids).logits  # type: ignore[operator]
+        ref = model(ids).logits
         got = loratch.torch_hf_forward(name, ids)
     assert got.shape == ref.shape == (3, 19, 97)
-    assert (got - ref).abs().max().item() <= TOL
+    assert torch.equal(got, ref), f"max |diff| {(got - ref).abs().max().item():.3e}"
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_padding_gives_unpadded_logits(family_model: tuple[str, object, Path], side: str) -> None:
-    name, _, _ = family_model
+def test_padding_gives_unpadded_logits(family_model: tuple[str, Any, Path], side: str) -> None:
+    """A padded row computes the same math as the row alone, over other shapes (other orders of
+    summation): equal to float32 rounding, the reference's own error on the unpadded rows."""
+    name, model, _ = family_model
     torch.manual_seed(2)
     lengths = [11, 7, 4]
     seqs = [torch.randint(0, 97, (n,)) for n in lengths]
@@ -54,26 +58,25 @@ def test_padding_gives_unpadded_logits(family_model: tuple[str, object, Path], s
         assert torch.isfinite(batched).all()
         for i, s in enumerate(seqs):
             alone = loratch.torch_hf_forward(name, s.unsqueeze(0))[0]
+            _, err = float32_errors(model, lambda m: logits_of(m, s.unsqueeze(0)))
             sl = slice(T - len(s), T) if side == "left" else slice(0, len(s))
-            assert (batched[i, sl] - alone).abs().max().item() <= TOL
+            assert_within_rounding(batched[i, sl], alone, err["logits"], f"row {i}")
 
 
-def test_one_dim_input_is_batch_of_one(family_model: tuple[str, object, Path]) -> None:
+def test_one_dim_input_is_batch_of_one(family_model: tuple[str, Any, Path]) -> None:
     name, _, _ = family_model
     ids = torch.randint(0, 97, (5,))
     with torch.no_grad():
         assert torch.equal(loratch.torch_hf_forward(name, ids), loratch.torch_hf_forward(name, ids[None]))
 
 
-def test_registry_lists_replaces_and_unloads(tmp_path: Path) -> None:
-    make_model("llama", tmp_path / "a", seed=3)
-    make_model("qwen2", tmp_path / "b", seed=4)
-    assert loratch.torch_hf_load_model_lora("reg-x", tmp_path / "a") == "reg-x"
+def test_registry_lists_replaces_and_unloads(tiny_model: Any) -> None:
+    assert loratch.torch_hf_load_model_lora("reg-x", tiny_model("llama", 3)) == "reg-x"
     assert "reg-x" in loratch.torch_hf_list_models()
     ids = torch.randint(0, 97, (1, 6))
     with torch.no_grad():
         first = loratch.torch_hf_forward("reg-x", ids)
-        loratch.torch_hf_load_model_lora("reg-x", str(tmp_path / "b"))  # same name: replaced
+        loratch.torch_hf_load_model_lora("reg-x", str(tiny_model("qwen2", 4)))  # same name: replaced
         second = loratch.torch_hf_forward("reg-x", ids)
     assert not torch.allclose(first, second)
     loratch.torch_hf_unload("reg-x")
@@ -82,7 +85,7 @@ def test_registry_lists_replaces_and_unloads(tmp_path: Path) -> None:
         loratch.torch_hf_forward("reg-x", ids)
 
 
-def test_unknown_model_error_lists_loaded(family_model: tuple[str, object, Path]) -> None:
+def test_unknown_model_error_lists_loaded(family_model: tuple[str, Any, Path]) -> None:
     name, _, _ = family_model
     with pytest.raises(loratch.ModelNotFoundError) as e:
         loratch.torch_hf_forward("no-such-model", torch.zeros(1, 2, dtype=torch.long))
@@ -90,7 +93,7 @@ def test_unknown_model_error_lists_loaded(family_model: tuple[str, object, Path]
     assert isinstance(e.value, KeyError)
 
 
-def test_bad_inputs_raise_typed_errors(family_model: tuple[str, object, Path]) -> None:
+def test_bad_inputs_raise_typed_errors(family_model: tuple[str, Any, Path]) -> None:
     name, _, _ = family_model
     with pytest.raises(loratch.InputError, match="vocab"):
         loratch.torch_hf_forward(name, torch.tensor([[1, 97]]))
@@ -138,12 +141,12 @@ def test_load_errors(tmp_path: Path) -> None:
     assert "bad" not in loratch.torch_hf_list_models()
 
 
-def test_sharded_checkpoint_loads_the_same(tmp_path: Path) -> None:
-    model = make_model("llama", tmp_path / "one", seed=5)
-    model.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")  # type: ignore[attr-defined]
+def test_sharded_checkpoint_loads_the_same(tiny_model: Any, tmp_path: Path) -> None:
+    one = tiny_model("llama", 5)
+    hf_model(one).save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
     loratch.torch_hf_load_model_lora("shard", tmp_path / "sharded")
-    loratch.torch_hf_load_model_lora("single", tmp_path / "one")
+    loratch.torch_hf_load_model_lora("single", one)
     ids = torch.randint(0, 97, (2, 9))
     with torch.no_grad():
         assert torch.equal(loratch.torch_hf_forward("shard", ids), loratch.torch_hf_forward("single", ids))
@@ -151,7 +154,7 @@ def test_sharded_checkpoint_loads_the_same(tmp_path: Path) -> None:
     loratch.torch_hf_unload("single")
 
 
-def test_concurrent_forwards_match_sequential(family_model: tuple[str, object, Path]) -> None:
+def test_concurrent_forwards_match_sequential(family_model: tuple[str, Any, Path]) -> None:
     name, _, _ = family_model
     inputs = [torch.randint(0, 97, (2, 8)) for _ in range(6)]
     with torch.no_grad():
@@ -171,10 +174,10 @@ def test_concurrent_forwards_match_sequential(family_model: tuple[str, object, P
         assert r is not None and torch.equal(r, e)
 
 
-def test_bfloat16_load_is_close_to_float32(tmp_path: Path) -> None:
-    make_model("qwen2", tmp_path, seed=8)
-    loratch.torch_hf_load_model_lora("f32", tmp_path)
-    loratch.torch_hf_load_model_lora("bf16", tmp_path, {"dtype": "bfloat16"})
+def test_bfloat16_load_is_close_to_float32(tiny_model: Any) -> None:
+    d = tiny_model("qwen2", 8)
+    loratch.torch_hf_load_model_lora("f32", d)
+    loratch.torch_hf_load_model_lora("bf16", d, {"dtype": "bfloat16"})
     ids = torch.randint(0, 97, (2, 10))
     with torch.no_grad():
         a = loratch.torch_hf_forward("f32", ids)
@@ -186,38 +189,47 @@ def test_bfloat16_load_is_close_to_float32(tmp_path: Path) -> None:
     loratch.torch_hf_unload("bf16")
 
 
-def test_two_models_in_threads_and_gil_released(tmp_path: Path) -> None:
-    make_model("llama", tmp_path / "a", seed=9, num_hidden_layers=6, hidden_size=96, intermediate_size=256)
-    make_model("qwen3", tmp_path / "b", seed=10)
-    loratch.torch_hf_load_model_lora("ta", tmp_path / "a")
-    loratch.torch_hf_load_model_lora("tb", tmp_path / "b")
+def test_two_models_in_threads_and_gil_released(tiny_model: Any) -> None:
+    a = tiny_model("llama", 9, num_hidden_layers=6, hidden_size=96, intermediate_size=256)
+    loratch.torch_hf_load_model_lora("ta", a)
+    loratch.torch_hf_load_model_lora("tb", tiny_model("qwen3", 10))
     xa, xb = torch.randint(0, 97, (4, 64)), torch.randint(0, 97, (2, 16))
     with torch.no_grad():
         ea, eb = loratch.torch_hf_forward("ta", xa), loratch.torch_hf_forward("tb", xb)
     out: dict[str, torch.Tensor] = {}
-    ticks = 0
-    done = threading.Event()
 
     def work(name: str, x: torch.Tensor) -> None:
         with torch.no_grad():
             for _ in range(5):
                 out[name] = loratch.torch_hf_forward(name, x)
 
-    def ticker() -> None:  # pure-Python work: progresses only while the forwards release the GIL
-        nonlocal ticks
-        while not done.is_set():
-            ticks += 1
+    def both() -> None:
+        threads = [threading.Thread(target=work, args=a) for a in (("ta", xa), ("tb", xb))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
 
-    threads = [threading.Thread(target=work, args=a) for a in (("ta", xa), ("tb", xb))]
-    tick = threading.Thread(target=ticker)
-    tick.start()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    done.set()
-    tick.join()
+    both()
     assert torch.equal(out["ta"], ea) and torch.equal(out["tb"], eb)
-    assert ticks > 1000
+    # The GIL: one long forward (16 x 256 tokens through 6 layers, ~0.4 s) while this thread
+    # counts in pure Python. A forward holding the GIL would stop the counting for its whole
+    # length (a C call that holds it, sum(range(10**7)), leaves one gap of 93% of its length);
+    # released, the longest gap is the OS scheduler's (milliseconds). One libtorch thread, so the
+    # counting thread has a core of its own on a 2-core machine.
+    big = torch.randint(0, 97, (16, 256), generator=torch.Generator().manual_seed(0))
+
+    def forward() -> None:
+        with torch.no_grad():
+            loratch.torch_hf_forward("ta", big)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        forward()  # warm-up
+        m = ticks_during(forward)
+    finally:
+        torch.set_num_threads(threads)
+    assert_gil_released(m, "torch_hf_forward")
     loratch.torch_hf_unload("ta")
     loratch.torch_hf_unload("tb")

@@ -8,18 +8,17 @@ from typing import Any
 
 import pytest
 import torch
-from tiny_models import make_model
+from helpers import hf_model
 
 import loratch
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen3"])
-def gen_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Any, Path]:
-    d = tmp_path_factory.mktemp(request.param)
-    model = make_model(request.param, d, seed=21)
+def gen_model(request: pytest.FixtureRequest, tiny_model: Any) -> tuple[str, Any, Path]:
+    d = tiny_model(request.param, 21)
     name = f"gen-{request.param}"
     loratch.torch_hf_load_model_lora(name, d)
-    return name, model, d
+    return name, hf_model(d), d
 
 
 def hf_greedy(model: Any, prompt: list[int], n: int, eos: int | None = None) -> list[int]:
@@ -49,9 +48,7 @@ def test_greedy_with_lora_equals_peft(gen_model: tuple[str, Any, Path], tmp_path
         for p in loratch.torch_hf_lora_get_parameters("gen-lora"):
             p.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(p.numel()))
     loratch.torch_hf_lora_save("gen-lora", tmp_path / "ad")
-    import transformers as tf
-
-    pm = PeftModel.from_pretrained(tf.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32), tmp_path / "ad")
+    pm = PeftModel.from_pretrained(hf_model(d), tmp_path / "ad")
     prompt = [5, 17, 33, 2, 90]
     ours = loratch.torch_hf_generate("gen-lora", torch.tensor([prompt]), 16, greedy=True)
     assert ours == hf_greedy(pm.eval(), prompt, 16)

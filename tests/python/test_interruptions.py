@@ -1,7 +1,9 @@
 """Interruptions lose nothing (issue #6), on a tiny random Llama with SmolLM2's tokenizer:
 
-- ``kill -9`` of ``loratch train`` at random moments (seeded), during setup and while a checkpoint
-  is being saved, several times in a row on the same output directory: every visible
+- ``kill -9`` of ``loratch train`` at random moments (two seeds), aimed at setup, a step's
+  computation, a checkpoint save and anywhere, several times in a row on the same output
+  directory, with evidence from the files that kills did land mid-setup, mid-step and mid-save;
+  every visible
   ``checkpoint-*`` is complete, equals the uninterrupted run's checkpoint of that step and loads
   (loratch and PEFT), hidden leftovers are ignored and cleaned up, and resuming ends with the
   uninterrupted run's adapters, checkpoints and metrics, bit for bit;
@@ -16,7 +18,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import random
@@ -24,20 +25,25 @@ import resource
 import shutil
 import signal
 import subprocess
-import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from helpers import CLI_ENV, VOLATILE, AdapterCheck, checkpoints, run_cli, run_py, step_of
+from helpers import metrics as all_metrics
 from safetensors.torch import load_file
-from tiny_models import make_trainable_model, trainer_toml, write_records
+from tiny_models import trainer_toml
 
 import loratch
 
 MAX_STEPS = 6
 SAVE_STEPS = 2
+EVAL_STEPS = 3
+# Steps after whose log record the run only computes the next step: no evaluation, no save.
+PLAIN_STEPS = [k for k in range(1, MAX_STEPS) if k % SAVE_STEPS and k % EVAL_STEPS]
 CHECKPOINT_FILES = {
     "adapter_config.json",
     "adapter_model.safetensors",
@@ -46,45 +52,25 @@ CHECKPOINT_FILES = {
     "training_info.json",
     "train_config.json",
 }
-# Metrics fields that measure the machine, not the training.
-VOLATILE = {"tokens_per_s", "rss_bytes", "peak_rss_bytes", "train_time_s"}
-# One libtorch thread per run: the test machine's cores are shared.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("tiny-trainable")
-    make_trainable_model(d)
-    write_records(d / "data.jsonl", 30)
-    return d
-
-
+ENV = CLI_ENV
+IDS = torch.tensor([[1, 500, 1000, 42, 7, 9000, 3]])
 LORA = {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"], "dropout": 0.1}
 
 
 def training_settings(**training: Any) -> dict[str, Any]:
     return {"max_steps": MAX_STEPS, "batch_size": 2, "gradient_accumulation_steps": 1, "learning_rate": 1e-2,
-            "logging_steps": 1, "save_steps": SAVE_STEPS, "eval_steps": 3, "warmup_steps": 1,
+            "logging_steps": 1, "save_steps": SAVE_STEPS, "eval_steps": EVAL_STEPS, "warmup_steps": 1,
             "max_seq_length": 48, **training}
 
 
-def config_text(model_dir: Path, out: Path, **training: Any) -> str:
-    return trainer_toml(model_dir, out, seed=7, lora=LORA, training=training_settings(**training))
+def config_text(trainable_dir: Path, out: Path, **training: Any) -> str:
+    return trainer_toml(trainable_dir, out, seed=7, lora=LORA, training=training_settings(**training))
 
 
-def train_dict(model_dir: Path, out: Path, **training: Any) -> dict[str, Any]:
+def train_dict(trainable_dir: Path, out: Path, **training: Any) -> dict[str, Any]:
     """The same configuration as ``config_text`` for ``loratch.train``."""
-    return {"model": model_dir, "data": model_dir / "data.jsonl", "output_dir": out, "seed": 7,
+    return {"model": trainable_dir, "data": trainable_dir / "data.jsonl", "output_dir": out, "seed": 7,
             "validation_split": 0.2, "lora": dict(LORA), "training": training_settings(**training)}
-
-
-def step_of(p: Path) -> int:
-    return int(p.name.split("-")[1])
-
-
-def checkpoints(out: Path) -> list[Path]:
-    return sorted((p for p in out.glob("checkpoint-*") if p.is_dir()), key=step_of)
 
 
 def hidden_leftovers(out: Path) -> list[str]:
@@ -94,19 +80,8 @@ def hidden_leftovers(out: Path) -> list[str]:
 
 
 def metrics(out: Path) -> list[dict[str, Any]]:
-    """The records of metrics.jsonl without the machine-dependent fields (a torn last line from a
-    kill is skipped, as the trainer does)."""
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        records.append({k: v for k, v in r.items() if k not in VOLATILE})
-    return records
+    """The records of metrics.jsonl without the machine-dependent fields."""
+    return all_metrics(out, drop=VOLATILE)
 
 
 def assert_same_metrics(out: Path, ref: Path) -> None:
@@ -125,62 +100,90 @@ def assert_same_tensors(a: Path, b: Path) -> None:
         assert torch.equal(ta[k], tb[k]), f"{k} differs: {a} vs {b}"
 
 
-class Loader:
-    """Loads adapters with loratch (one registered model) and with PEFT (a copy of one base)."""
+@pytest.fixture(scope="module")
+def loader(trainable_dir: Path) -> Any:
+    """Loads adapters into one registered loratch model, and checks them against PEFT."""
+    with AdapterCheck(trainable_dir, "interruptions-check") as check:
+        yield check
 
-    def __init__(self, model_dir: Path) -> None:
-        import transformers as tf
 
-        self.name = "interruptions-check"
-        loratch.torch_hf_load_model_lora(self.name, model_dir, {"device": "cpu"})
-        self.base = tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        self.ids = torch.tensor([[1, 500, 1000, 42, 7, 9000, 3]])
+def load_adapter(loader: AdapterCheck, adapter: Path, peft: bool) -> None:
+    """Loads ``adapter`` with loratch and, with ``peft``, asserts PEFT's logits equal loratch's
+    (bit for bit: alpha / rank = 2)."""
+    if peft:
+        loader.check(adapter, IDS)
+    else:
+        loratch.torch_hf_lora_load(loader.name, adapter)
 
-    def check(self, adapter: Path, peft: bool) -> None:
-        loratch.torch_hf_lora_load(self.name, adapter)
-        if not peft:
-            return
-        from peft import PeftModel
 
-        with torch.no_grad():
-            ours = loratch.torch_hf_forward(self.name, self.ids)
-            theirs = PeftModel.from_pretrained(copy.deepcopy(self.base), adapter).eval()(self.ids).logits
-        torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+def partials(out: Path) -> set[tuple[str, int, int]]:
+    """The hidden ``.partial`` saves in ``out``, each as (name, inode, ctime) so a new one is told
+    from an old leftover of the same name."""
+    try:
+        entries = list(os.scandir(out))
+    except FileNotFoundError:
+        return set()
+    seen = set()
+    for e in entries:
+        if e.name.endswith(".partial"):
+            try:
+                st = e.stat()
+            except FileNotFoundError:
+                continue
+            seen.add((e.name, st.st_ino, st.st_ctime_ns))
+    return seen
 
-    def close(self) -> None:
-        loratch.torch_hf_unload(self.name)
+
+def metrics_stamp(out: Path) -> tuple[int, int] | None:
+    try:
+        st = (out / "metrics.jsonl").stat()
+    except FileNotFoundError:
+        return None
+    return st.st_size, st.st_mtime_ns
 
 
 @pytest.fixture(scope="module")
-def loader(model_dir: Path) -> Any:
-    ld = Loader(model_dir)
-    yield ld
-    ld.close()
-
-
-@pytest.fixture(scope="module")
-def reference(binary: Path, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The uninterrupted run, with the times (from its start) of its stderr lines."""
+def reference(binary: Path, trainable_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The uninterrupted run, with the times (from its start) of its stderr lines and of its saves
+    (how long each ``.partial`` was seen)."""
     base = tmp_path_factory.mktemp("reference")
     out = base / "out"
     cfg = base / "train.toml"
-    cfg.write_text(config_text(model_dir, out))
+    cfg.write_text(config_text(trainable_dir, out))
     start = time.monotonic()
+    events: list[tuple[float, str]] = []
+    save_spans: dict[str, list[float]] = {}
     with subprocess.Popen([binary, "train", "--config", cfg], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                           text=True, env=ENV) as proc:
-        assert proc.stderr is not None
-        events = [(time.monotonic() - start, line.rstrip()) for line in proc.stderr]
+        def read() -> None:
+            assert proc.stderr is not None
+            events.extend((time.monotonic() - start, line.rstrip()) for line in proc.stderr)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        while proc.poll() is None:
+            for name, *_ in partials(out):
+                now = time.monotonic() - start
+                save_spans.setdefault(name, [now, now])[1] = now
+            time.sleep(0.0005)
+        reader.join()
     assert proc.wait(timeout=600) == 0, "\n".join(e[1] for e in events)
     duration = time.monotonic() - start
     saves = [t for t, line in events if line.startswith("checkpoint saved")]
+    logged = {int(line.split()[1].split("/")[0]): t for t, line in events if line.startswith("step ") and "/" in line}
+    # How long computing a step takes after a plain step's log line: the kill window for "step".
+    step_time = min(logged[k + 1] - logged[k] for k in PLAIN_STEPS)
+    save_time = min(b - a for a, b in save_spans.values()) if save_spans else 0.0
     assert [step_of(p) for p in checkpoints(out)] == list(range(SAVE_STEPS, MAX_STEPS + 1, SAVE_STEPS))
     assert len(saves) == MAX_STEPS // SAVE_STEPS
     assert hidden_leftovers(out) == []
-    print(f"\nreference run: {duration:.1f} s, first log line at {events[0][0]:.1f} s, saves at {saves}")
-    return {"out": out, "duration": duration, "setup": events[0][0], "saves": saves}
+    print(f"\nreference run: {duration:.2f} s, first log line at {events[0][0]:.2f} s, saves at {saves}, "
+          f"a plain step {step_time * 1e3:.1f} ms, a save seen for >= {save_time * 1e3:.1f} ms")
+    return {"out": out, "duration": duration, "setup": events[0][0], "saves": saves, "step_time": step_time,
+            "save_time": save_time}
 
 
-def check_after_kill(out: Path, ref: Path, loader: Loader) -> None:
+def check_after_kill(out: Path, ref: Path, loader: AdapterCheck) -> None:
     """What a kill may leave: visible checkpoints are whole, equal the reference's and load; the
     metrics hold every step up to the newest one; the hidden leftovers are only unfinished saves."""
     found = checkpoints(out)
@@ -192,7 +195,7 @@ def check_after_kill(out: Path, ref: Path, loader: Loader) -> None:
         assert json.loads((c / "training_info.json").read_text()) == json.loads((ref / c.name / "training_info.json").read_text())
         for f in ["adapter_model.safetensors", "optimizer.safetensors"]:
             assert_same_tensors(c / f, ref / c.name / f)
-        loader.check(c, peft=c == found[-1])
+        load_adapter(loader, c, peft=c == found[-1])
     for name in hidden_leftovers(out):
         assert name.startswith((".checkpoint-", ".loratch-tmp-")), name
     if found:
@@ -201,88 +204,109 @@ def check_after_kill(out: Path, ref: Path, loader: Loader) -> None:
         assert set(range(1, newest + 1)) <= logged, f"committed steps missing from the metrics: {sorted(logged)}"
 
 
-def run_and_kill(binary: Path, args: list[Any], out: Path, kill_at: float, on_save: float | None) -> tuple[int, str]:
-    """Runs the CLI and SIGKILLs it `kill_at` seconds after its start or, with `on_save`, that
-    many seconds after a save is seen in progress (a new hidden `.checkpoint-*.partial`).
-    Returns the exit status (-9 when killed) and stderr."""
-    def partials() -> set[tuple[str, int, int]]:
-        try:
-            entries = list(os.scandir(out))
-        except FileNotFoundError:
-            return set()
-        seen = set()
-        for e in entries:
-            if e.name.endswith(".partial"):
-                try:
-                    st = e.stat()
-                except FileNotFoundError:
-                    continue
-                seen.add((e.name, st.st_ino, st.st_ctime_ns))
-        return seen
+def run_and_kill(binary: Path, args: list[Any], out: Path, kind: str, delay: float) -> tuple[int, str, str]:
+    """Runs the CLI and SIGKILLs it: ``delay`` seconds after its start ("setup", "any"), after it
+    logs a step of PLAIN_STEPS ("step") or after a new hidden ``.checkpoint-*.partial`` appears
+    ("save"). Returns the exit status (-9 when killed), stderr and what the kill hit, read from
+    the files after the process died:
 
-    stale = partials()
+    - "save": a new ``.partial`` is left: the process died inside a save (a finished save renames it);
+    - "step": no new ``.partial``, and the newest loss record, written by this run, is of a step in
+      PLAIN_STEPS: the process had logged step k, which neither evaluates nor saves, and not yet
+      step k + 1: it died computing step k + 1;
+    - "setup": no new ``.partial`` and no loss record beyond the checkpoint it resumed from: it
+      died before finishing its first step;
+    - "other": elsewhere (an evaluation, a log line, the end of the run)."""
+    stale, stamp = partials(out), metrics_stamp(out)
+    resumed_at = step_of(checkpoints(out)[-1]) if checkpoints(out) else 0
+
+    def newest_plain_step_logged() -> bool:
+        if metrics_stamp(out) == stamp:
+            return False
+        steps = [r["step"] for r in all_metrics(out) if "loss" in r]
+        return bool(steps) and steps[-1] in PLAIN_STEPS
+
     err_path = out.parent / f"stderr-{time.monotonic_ns()}.txt"
     with err_path.open("w") as err:
         start = time.monotonic()
-        proc = subprocess.Popen([binary, "train", *args], stdout=subprocess.DEVNULL, stderr=err, env=ENV)
-        deadline = start + kill_at
+        proc = subprocess.Popen([binary, "train", *map(str, args)], stdout=subprocess.DEVNULL, stderr=err, env=ENV)
+        deadline = start + delay if kind in ("setup", "any") else float("inf")
         while proc.poll() is None:
             now = time.monotonic()
-            if on_save is not None and partials() - stale:
-                deadline = min(deadline, now + on_save)
-                on_save = None
+            if deadline == float("inf") and (
+                (kind == "save" and partials(out) - stale) or (kind == "step" and newest_plain_step_logged())
+            ):
+                deadline = now + delay
             if now >= deadline:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
                 break
-            time.sleep(0.0005)
-    return proc.wait(), err_path.read_text()
+            time.sleep(0.0002)
+    rc = proc.wait()
+    logged = [r["step"] for r in all_metrics(out) if "loss" in r]
+    if partials(out) - stale:
+        hit = "save"
+    elif metrics_stamp(out) == stamp or max(logged, default=0) <= resumed_at:
+        hit = "setup"
+    elif newest_plain_step_logged():
+        hit = "step"
+    else:
+        hit = "other"
+    return rc, err_path.read_text(), hit
 
 
-def test_kill_9_at_random_moments_loses_nothing(binary: Path, model_dir: Path, reference: dict[str, Any],
-                                                loader: Loader, tmp_path: Path) -> None:
+@pytest.mark.parametrize("seed", [20240606, 7])
+def test_kill_9_at_random_moments_loses_nothing(binary: Path, trainable_dir: Path, reference: dict[str, Any],
+                                                loader: AdapterCheck, tmp_path: Path, seed: int) -> None:
+    """One chain of kills per seed on one output directory, then a run that finishes. Each kill
+    aims at a phase: "setup" a random moment before the reference's first log line; "step" a
+    random moment within the first half of a plain step's computation (after its predecessor's
+    log record); "save" within the first half of a save; "any" anywhere in the reference's
+    duration. What each kill hit is read from the files it left (``run_and_kill``); a kill aimed
+    at a step or a save that landed elsewhere is tried again (up to 3 times), and the test asserts
+    that kills did land mid-setup, mid-step and mid-save. (A step is a few milliseconds: on a busy
+    machine this process may not look at the files in time, so the kill comes late.)"""
     ref: Path = reference["out"]
     for c in checkpoints(ref):
-        loader.check(c, peft=True)
-    rng = random.Random(20240606)
+        load_adapter(loader, c, peft=True)
+    rng = random.Random(seed)
     duration, setup = reference["duration"], reference["setup"]
-    # Each chain kills runs on one output directory, then lets the last run finish. A kill is
-    # ("setup", ...): at a random moment before the reference's first log line; ("save", ...):
-    # a random 0-20 ms after a save starts; ("any", ...): anywhere in the reference's duration.
-    chains = [["setup", "save", "any"], ["save", "any", "save"]]
-    kinds_hit: list[str] = []
-    for n, chain in enumerate(chains):
-        out = tmp_path / f"chain-{n}"
-        cfg = tmp_path / f"chain-{n}.toml"
-        cfg.write_text(config_text(model_dir, out))
-        for kind in chain:
-            kill_at = {"setup": rng.uniform(0.0, setup), "any": rng.uniform(0.0, duration)}.get(kind, 1e9)
-            on_save = rng.uniform(0.0, 0.02) if kind == "save" else None
-            resume = ["--resume", str(out)] if checkpoints(out) else []
-            rc, err = run_and_kill(binary, ["--config", cfg, *resume], out, kill_at, on_save)
+    out = tmp_path / "chain"
+    cfg = tmp_path / "chain.toml"
+    cfg.write_text(config_text(trainable_dir, out))
+    hits: list[tuple[str, str]] = []
+    for kind in ["setup", "step", "save", "any"]:
+        for _ in range(4):
+            delay = {"setup": rng.uniform(0.0, setup), "any": rng.uniform(0.0, duration),
+                     "step": rng.uniform(0.0, reference["step_time"] / 2),
+                     "save": rng.uniform(0.0, reference["save_time"] / 2)}[kind]
+            resume = ["--resume", out] if checkpoints(out) else []
+            rc, err, hit = run_and_kill(binary, ["--config", cfg, *resume], out, kind, delay)
             assert "panicked" not in err, err
-            if rc == 0:  # finished before the kill: nothing more to do in this chain
-                break
+            if rc == 0:  # finished before the kill: start the chain's remaining kills afresh
+                hits.append((kind, "finished"))
+                shutil.rmtree(out)
+                continue
             assert rc == -signal.SIGKILL, f"exit {rc}: {err}"
-            mid_save = any(name.endswith(".partial") for name in hidden_leftovers(out))
-            kinds_hit.append(kind + ("+partial" if mid_save else ""))
+            hits.append((kind, hit))
             check_after_kill(out, ref, loader)
-        resume = ["--resume", str(out)] if checkpoints(out) else []
-        done = subprocess.run([binary, "train", "--config", cfg, *resume], capture_output=True, text=True,
-                              timeout=600, env=ENV)
-        assert done.returncode == 0, done.stderr
-        # The end state is the uninterrupted run's, bit for bit, and nothing half-written is left.
-        assert hidden_leftovers(out) == [] and hidden_leftovers(out / "adapter") == []
-        assert [c.name for c in checkpoints(out)] == [c.name for c in checkpoints(ref)]
-        check_after_kill(out, ref, loader)
-        assert_same_tensors(out / "adapter" / "adapter_model.safetensors", ref / "adapter" / "adapter_model.safetensors")
-        assert_same_metrics(out, ref)
-        final = json.loads((checkpoints(out)[-1] / "trainer_state.json").read_text())
-        assert final["global_step"] == MAX_STEPS
-        loader.check(out / "adapter", peft=True)
-    print(f"\nkills: {kinds_hit}")
-    assert len(kinds_hit) >= 3, f"too few runs were killed before they finished: {kinds_hit}"
-    assert any(k.startswith("setup") for k in kinds_hit) and any(k.startswith("save") for k in kinds_hit), kinds_hit
+            if hit == kind or kind == "any":
+                break
+    resume = ["--resume", out] if checkpoints(out) else []
+    done = run_cli(binary, "train", "--config", cfg, *resume)
+    assert done.returncode == 0, done.stderr
+    # The end state is the uninterrupted run's, bit for bit, and nothing half-written is left.
+    assert hidden_leftovers(out) == [] and hidden_leftovers(out / "adapter") == []
+    assert [c.name for c in checkpoints(out)] == [c.name for c in checkpoints(ref)]
+    check_after_kill(out, ref, loader)
+    assert_same_tensors(out / "adapter" / "adapter_model.safetensors", ref / "adapter" / "adapter_model.safetensors")
+    assert_same_metrics(out, ref)
+    final = json.loads((checkpoints(out)[-1] / "trainer_state.json").read_text())
+    assert final["global_step"] == MAX_STEPS
+    load_adapter(loader, out / "adapter", peft=True)
+    print(f"\nkills (aimed at, hit): {hits}")
+    landed = {hit for kind, hit in hits if hit == kind}
+    assert {"setup", "step", "save"} <= landed, f"kills did not land in every phase: {hits}"
 
 
 # --- full disk ---------------------------------------------------------------------------------
@@ -316,7 +340,7 @@ def assert_clean_failure(rc: int, err: str, cause: str, kept: Path) -> None:
     assert ".partial" not in line, line
 
 
-def test_full_disk_during_a_save(binary: Path, model_dir: Path, reference: dict[str, Any], loader: Loader,
+def test_full_disk_during_a_save(binary: Path, trainable_dir: Path, reference: dict[str, Any], loader: AdapterCheck,
                                  tmp_path: Path) -> None:
     ref: Path = reference["out"]
     first = ref / f"checkpoint-{SAVE_STEPS}"
@@ -327,8 +351,8 @@ def test_full_disk_during_a_save(binary: Path, model_dir: Path, reference: dict[
     try:
         out = disk / "out"
         cfg = tmp_path / "disk.toml"
-        cfg.write_text(config_text(model_dir, out))
-        proc = subprocess.run([binary, "train", "--config", cfg], capture_output=True, text=True, timeout=600, env=ENV)
+        cfg.write_text(config_text(trainable_dir, out))
+        proc = run_cli(binary, "train", "--config", cfg)
         kept = out / first.name
         assert_clean_failure(proc.returncode, proc.stderr, "No space left on device", kept)
         assert [c.name for c in checkpoints(out)] == [first.name]
@@ -339,15 +363,14 @@ def test_full_disk_during_a_save(binary: Path, model_dir: Path, reference: dict[
         shutil.copytree(out, moved)
     finally:
         umount(disk)
-    cfg.write_text(config_text(model_dir, moved))
-    done = subprocess.run([binary, "train", "--config", cfg, "--resume", moved], capture_output=True, text=True,
-                          timeout=600, env=ENV)
+    cfg.write_text(config_text(trainable_dir, moved))
+    done = run_cli(binary, "train", "--config", cfg, "--resume", moved)
     assert done.returncode == 0, done.stderr
     assert_same_tensors(moved / "adapter" / "adapter_model.safetensors", ref / "adapter" / "adapter_model.safetensors")
     assert_same_metrics(moved, ref)
 
 
-def test_full_disk_through_the_python_api(model_dir: Path, reference: dict[str, Any], tmp_path: Path) -> None:
+def test_full_disk_through_the_python_api(trainable_dir: Path, reference: dict[str, Any], tmp_path: Path) -> None:
     ref: Path = reference["out"]
     first = ref / f"checkpoint-{SAVE_STEPS}"
     disk = tmp_path / "disk"
@@ -358,7 +381,7 @@ def test_full_disk_through_the_python_api(model_dir: Path, reference: dict[str, 
         shutil.copytree(first, out / first.name)
         shutil.copy(ref / "metrics.jsonl", out / "metrics.jsonl")
         with pytest.raises(OSError, match="No space left on device") as info:
-            loratch.train(train_dict(model_dir, out), resume=out)
+            loratch.train(train_dict(trainable_dir, out), resume=out)
         message = str(info.value)
         assert "cannot save this checkpoint" in message and f"{out / first.name}, is intact" in message, message
         assert [c.name for c in checkpoints(out)] == [first.name] and hidden_leftovers(out) == []
@@ -368,7 +391,7 @@ def test_full_disk_through_the_python_api(model_dir: Path, reference: dict[str, 
         umount(disk)
 
 
-def test_file_size_limit_during_a_save(binary: Path, model_dir: Path, reference: dict[str, Any],
+def test_file_size_limit_during_a_save(binary: Path, trainable_dir: Path, reference: dict[str, Any],
                                        tmp_path: Path) -> None:
     """No mount needed: RLIMIT_FSIZE (SIGXFSZ ignored) makes writes of big files fail with EFBIG.
     Every checkpoint has the same file sizes, so the run resumes from a copy of the reference's
@@ -382,20 +405,18 @@ def test_file_size_limit_during_a_save(binary: Path, model_dir: Path, reference:
     shutil.copytree(first, out / first.name)
     shutil.copy(ref / "metrics.jsonl", out / "metrics.jsonl")
     cfg = tmp_path / "limit.toml"
-    cfg.write_text(config_text(model_dir, out))
+    cfg.write_text(config_text(trainable_dir, out))
 
     def limit_file_size() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    proc = subprocess.run([binary, "train", "--config", cfg, "--resume", out], capture_output=True, text=True,
-                          timeout=600, env=ENV, preexec_fn=limit_file_size)
+    proc = run_cli(binary, "train", "--config", cfg, "--resume", out, preexec_fn=limit_file_size)
     assert_clean_failure(proc.returncode, proc.stderr, "File too large", out / first.name)
     assert [c.name for c in checkpoints(out)] == [first.name] and hidden_leftovers(out) == []
     for f in CHECKPOINT_FILES:
         assert (out / first.name / f).read_bytes() == (first / f).read_bytes(), f
-    done = subprocess.run([binary, "train", "--config", cfg, "--resume", out], capture_output=True, text=True,
-                          timeout=600, env=ENV)
+    done = run_cli(binary, "train", "--config", cfg, "--resume", out)
     assert done.returncode == 0, done.stderr
     assert_same_tensors(out / "adapter" / "adapter_model.safetensors", ref / "adapter" / "adapter_model.safetensors")
     assert_same_metrics(out, ref)
@@ -426,11 +447,11 @@ torch.save({**good, "x": exec_}, out + "/peft-dir/adapter_model.bin")
 '''
 
 
-def test_malicious_pickles_are_rejected_and_never_run(binary: Path, model_dir: Path, reference: dict[str, Any],
+def test_malicious_pickles_are_rejected_and_never_run(binary: Path, trainable_dir: Path, reference: dict[str, Any],
                                                       tmp_path: Path) -> None:
     evil, marker = tmp_path / "evil", tmp_path / "pwned"
     evil.mkdir()
-    subprocess.run([sys.executable, "-c", EVIL, str(evil), str(marker)], check=True, timeout=120)
+    run_py(EVIL, evil, marker, check=True, timeout=120)
     shutil.copy(reference["out"] / "adapter" / "adapter_config.json", evil / "peft-dir" / "adapter_config.json")
     assert not marker.exists()
     expected = {
@@ -443,12 +464,12 @@ def test_malicious_pickles_are_rejected_and_never_run(binary: Path, model_dir: P
     # The files are live: an unrestricted unpickler runs them (the test can fail).
     for live in (f"import torch; torch.load({str(evil / 'system.pt')!r}, weights_only=False)",
                  f"import pickle; pickle.load(open({str(evil / 'raw.pt')!r}, 'rb'))"):
-        subprocess.run([sys.executable, "-c", live], timeout=120, capture_output=True)
+        run_py(live, timeout=120)
         assert marker.exists(), live
         marker.unlink()
 
     name = "evil-target"
-    loratch.torch_hf_load_model_lora(name, model_dir, {"device": "cpu"})
+    loratch.torch_hf_load_model_lora(name, trainable_dir, {"device": "cpu"})
     try:
         for file, needle in expected.items():
             with pytest.raises(loratch.AdapterFormatError) as info:
@@ -463,10 +484,10 @@ def test_malicious_pickles_are_rejected_and_never_run(binary: Path, model_dir: P
         loratch.torch_lora_load_adapters(layer, evil / "system.pt")
     # The binary's readers: merge, generate --adapter, and a resume from a checkpoint whose
     # adapter is a pickle.
-    for args in (["merge", "--model", model_dir, "--adapter", evil / "exec.bin", "--out", tmp_path / "merged"],
-                 ["generate", "--model", model_dir, "--adapter", evil / "system.pt", "--prompt", "hi",
+    for args in (["merge", "--model", trainable_dir, "--adapter", evil / "exec.bin", "--out", tmp_path / "merged"],
+                 ["generate", "--model", trainable_dir, "--adapter", evil / "system.pt", "--prompt", "hi",
                   "--max-new-tokens", "1"]):
-        proc = subprocess.run([binary, *args], capture_output=True, text=True, timeout=600, env=ENV)
+        proc = run_cli(binary, *args)
         assert proc.returncode == 1 and "is not allowed" in proc.stderr and "panicked" not in proc.stderr, proc.stderr
         assert not marker.exists()
     out = tmp_path / "out"
@@ -475,9 +496,8 @@ def test_malicious_pickles_are_rejected_and_never_run(binary: Path, model_dir: P
     (ckpt / "adapter_model.safetensors").unlink()
     shutil.copy(evil / "peft-dir" / "adapter_model.bin", ckpt / "adapter_model.bin")
     cfg = tmp_path / "resume.toml"
-    cfg.write_text(config_text(model_dir, out))
-    proc = subprocess.run([binary, "train", "--config", cfg, "--resume", out], capture_output=True, text=True,
-                          timeout=600, env=ENV)
+    cfg.write_text(config_text(trainable_dir, out))
+    proc = run_cli(binary, "train", "--config", cfg, "--resume", out)
     assert proc.returncode == 1 and "exec is not allowed" in proc.stderr, proc.stderr
     assert not marker.exists()
 
@@ -485,23 +505,23 @@ def test_malicious_pickles_are_rejected_and_never_run(binary: Path, model_dir: P
 # --- a fresh run into a used output_dir --------------------------------------------------------
 
 
-def test_a_fresh_run_never_mixes_with_an_earlier_runs_checkpoints(binary: Path, model_dir: Path,
+def test_a_fresh_run_never_mixes_with_an_earlier_runs_checkpoints(binary: Path, trainable_dir: Path,
                                                                  reference: dict[str, Any], tmp_path: Path) -> None:
     out = tmp_path / "used"
     shutil.copytree(reference["out"], out)
     (out / "notes.txt").write_text("mine")
     before = {p.name for p in out.iterdir()}
     cfg = tmp_path / "fresh.toml"
-    cfg.write_text(config_text(model_dir, out))
-    proc = subprocess.run([binary, "train", "--config", cfg], capture_output=True, text=True, timeout=600, env=ENV)
+    cfg.write_text(config_text(trainable_dir, out))
+    proc = run_cli(binary, "train", "--config", cfg)
     assert proc.returncode == 1, proc.stderr
     assert "config error" in proc.stderr and "--resume" in proc.stderr and "overwrite_output_dir" in proc.stderr
     assert f"checkpoint-{MAX_STEPS}" in proc.stderr
     with pytest.raises(loratch.ConfigError, match="overwrite_output_dir"):
-        loratch.train(train_dict(model_dir, out))
+        loratch.train(train_dict(trainable_dir, out))
     assert {p.name for p in out.iterdir()} == before  # refused before touching anything
     # With overwrite_output_dir the old checkpoints and adapter go; the user's file stays.
-    result = loratch.train(train_dict(model_dir, out, max_steps=SAVE_STEPS, overwrite_output_dir=True))
+    result = loratch.train(train_dict(trainable_dir, out, max_steps=SAVE_STEPS, overwrite_output_dir=True))
     assert result["global_step"] == SAVE_STEPS
     assert [c.name for c in checkpoints(out)] == [f"checkpoint-{SAVE_STEPS}"]
     assert (out / "notes.txt").read_text() == "mine"

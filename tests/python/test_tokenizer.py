@@ -1,5 +1,6 @@
 """The Rust tokenizer and chat template through Python, against transformers on the real
-SmolLM2 tokenizer (tokenizer_reference.py computes transformers' side in the same run)."""
+SmolLM2 tokenizer: ``tokenizer_reference.reference`` computes transformers' side in the same run
+(the script that produced the Rust tests' expected values), and every entry of it is compared."""
 
 from __future__ import annotations
 
@@ -7,56 +8,49 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tokenizer_reference import reference
+from tokenizer_reference import CHATS, DECODE_IDS, TEXTS, reference
 
 import loratch
 from loratch.default_model import default_model_dir
 
 
 @pytest.fixture(scope="module")
-def ref() -> tuple[Path, dict[str, Any]]:
+def ref() -> tuple[Any, dict[str, Any]]:
     d = default_model_dir()
-    return d, reference(str(d))
+    return loratch.torch_hf_tokenizer_load(d), reference(str(d))
 
 
-def test_encode_decode_equal_transformers(ref: tuple[Path, dict[str, Any]]) -> None:
-    import transformers as tf
-
-    d, _ = ref
-    ours = loratch.torch_hf_tokenizer_load(d)
-    theirs = tf.AutoTokenizer.from_pretrained(d)
-    texts = ["Hello, world!", "Hej! Smörgåsbord på svenska: åäö ÅÄÖ", "Emoji 🤗 日本語", "  spaces \n\ttabs", ""]
-    for text in texts:
-        for special in (True, False):
-            ids = ours.encode(text, add_special_tokens=special)
-            assert ids == theirs.encode(text, add_special_tokens=special), text
-            for skip in (True, False):
-                assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(ids, skip_special_tokens=skip)
-    assert ours.vocab_size == len(theirs)
-    assert (ours.bos_token, ours.eos_token, ours.pad_token) == (theirs.bos_token, theirs.eos_token, theirs.pad_token)
-    assert ours.eos_token_id == theirs.eos_token_id and ours.token_to_id("<|im_end|>") == theirs.eos_token_id
-    assert ours.id_to_token(ours.eos_token_id or 0) == "<|im_end|>"
+def test_encode_decode_equal_transformers(ref: tuple[Any, dict[str, Any]]) -> None:
+    ours, want = ref
+    # Every text with and without special tokens; every encoding and id list decoded both ways.
+    assert len(want["encode"]) == 2 * len(TEXTS)
+    assert len(want["decode"]) == 2 * len(want["encode"]) + 2 * len(DECODE_IDS)
+    for e in want["encode"]:
+        assert ours.encode(e["text"], add_special_tokens=e["add_special_tokens"]) == e["ids"], e
+    for e in want["decode"]:
+        assert ours.decode(e["ids"], skip_special_tokens=e["skip_special_tokens"]) == e["text"], e
 
 
-def test_chat_template_equals_transformers(ref: tuple[Path, dict[str, Any]]) -> None:
-    import transformers as tf
+def test_vocabulary_and_special_tokens_equal_transformers(ref: tuple[Any, dict[str, Any]]) -> None:
+    ours, want = ref
+    assert ours.vocab_size == want["len"]
+    special = want["special_tokens"]
+    assert (ours.bos_token, ours.eos_token, ours.pad_token) == (special["bos_token"], special["eos_token"],
+                                                                 special["pad_token"])
+    ids = want["special_token_ids"]
+    for name in ("bos", "eos", "pad"):
+        assert getattr(ours, f"{name}_token_id") == ids.get(f"{name}_token"), name
+    assert ours.token_to_id("<|im_end|>") == ids["eos_token"]
+    for i, token in want["id_to_token"].items():
+        assert ours.id_to_token(int(i)) == token, i
+        assert ours.token_to_id(token) == int(i), token
 
-    d, _ = ref
-    ours = loratch.torch_hf_tokenizer_load(d)
-    theirs = tf.AutoTokenizer.from_pretrained(d)
-    conversations = [
-        [{"role": "user", "content": "What is the capital of France?"}],
-        [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hej!"}],
-        [
-            {"role": "user", "content": "Hi"},
-            {"role": "assistant", "content": "Hello! How can I help?"},
-            {"role": "user", "content": "Tell me a joke."},
-        ],
-    ]
-    for conv in conversations:
-        for gen in (True, False):
-            expected = theirs.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)
-            assert ours.apply_chat_template(conv, add_generation_prompt=gen) == expected
+
+def test_chat_template_equals_transformers(ref: tuple[Any, dict[str, Any]]) -> None:
+    ours, want = ref
+    assert len(want["chat"]) == 2 * len(CHATS)
+    for c in want["chat"]:
+        assert ours.apply_chat_template(c["messages"], add_generation_prompt=c["add_generation_prompt"]) == c["text"], c
 
 
 def test_tokenizer_errors(tmp_path: Path) -> None:

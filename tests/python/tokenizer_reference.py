@@ -68,9 +68,9 @@ def reference(directory: str | os.PathLike[str]) -> dict[str, Any]:
         for add in (False, True)
     ]
     decode_texts = [
-        {"ids": e["ids"], "skip_special_tokens": False, "text": tok.decode(e["ids"])}
+        {"ids": e["ids"], "skip_special_tokens": skip, "text": tok.decode(e["ids"], skip_special_tokens=skip)}
         for e in encode
-        if not e["add_special_tokens"]
+        for skip in (False, True)
     ]
     decode_ids = [
         {"ids": ids, "skip_special_tokens": skip, "text": tok.decode(ids, skip_special_tokens=skip)}
