@@ -3,8 +3,6 @@
 //! The core (everything outside `python`) knows nothing of Python: the `loratch` binary, the Rust
 //! tests and benches use it directly; the PyO3 bindings (feature `python`) are a thin layer over it.
 pub(crate) mod ffi;
-// Temporary: the optimizer and trainer still say `bridge`; renamed once their rework lands.
-pub(crate) use ffi as bridge;
 pub mod data;
 pub mod device;
 pub mod error;

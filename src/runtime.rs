@@ -1,5 +1,5 @@
-//! What this process's libtorch offers (version, devices, threads, CPU matmul throughput), and the
-//! process-wide allocator setting the `loratch` binary applies.
+//! What this process's libtorch offers (version, devices, threads, CPU matmul throughput), its
+//! memory use (RSS), and the process-wide allocator setting the `loratch` binary applies.
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
@@ -60,6 +60,38 @@ pub fn matmul_gflops(n: i64, reps: usize) -> Result<f64> {
     Ok(2.0 * (n as f64).powi(3) / best / 1e9)
 }
 
+/// The size of a memory page in bytes, None where the system does not say.
+fn page_size() -> Option<u64> {
+    #[cfg(unix)]
+    // SAFETY: sysconf only reads a system constant.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    #[cfg(not(unix))]
+    let size = -1;
+    u64::try_from(size).ok().filter(|&s| s > 0)
+}
+
+/// The resident set size of this process in bytes (Linux), else 0.
+pub fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .zip(page_size())
+        .map_or(0, |(pages, size)| pages * size)
+}
+
+/// The peak resident set size of this process in bytes (`VmHWM`, Linux), else 0. Unlike a
+/// parent's `ru_maxrss` of the child, it never includes memory of the process that spawned it.
+pub fn peak_rss_bytes() -> u64 {
+    status_kib("VmHWM:").map_or(0, |kib| kib * 1024)
+}
+
+/// A `kB` field of `/proc/self/status` (Linux).
+fn status_kib(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// Makes glibc's malloc keep freed memory for reuse instead of handing it back to the kernel.
 ///
 /// By default glibc serves every allocation above 32 MiB with a fresh `mmap` and unmaps it on free,
@@ -87,5 +119,17 @@ mod tests {
     fn matmul_throughput_is_positive_and_finite() {
         let g = matmul_gflops(64, 3).unwrap();
         assert!(g.is_finite() && g > 0.0, "{g}");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn rss_counts_pages_of_the_real_size() {
+        // statm counts pages, status counts kB: they agree only with the right page size.
+        let pages = rss_bytes();
+        let kib = status_kib("VmRSS:").unwrap() * 1024;
+        let peak = peak_rss_bytes();
+        assert!(pages > 0 && peak >= pages.min(kib), "{pages} {kib} {peak}");
+        let diff = pages.abs_diff(kib);
+        assert!(diff <= kib / 10, "statm {pages} B vs status {kib} B");
     }
 }

@@ -18,6 +18,7 @@ use loratch::lora::targets::Targets;
 use loratch::model::LoraMode;
 use loratch::train::checkpoint;
 use loratch::train::config::TrainConfig;
+use loratch::train::lock::LOCK_FILE;
 use loratch::train::loss::causal_lm_loss;
 use loratch::train::trainer::{read_metrics, train, Hooks, NoHooks};
 
@@ -366,7 +367,12 @@ fn accumulation_is_normalised_by_the_target_tokens_of_the_window() {
 
 /// A config for a short run on the tiny model in `dir`.
 fn tiny_config(dir: &Path, out: &Path, steps: u64) -> TrainConfig {
-    let text = format!(
+    TrainConfig::from_toml_str(&tiny_toml(dir, out, steps), &[], "test").unwrap()
+}
+
+/// The TOML text of [`tiny_config`].
+fn tiny_toml(dir: &Path, out: &Path, steps: u64) -> String {
+    format!(
         "model = {:?}\ndata = {:?}\noutput_dir = {:?}\nseed = 5\nvalidation_split = 0.2\n\
          [lora]\nrank = 4\nalpha = 8\ntarget_modules = \"all-linear\"\ndropout = 0.1\n\
          [training]\nmax_steps = {steps}\nbatch_size = 2\ngradient_accumulation_steps = 2\n\
@@ -375,8 +381,7 @@ fn tiny_config(dir: &Path, out: &Path, steps: u64) -> TrainConfig {
         dir.display().to_string(),
         dir.join("data.jsonl").display().to_string(),
         out.display().to_string(),
-    );
-    TrainConfig::from_toml_str(&text, &[], "test").unwrap()
+    )
 }
 
 fn losses(out: &Path) -> Vec<(u64, f64)> {
@@ -616,4 +621,86 @@ fn a_fresh_run_into_a_used_output_dir_is_refused_unless_overwrite_is_set() {
     assert!(!old.exists() && !out.join("adapter").join("stale").exists());
     // A later resume finds this run's checkpoint, not the old run's.
     assert_eq!(checkpoint::resolve(&out).unwrap(), out.join("checkpoint-2"));
+}
+
+/// Starts `loratch train` (the binary) on the tiny run `steps` steps long into `out`, and waits
+/// until it holds the output directory's lock (its pid in the lock file).
+fn start_cli_run(dir: &Path, out: &Path, steps: u64, name: &str) -> std::process::Child {
+    let cfg = dir.join(format!("{name}.toml"));
+    std::fs::write(&cfg, tiny_toml(dir, out, steps)).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_loratch"))
+        .args(["train", "--config"])
+        .arg(&cfg)
+        .env("OMP_NUM_THREADS", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let lock = out.join(LOCK_FILE);
+    let start = std::time::Instant::now();
+    while std::fs::read_to_string(&lock).ok() != Some(child.id().to_string()) {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it took the lock"
+        );
+        assert!(start.elapsed().as_secs() < 300, "no lock after 300 s");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child
+}
+
+#[test]
+fn a_second_run_into_a_locked_output_dir_fails_at_once_naming_the_first() {
+    let _rng = rng_lock();
+    let dir = tiny_run_dir(8, 30);
+    let out = dir.path().join("shared");
+    let mut first = start_cli_run(dir.path(), &out, 6, "first");
+    // Fresh or resumed, overwriting or not: refused before anything is read or deleted.
+    let mut cfg = tiny_config(dir.path(), &out, 6);
+    for (overwrite, resume) in [(false, None), (true, None), (false, Some(out.as_path()))] {
+        cfg.training.overwrite_output_dir = overwrite;
+        let err = train(&cfg, resume, &mut NoHooks).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, loratch::Error::State(_)), "{msg}");
+        for part in [
+            format!("pid {}", first.id()),
+            "in use".into(),
+            LOCK_FILE.into(),
+        ] {
+            assert!(msg.contains(&part), "{msg} lacks {part}");
+        }
+    }
+    assert!(
+        first.try_wait().unwrap().is_none(),
+        "the second run did not fail at once"
+    );
+    assert!(first.wait().unwrap().success());
+    // The first run's output is whole: one record per step, its own checkpoints, no lock left.
+    let steps: Vec<u64> = losses(&out).iter().map(|p| p.0).collect();
+    assert_eq!(steps, (1..=6).collect::<Vec<u64>>());
+    assert_eq!(
+        checkpoint::list(&out).unwrap(),
+        [2, 4, 6].map(|s| out.join(format!("checkpoint-{s}")))
+    );
+    assert!(!out.join(LOCK_FILE).exists());
+}
+
+#[test]
+fn a_lock_left_by_a_killed_run_does_not_block_the_next_one() {
+    let _rng = rng_lock();
+    let dir = tiny_run_dir(9, 30);
+    let out = dir.path().join("killed");
+    let mut first = start_cli_run(dir.path(), &out, 1000, "killed");
+    first.kill().unwrap(); // SIGKILL: no destructor runs
+    first.wait().unwrap();
+    let lock = out.join(LOCK_FILE);
+    assert_eq!(
+        std::fs::read_to_string(&lock).unwrap(),
+        first.id().to_string(),
+        "the killed run's lock file is gone: the test checks nothing"
+    );
+    let cfg = tiny_config(dir.path(), &out, 2);
+    let done = train(&cfg, None, &mut NoHooks).unwrap();
+    assert_eq!(done.global_step, 2);
+    assert!(!lock.exists());
 }

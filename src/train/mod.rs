@@ -1,8 +1,11 @@
 //! The training core: the AdamW optimizer, learning-rate schedules, the chunked causal-LM loss,
-//! the trainer loop with its configuration and checkpoints, and the loss-curve plot.
+//! the trainer loop with its configuration, checkpoints, output-directory lock and metrics log,
+//! and the loss-curve plot.
 pub mod checkpoint;
 pub mod config;
+pub mod lock;
 pub mod loss;
+pub mod metrics;
 pub mod optim;
 pub mod plot;
 pub mod schedule;

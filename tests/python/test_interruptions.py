@@ -13,7 +13,9 @@
   ``torch.save`` zips, legacy and raw pickles) given to every public reader of torch pickles:
   a typed error, and the code never runs;
 - a fresh run into an ``output_dir`` that holds another run's checkpoints: refused unless
-  ``overwrite_output_dir``.
+  ``overwrite_output_dir``;
+- two runs into one ``output_dir`` at the same time: the second fails at once naming the first's
+  pid (the output directory's lock), and the lock file a killed run leaves blocks nobody.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ CHECKPOINT_FILES = {
     "training_info.json",
     "train_config.json",
 }
+# The output directory's lock (held by a run, deleted when it ends; a killed run leaves it).
+LOCK_FILE = ".loratch.lock"
 ENV = CLI_ENV
 IDS = torch.tensor([[1, 500, 1000, 42, 7, 9000, 3]])
 LORA = {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"], "dropout": 0.1}
@@ -197,7 +201,7 @@ def check_after_kill(out: Path, ref: Path, loader: AdapterCheck) -> None:
             assert_same_tensors(c / f, ref / c.name / f)
         load_adapter(loader, c, peft=c == found[-1])
     for name in hidden_leftovers(out):
-        assert name.startswith((".checkpoint-", ".loratch-tmp-")), name
+        assert name.startswith((".checkpoint-", ".loratch-tmp-")) or name == LOCK_FILE, name
     if found:
         newest = step_of(found[-1])
         logged = {r["step"] for r in metrics(out) if "loss" in r}
@@ -527,3 +531,101 @@ def test_a_fresh_run_never_mixes_with_an_earlier_runs_checkpoints(binary: Path, 
     assert (out / "notes.txt").read_text() == "mine"
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert max(r["step"] for r in metrics(out)) == SAVE_STEPS
+
+
+# --- two runs into one output_dir at the same time -----------------------------------------------
+
+
+def start_run(binary: Path, cfg: Path, err: Path) -> subprocess.Popen[bytes]:
+    with err.open("w") as f:
+        return subprocess.Popen([binary, "train", "--config", cfg], stdout=subprocess.DEVNULL, stderr=f, env=ENV)
+
+
+def wait_for_lock(out: Path, proc: subprocess.Popen[bytes]) -> None:
+    """Waits until `proc` holds the lock of `out` (its pid in the lock file)."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            if (out / LOCK_FILE).read_text() == str(proc.pid):
+                return
+        except FileNotFoundError:
+            pass
+        assert proc.poll() is None, "the run ended before it took the lock"
+        time.sleep(0.002)
+    raise AssertionError(f"{proc.pid} took no lock on {out}")
+
+
+def assert_same_run(out: Path, ref: Path) -> None:
+    """`out` holds exactly the uninterrupted reference run's output, and no lock file."""
+    assert [c.name for c in checkpoints(out)] == [c.name for c in checkpoints(ref)]
+    for c in checkpoints(out):
+        assert_same_tensors(c / "adapter_model.safetensors", ref / c.name / "adapter_model.safetensors")
+    assert_same_tensors(out / "adapter" / "adapter_model.safetensors", ref / "adapter" / "adapter_model.safetensors")
+    assert_same_metrics(out, ref)
+    assert hidden_leftovers(out) == []
+
+
+def test_two_runs_started_together_never_mix(binary: Path, trainable_dir: Path, reference: dict[str, Any],
+                                            tmp_path: Path) -> None:
+    ref: Path = reference["out"]
+    out = tmp_path / "shared"
+    cfg = tmp_path / "shared.toml"
+    cfg.write_text(config_text(trainable_dir, out))
+    procs = [start_run(binary, cfg, tmp_path / f"stderr-{i}.txt") for i in range(2)]
+    ended: dict[int, float] = {}
+    while len(ended) < 2:
+        for i, p in enumerate(procs):
+            if i not in ended and p.poll() is not None:
+                ended[i] = time.monotonic()
+        time.sleep(0.002)
+    errs = [(tmp_path / f"stderr-{i}.txt").read_text() for i in range(2)]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 1], errs
+    won = 0 if procs[0].returncode == 0 else 1
+    lost = 1 - won
+    line = errs[lost].strip().splitlines()[-1]
+    assert line.startswith("error: state error: ") and f"pid {procs[won].pid}" in line and "in use" in line, line
+    assert "panicked" not in errs[lost]
+    assert ended[lost] < ended[won], "the second run did not fail at once"
+    assert_same_run(out, ref)
+
+
+def test_the_python_api_takes_the_same_lock(binary: Path, trainable_dir: Path, reference: dict[str, Any],
+                                            tmp_path: Path) -> None:
+    ref: Path = reference["out"]
+    out = tmp_path / "out"
+    cfg = tmp_path / "cli.toml"
+    cfg.write_text(config_text(trainable_dir, out))
+    proc = start_run(binary, cfg, tmp_path / "stderr.txt")
+    wait_for_lock(out, proc)
+    for resume in (None, out):
+        with pytest.raises(loratch.StateError, match=f"in use by another loratch run \\(pid {proc.pid}") as info:
+            loratch.train(train_dict(trainable_dir, out, overwrite_output_dir=True), resume=resume)
+        assert isinstance(info.value, RuntimeError)
+    assert proc.poll() is None, "loratch.train did not fail at once"
+    assert proc.wait(timeout=600) == 0, (tmp_path / "stderr.txt").read_text()
+    assert_same_run(out, ref)
+
+
+def test_a_lock_left_by_a_killed_run_blocks_nobody(binary: Path, trainable_dir: Path, reference: dict[str, Any],
+                                                   tmp_path: Path) -> None:
+    ref: Path = reference["out"]
+    out = tmp_path / "out"
+    cfg = tmp_path / "killed.toml"
+    cfg.write_text(config_text(trainable_dir, out))
+    proc = start_run(binary, cfg, tmp_path / "stderr.txt")
+    wait_for_lock(out, proc)
+    while not checkpoints(out) and proc.poll() is None:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before the kill"
+    assert (out / LOCK_FILE).read_text() == str(proc.pid)
+    # The Python API and the binary both go through the lock the killed run left.
+    result = loratch.train(train_dict(trainable_dir, out), resume=out)
+    assert result["global_step"] == MAX_STEPS and not (out / LOCK_FILE).exists()
+    assert_same_run(out, ref)
+    (out / LOCK_FILE).write_text("999999999")
+    done = subprocess.run([binary, "train", "--config", cfg, "--resume", out], capture_output=True, text=True,
+                          timeout=600, env=ENV)
+    assert done.returncode == 0, done.stderr
+    assert_same_run(out, ref)
