@@ -121,7 +121,9 @@ fn y_label(v: f64, range: (f64, f64)) -> String {
     }
 }
 
-/// Draws the chart into an SVG string; the error is `plotters`' message.
+/// Draws the chart into an SVG string; the error is `plotters`' message. One function: plotters'
+/// builder calls (mesh, axes, both series, legend) read top to bottom as the picture is layered,
+/// and split apart they would only pass the chart context along.
 fn draw(train: &[(u64, f64)], validation: &[(u64, f64)]) -> std::result::Result<String, String> {
     let train = finite_sorted(train);
     let validation = finite_sorted(validation);

@@ -57,8 +57,34 @@ impl AdamW {
     /// parameter's an [`Error::Shape`], a non-floating tensor an [`Error::Dtype`], a step tensor
     /// that is not one non-negative integer an [`Error::State`].
     pub fn load_state(&mut self, tensors: &[(String, Tensor)], step: u64) -> Result<()> {
+        let by_index = self.index_state(tensors)?;
+        let steps = self.check_state(&by_index, step)?;
+        let _no_grad = tch::no_grad_guard();
+        for (i, (p, st)) in self.params.iter_mut().zip(&mut self.states).enumerate() {
+            if let Some(t) = by_index.get(&(i, "exp_avg")) {
+                st.exp_avg.f_copy_(t)?;
+            }
+            if let Some(t) = by_index.get(&(i, "exp_avg_sq")) {
+                st.exp_avg_sq.f_copy_(t)?;
+            }
+            if let (Some(m), Some(t)) = (st.master.as_mut(), by_index.get(&(i, "master"))) {
+                m.f_copy_(t)?;
+                p.f_copy_(m)?;
+            }
+            st.step = steps[i];
+        }
+        self.step_count = step;
+        Ok(())
+    }
+
+    /// The state tensors by (parameter index, field), refusing unknown and duplicate names and
+    /// masters of parameters that have none.
+    fn index_state<'t>(
+        &self,
+        tensors: &'t [(String, Tensor)],
+    ) -> Result<BTreeMap<(usize, &'t str), &'t Tensor>> {
         let n = self.params.len();
-        let mut by_index: BTreeMap<(usize, &str), &Tensor> = BTreeMap::new();
+        let mut by_index: BTreeMap<(usize, &'t str), &'t Tensor> = BTreeMap::new();
         for (name, t) in tensors {
             let (i, field) = parse_state_name(name)
                 .filter(|(i, _)| *i < n)
@@ -82,6 +108,17 @@ impl AdamW {
                 )));
             }
         }
+        Ok(by_index)
+    }
+
+    /// Checks every parameter's state tensors (present where needed, shapes, dtypes, step
+    /// values) and returns each parameter's step count (`step` where none is given).
+    fn check_state(
+        &self,
+        by_index: &BTreeMap<(usize, &str), &Tensor>,
+        step: u64,
+    ) -> Result<Vec<u64>> {
+        let n = self.params.len();
         let mut steps = vec![step; n];
         for (i, st) in self.states.iter().enumerate() {
             let shape = self.params[i].size();
@@ -134,22 +171,7 @@ impl AdamW {
                 }
             }
         }
-        let _no_grad = tch::no_grad_guard();
-        for (i, (p, st)) in self.params.iter_mut().zip(&mut self.states).enumerate() {
-            if let Some(t) = by_index.get(&(i, "exp_avg")) {
-                st.exp_avg.f_copy_(t)?;
-            }
-            if let Some(t) = by_index.get(&(i, "exp_avg_sq")) {
-                st.exp_avg_sq.f_copy_(t)?;
-            }
-            if let (Some(m), Some(t)) = (st.master.as_mut(), by_index.get(&(i, "master"))) {
-                m.f_copy_(t)?;
-                p.f_copy_(m)?;
-            }
-            st.step = steps[i];
-        }
-        self.step_count = step;
-        Ok(())
+        Ok(steps)
     }
 
     /// Bytes of optimizer state: both moments and the fp32 masters.
