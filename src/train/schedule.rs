@@ -8,6 +8,7 @@
 //!   nonzero LR at step 0 and reaches `initial_lr` exactly at `s == warmup_steps`, where the decay
 //!   phase starts from `initial_lr` too (both formulas agree there).
 use crate::error::{Error, Result};
+use serde::Deserialize;
 
 /// The shape of a learning-rate schedule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -70,6 +71,33 @@ impl ScheduleKind {
             self,
             ScheduleKind::LinearWarmupCosine | ScheduleKind::LinearWarmupLinear
         )
+    }
+}
+
+/// A schedule's parameters with their defaults, as `torch_lr_scheduler`'s config dict names
+/// them (every key optional, an unknown one an error). Checked by [`Schedule::from_config`].
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScheduleConfig {
+    /// The peak learning rate; None: the optimizer's current one.
+    pub initial_lr: Option<f64>,
+    pub min_lr: f64,
+    pub total_steps: u64,
+    pub warmup_steps: u64,
+    pub gamma: f64,
+    pub step_size: u64,
+}
+
+impl Default for ScheduleConfig {
+    fn default() -> Self {
+        Self {
+            initial_lr: None,
+            min_lr: 0.0,
+            total_steps: 1000,
+            warmup_steps: 0,
+            gamma: 0.1,
+            step_size: 100,
+        }
     }
 }
 
@@ -149,6 +177,24 @@ impl Schedule {
             gamma,
             step_size,
         })
+    }
+
+    /// A schedule of `kind` from `config`, `current_lr` standing for an absent `initial_lr`;
+    /// checked as [`new`](Self::new).
+    pub fn from_config(
+        kind: ScheduleKind,
+        config: &ScheduleConfig,
+        current_lr: f64,
+    ) -> Result<Self> {
+        Self::new(
+            kind,
+            config.initial_lr.unwrap_or(current_lr),
+            config.min_lr,
+            config.total_steps,
+            config.warmup_steps,
+            config.gamma,
+            config.step_size,
+        )
     }
 
     /// The schedule's kind.
