@@ -13,8 +13,9 @@ use std::sync::Mutex;
 
 use loratch::data::batch::{packed_batch, pad_batch};
 use loratch::data::{self, block_diagonal_mask, Example, Packing, IGNORE_INDEX};
-use loratch::hf::loaded::{LoadOptions, LoadedModel, LoraSpec};
+use loratch::hf::loaded::{LoadOptions, LoadedModel};
 use loratch::lora::targets::Targets;
+use loratch::lora::LoraSpec;
 use loratch::model::LoraMode;
 use loratch::train::checkpoint;
 use loratch::train::config::TrainConfig;

@@ -2,64 +2,34 @@
 //! they are enabled or merged, training or evaluation mode; forward with input checks.
 use crate::device::{dtype_name, parse_device, parse_dtype};
 use crate::error::{Error, Result};
-use crate::lora::targets::{layer_index, pattern_value, Targets};
-use crate::lora::{Adapter, LoraConfig};
+use crate::lora::peft_keys::{self, Factor};
+use crate::lora::{Adapter, LoraSpec};
 use crate::model::{CausalLm, Checkpoint, KvCache, LoraMode, ModelConfig};
+use serde::Deserialize;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
-/// How adapters are laid on a model (PEFT's `LoraConfig` fields that loratch honours).
-#[derive(Debug, Clone, PartialEq)]
-pub struct LoraSpec {
-    pub rank: i64,
-    pub alpha: f64,
-    pub dropout: f64,
-    pub use_rslora: bool,
-    pub targets: Targets,
-    /// `layers_to_transform`: only these decoder layers (None = all).
-    pub layers: Option<Vec<i64>>,
-    /// Per-module rank overrides `{regex: rank}` (first match wins).
-    pub rank_pattern: Vec<(String, i64)>,
-    /// Per-module alpha overrides `{regex: alpha}`.
-    pub alpha_pattern: Vec<(String, f64)>,
+/// The load options as written: `torch_hf_load_model_lora`'s config dict, the CLI's flags.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoadConfig {
+    /// "cpu" (the default), "cuda[:N]", "mps".
+    pub device: String,
+    /// "float32" (the default), "bfloat16", "float16".
+    pub dtype: String,
 }
 
-impl LoraSpec {
-    /// A spec with one rank and alpha for every target.
-    pub fn simple(rank: i64, alpha: f64, targets: Targets) -> Self {
+impl Default for LoadConfig {
+    fn default() -> Self {
         Self {
-            rank,
-            alpha,
-            dropout: 0.0,
-            use_rslora: false,
-            targets,
-            layers: None,
-            rank_pattern: vec![],
-            alpha_pattern: vec![],
+            device: "cpu".into(),
+            dtype: "float32".into(),
         }
-    }
-
-    /// The adapter config of module `path` (patterns applied), validated.
-    pub fn config_for(&self, path: &str) -> Result<LoraConfig> {
-        let rank = pattern_value(&self.rank_pattern, path)?.unwrap_or(self.rank);
-        let alpha = pattern_value(&self.alpha_pattern, path)?.unwrap_or(self.alpha);
-        LoraConfig::new(rank, alpha, self.dropout, self.use_rslora)
-    }
-
-    /// The module paths this spec adapts, in model order.
-    pub fn select(&self, paths: &[String]) -> Result<Vec<String>> {
-        let mut chosen = self.targets.select(paths)?;
-        if let Some(layers) = &self.layers {
-            chosen.retain(|p| layer_index(p).is_some_and(|i| layers.contains(&i)));
-            if chosen.is_empty() {
-                return Err(Error::Config(format!("layers {layers:?} select no module")));
-            }
-        }
-        Ok(chosen)
     }
 }
 
-/// Options of `torch_hf_load_model_lora`.
+/// Where and in which dtype a model is loaded.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
     pub device: Device,
@@ -67,12 +37,11 @@ pub struct LoadOptions {
 }
 
 impl LoadOptions {
-    /// From the spec's config dictionary values: `device` (default "cpu") and `dtype` (default
-    /// "float32").
-    pub fn parse(device: Option<&str>, dtype: Option<&str>) -> Result<Self> {
+    /// Parses the device and dtype names ([`Error::Device`], [`Error::Dtype`] when unknown).
+    pub fn parse(config: &LoadConfig) -> Result<Self> {
         Ok(Self {
-            device: parse_device(device.unwrap_or("cpu"))?,
-            kind: parse_dtype(dtype.unwrap_or("float32"))?,
+            device: parse_device(&config.device)?,
+            kind: parse_dtype(&config.dtype)?,
         })
     }
 }
@@ -214,15 +183,12 @@ impl LoadedModel {
             .map(|p| spec.config_for(p))
             .collect::<Result<Vec<_>>>()?;
         let device = self.lm.device();
+        let linears: HashMap<String, _> = self.lm.linears().into_iter().collect();
         let mut adapters = Vec::with_capacity(chosen.len());
         for (path, cfg) in chosen.iter().zip(&configs) {
-            let lin = self
-                .lm
-                .linears()
-                .into_iter()
-                .find(|(p, _)| p == path)
-                .map(|(_, l)| l);
-            let lin = lin.ok_or_else(|| Error::Config(format!("no module {path}")))?;
+            let lin = linears
+                .get(path)
+                .ok_or_else(|| Error::Config(format!("no module {path}")))?;
             adapters.push(Adapter::new(
                 lin.in_features(),
                 lin.out_features(),
@@ -269,21 +235,15 @@ impl LoadedModel {
             .collect())
     }
 
-    /// The live adapter tensors keyed by PEFT's file key names
-    /// (`base_model.model.<path>.lora_A.weight`), same order as [`parameters`](Self::parameters).
+    /// The live adapter tensors keyed by PEFT's file key names ([`peft_keys`]), same order as
+    /// [`parameters`](Self::parameters).
     pub fn named_parameters(&self) -> Result<Vec<(String, Tensor)>> {
         self.require_lora()?;
         let mut out = Vec::new();
         for (path, lin) in self.lm.linears() {
             if let Some(ad) = &lin.lora {
-                out.push((
-                    format!("base_model.model.{path}.lora_A.weight"),
-                    ad.a.shallow_clone(),
-                ));
-                out.push((
-                    format!("base_model.model.{path}.lora_B.weight"),
-                    ad.b.shallow_clone(),
-                ));
+                out.push((peft_keys::key(&path, Factor::A), ad.a.shallow_clone()));
+                out.push((peft_keys::key(&path, Factor::B), ad.b.shallow_clone()));
             }
         }
         Ok(out)

@@ -6,4 +6,4 @@ pub mod loaded;
 pub mod peft;
 pub mod registry;
 
-pub use loaded::{LoadOptions, LoadedModel, LoraSpec};
+pub use loaded::{LoadConfig, LoadOptions, LoadedModel};

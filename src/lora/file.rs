@@ -2,13 +2,14 @@
 //! `lora_B.weight` and the adapter's shape and hyper-parameters in the header metadata.
 use super::adapter::all_finite;
 use super::linear::LoraLinear;
+use super::peft_keys::Factor;
 use crate::error::{Error, Result};
 use crate::io::safetensors::{save, MappedSafetensors};
 use std::collections::HashMap;
 use std::path::Path;
 
-const KEY_A: &str = "lora_A.weight";
-const KEY_B: &str = "lora_B.weight";
+const KEY_A: &str = Factor::A.suffix();
+const KEY_B: &str = Factor::B.suffix();
 const FORMAT: &str = "loratch.lora_linear";
 
 /// Writes the layer's A and B (in their dtype) and metadata (`rank, alpha, in_features,

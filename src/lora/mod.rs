@@ -4,8 +4,12 @@ pub mod adapter;
 pub mod config;
 pub mod file;
 pub mod linear;
+pub mod peft_config;
+pub mod peft_keys;
+pub mod spec;
 pub mod targets;
 
 pub use adapter::Adapter;
 pub use config::LoraConfig;
 pub use linear::LoraLinear;
+pub use spec::LoraSpec;

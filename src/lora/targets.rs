@@ -4,6 +4,9 @@
 //! keys match a path's suffix after a dot.
 use crate::error::{Error, Result};
 use regex::Regex;
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize, Serializer};
+use std::fmt;
 
 /// `target_modules`.
 #[derive(Debug, Clone, PartialEq)]
@@ -17,38 +20,26 @@ pub enum Targets {
 }
 
 impl Targets {
-    /// From PEFT's JSON form: a list of names, "all-linear", or a regex string.
+    /// From PEFT's JSON form: a list of names, "all-linear", or a regex string. Errors name
+    /// `target_modules` (and the entry, `target_modules[1]`).
     pub fn from_json(v: &serde_json::Value) -> Result<Self> {
-        match v {
-            serde_json::Value::String(s) if s == "all-linear" => Ok(Self::AllLinear),
-            serde_json::Value::String(s) => {
-                Regex::new(&format!("^(?:{s})$")).map_err(|e| {
-                    Error::Config(format!("target_modules regex {s:?} is invalid: {e}"))
-                })?;
-                Ok(Self::Regex(s.clone()))
-            }
-            serde_json::Value::Array(a) => a
-                .iter()
-                .map(|x| {
-                    x.as_str().map(str::to_owned).ok_or_else(|| {
-                        Error::Config(format!("target_modules entry {x} is not a string"))
-                    })
-                })
-                .collect::<Result<Vec<_>>>()
-                .map(Self::Names),
-            other => Err(Error::Config(format!(
-                "target_modules must be a list or a string, got {other}"
-            ))),
-        }
+        serde_path_to_error::deserialize(v).map_err(|e| {
+            let at = match e.path().to_string() {
+                root if root == "." => String::new(),
+                index => index,
+            };
+            Error::Config(format!("target_modules{at}: {}", e.inner()))
+        })
     }
 
-    /// PEFT's JSON form.
-    pub fn to_json(&self) -> serde_json::Value {
-        match self {
-            Self::Names(n) => serde_json::json!(n),
-            Self::AllLinear => serde_json::json!("all-linear"),
-            Self::Regex(r) => serde_json::json!(r),
+    /// A single string: `"all-linear"` or a regex, which must compile.
+    fn from_str(s: &str) -> Result<Self> {
+        if s == "all-linear" {
+            return Ok(Self::AllLinear);
         }
+        Regex::new(&format!("^(?:{s})$"))
+            .map_err(|e| Error::Config(format!("regex {s:?} is invalid: {e}")))?;
+        Ok(Self::Regex(s.to_owned()))
     }
 
     /// The paths among `paths` (module paths of the model, `lm_head` included) that this selects.
@@ -101,6 +92,49 @@ impl Targets {
                     .collect())
             }
         }
+    }
+}
+
+/// PEFT's JSON form: a list of names, `"all-linear"`, or a regex string.
+impl Serialize for Targets {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Self::Names(n) => n.serialize(s),
+            Self::AllLinear => s.serialize_str("all-linear"),
+            Self::Regex(r) => s.serialize_str(r),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Targets {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Form;
+        impl<'de> Visitor<'de> for Form {
+            type Value = Targets;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a list of module names, \"all-linear\" or a regex string")
+            }
+
+            fn visit_str<E: de::Error>(self, s: &str) -> std::result::Result<Targets, E> {
+                Targets::from_str(s).map_err(|e| match e {
+                    Error::Config(m) => E::custom(m),
+                    other => E::custom(other),
+                })
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> std::result::Result<Targets, A::Error> {
+                let mut names = Vec::new();
+                while let Some(n) = seq.next_element::<String>()? {
+                    names.push(n);
+                }
+                Ok(Targets::Names(names))
+            }
+        }
+        d.deserialize_any(Form)
     }
 }
 
@@ -169,6 +203,40 @@ mod tests {
                 "model.layers.0.self_attn.v_proj"
             ]
         );
+    }
+
+    #[test]
+    fn json_form_round_trips_and_errors_name_the_entry() {
+        use serde_json::json;
+        for t in [
+            Targets::Names(vec!["q_proj".into(), "v_proj".into()]),
+            Targets::AllLinear,
+            Targets::Regex(r".*\.q_proj".into()),
+        ] {
+            let v = serde_json::to_value(&t).unwrap();
+            assert_eq!(Targets::from_json(&v).unwrap(), t);
+        }
+        assert_eq!(
+            serde_json::to_value(Targets::AllLinear).unwrap(),
+            json!("all-linear")
+        );
+        for (v, want) in [
+            (
+                json!(5),
+                "target_modules: invalid type: integer `5`, expected a list of module names",
+            ),
+            (
+                json!(["q", 1]),
+                "target_modules[1]: invalid type: integer `1`, expected a string",
+            ),
+            (json!("("), "target_modules: regex \"(\" is invalid"),
+        ] {
+            let err = Targets::from_json(&v).unwrap_err();
+            assert!(
+                matches!(&err, Error::Config(m) if m.contains(want)),
+                "{v}: {err:?} lacks {want:?}"
+            );
+        }
     }
 
     #[test]

@@ -1,8 +1,12 @@
 //! Python argument conversion whose errors name the argument and the accepted types, instead of
-//! pyo3's generic "Can't extract `str` to `Vec`" or an `OverflowError` for a negative int.
+//! pyo3's generic "Can't extract `str` to `Vec`" or an `OverflowError` for a negative int; config
+//! dicts read through the core's serde structs.
 use crate::error::Error;
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use serde::de::DeserializeOwned;
+use serde_path_to_error::Segment;
 
 /// A Python int in the range of `T` (e.g. a `u32` token id or a `usize` count); a non-int is a
 /// `TypeError`, an int out of range a `ConfigError` (a `ValueError`), both naming `what`.
@@ -65,4 +69,37 @@ pub mod num_bounds {
         )*};
     }
     bounds!(u32, u64, usize, i64);
+}
+
+/// A config dict read through the core's serde struct `T` (its keys, defaults and types, so
+/// none is restated here); None is `T::default()`. An unknown key, a value of the wrong type or
+/// out of range is an [`Error::Config`] naming `what`, the key and its value.
+pub fn from_dict<T>(dict: Option<&Bound<'_, PyDict>>, what: &str) -> PyResult<T>
+where
+    T: DeserializeOwned + Default,
+{
+    let Some(dict) = dict else {
+        return Ok(T::default());
+    };
+    let mut de = pythonize::Depythonizer::from_object(dict.as_any());
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let mut at = String::new();
+        if let [Segment::Map { key }] = e.path().iter().collect::<Vec<_>>()[..] {
+            at = format!("{key}: ");
+            if let Some(repr) = dict
+                .get_item(key)
+                .ok()
+                .flatten()
+                .and_then(|v| v.repr().ok())
+            {
+                let repr = repr.to_string();
+                let repr = match repr.char_indices().nth(80) {
+                    Some((i, _)) => format!("{}...", &repr[..i]),
+                    None => repr,
+                };
+                at = format!("{key} = {repr}: ");
+            }
+        }
+        Error::Config(format!("{what}: {at}{}", e.inner())).into()
+    })
 }

@@ -1,42 +1,59 @@
 //! Core [`Error`]s become typed Python exceptions: the classes live in `loratch/errors.py`
-//! (so they can also subclass the matching built-ins); I/O errors become `FileNotFoundError`,
-//! `PermissionError` or `OSError`.
+//! (so they can also subclass the matching built-ins) and are reached through typed handles;
+//! I/O errors become `FileNotFoundError`, `PermissionError` or `OSError`.
 use crate::error::Error;
-use pyo3::exceptions::{
-    PyFileExistsError, PyFileNotFoundError, PyOSError, PyPermissionError, PyRuntimeError,
-};
+use pyo3::exceptions::{PyFileExistsError, PyFileNotFoundError, PyOSError, PyPermissionError};
 use pyo3::prelude::*;
 use pyo3::types::PyType;
 
-fn typed(class: &str, msg: String) -> PyErr {
-    Python::attach(|py| {
-        let cls = py
-            .import("loratch.errors")
-            .and_then(|m| m.getattr(class))
-            .and_then(|c| c.downcast_into::<PyType>().map_err(PyErr::from));
-        match cls {
-            Ok(cls) => PyErr::from_type(cls, msg),
-            Err(e) => PyRuntimeError::new_err(format!("{msg} (loratch.errors unavailable: {e})")),
+/// Declares a typed handle per class of `loratch/errors.py`, and [`resolve`] over them all.
+macro_rules! handles {
+    ($($name:ident),* $(,)?) => {
+        $(pyo3::import_exception!(loratch.errors, $name);)*
+
+        /// Resolves every handle once, when the extension is imported. pyo3 panics where a
+        /// handle's class cannot be imported, so each is looked up with errors first: a broken
+        /// `loratch.errors` fails the import, never a later raise.
+        pub fn resolve(py: Python<'_>) -> PyResult<()> {
+            let module = py.import("loratch.errors")?;
+            $(module.getattr(stringify!($name))?.downcast_into::<PyType>()?;)*
+            $(py.get_type::<$name>();)*
+            Ok(())
         }
-    })
+    };
 }
+
+handles!(
+    ShapeError,
+    DTypeError,
+    ConfigError,
+    DeviceError,
+    AdapterFormatError,
+    InputError,
+    CheckpointError,
+    ModelNotFoundError,
+    StateError,
+    NonFiniteError,
+    TorchError,
+    TokenizerError,
+);
 
 impl From<Error> for PyErr {
     fn from(err: Error) -> PyErr {
         let msg = err.to_string();
         match err {
-            Error::Shape(_) => typed("ShapeError", msg),
-            Error::Dtype(_) => typed("DTypeError", msg),
-            Error::Config(_) => typed("ConfigError", msg),
-            Error::Device(_) => typed("DeviceError", msg),
-            Error::AdapterFormat { .. } => typed("AdapterFormatError", msg),
-            Error::Input(_) => typed("InputError", msg),
-            Error::Checkpoint { .. } => typed("CheckpointError", msg),
-            Error::UnknownModel { .. } => typed("ModelNotFoundError", msg),
-            Error::State(_) => typed("StateError", msg),
-            Error::NonFinite(_) => typed("NonFiniteError", msg),
-            Error::Torch(_) => typed("TorchError", msg),
-            Error::Tokenizer(_) => typed("TokenizerError", msg),
+            Error::Shape(_) => ShapeError::new_err(msg),
+            Error::Dtype(_) => DTypeError::new_err(msg),
+            Error::Config(_) => ConfigError::new_err(msg),
+            Error::Device(_) => DeviceError::new_err(msg),
+            Error::AdapterFormat { .. } => AdapterFormatError::new_err(msg),
+            Error::Input(_) => InputError::new_err(msg),
+            Error::Checkpoint { .. } => CheckpointError::new_err(msg),
+            Error::UnknownModel { .. } => ModelNotFoundError::new_err(msg),
+            Error::State(_) => StateError::new_err(msg),
+            Error::NonFinite(_) => NonFiniteError::new_err(msg),
+            Error::Torch(_) => TorchError::new_err(msg),
+            Error::Tokenizer(_) => TokenizerError::new_err(msg),
             Error::Io { source, .. } => match source.kind() {
                 std::io::ErrorKind::NotFound => PyFileNotFoundError::new_err(msg),
                 std::io::ErrorKind::PermissionDenied => PyPermissionError::new_err(msg),

@@ -1,10 +1,12 @@
 //! The spec's "HuggingFace LoRA API": `torch_hf_*` functions over the model registry.
+use super::args::from_dict;
 use super::tensor::PyTensor;
 use crate::device::parse_dtype;
 use crate::error::Error;
 use crate::hf::registry::{self, lock};
-use crate::hf::{LoadOptions, LoadedModel, LoraSpec};
+use crate::hf::{LoadConfig, LoadOptions, LoadedModel};
 use crate::lora::targets::Targets;
+use crate::lora::LoraSpec;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 use std::path::PathBuf;
@@ -23,15 +25,6 @@ fn with_model<T: Send>(
     Ok(py.detach(move || f(&mut lock(&entry)))?)
 }
 
-fn config_str(config: Option<&Bound<'_, PyDict>>, key: &str) -> PyResult<Option<String>> {
-    match config.map(|c| c.get_item(key)).transpose()?.flatten() {
-        Some(v) => Ok(Some(v.extract::<String>().map_err(|_| {
-            Error::Config(format!("config[{key:?}] must be a string"))
-        })?)),
-        None => Ok(None),
-    }
-}
-
 /// Loads a Hugging Face model directory under `model_name` (replacing a model of that name).
 /// `config` keys: `device` ("cpu", "cuda[:N]", "mps"), `dtype` ("float32", "bfloat16",
 /// "float16"). Returns the name.
@@ -43,21 +36,7 @@ fn torch_hf_load_model_lora(
     path: PathBuf,
     config: Option<&Bound<'_, PyDict>>,
 ) -> PyResult<String> {
-    if let Some(c) = config {
-        for key in c.keys() {
-            let key: String = key.extract()?;
-            if !["device", "dtype"].contains(&key.as_str()) {
-                return Err(Error::Config(format!(
-                    "unknown config key {key:?}; known: \"device\", \"dtype\""
-                ))
-                .into());
-            }
-        }
-    }
-    let opts = LoadOptions::parse(
-        config_str(config, "device")?.as_deref(),
-        config_str(config, "dtype")?.as_deref(),
-    )?;
+    let opts = LoadOptions::parse(&from_dict::<LoadConfig>(config, "config")?)?;
     let model = py.detach(|| LoadedModel::load(&path, &opts))?;
     registry::insert(&model_name, model);
     Ok(model_name)

@@ -16,6 +16,7 @@ mod trainer;
 #[pymodule]
 #[pyo3(name = "_loratch")]
 fn loratch_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    errors::resolve(m.py())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("TORCH_VERSION", crate::ffi::torch_version())?;
     linear::register(m)?;

@@ -1,5 +1,6 @@
 //! The spec's "Optimizer and Scheduler" and "Memory Management" functions: AdamW with fp32
 //! state, LR schedules that set the optimizer's LR, gradient control and device sync.
+use super::args::from_dict;
 use super::tensor::PyTensor;
 use crate::error::Error;
 use crate::train::optim::{AdamW, AdamWConfig};
@@ -217,28 +218,6 @@ fn backward_error(py: Python<'_>, e: PyErr) -> PyErr {
     }
 }
 
-fn get_f64(config: Option<&Bound<'_, PyDict>>, key: &str, default: f64) -> PyResult<f64> {
-    match config.map(|c| c.get_item(key)).transpose()?.flatten() {
-        Some(v) => Ok(v
-            .extract()
-            .map_err(|_| Error::Config(format!("config[{key:?}] must be a number")))?),
-        None => Ok(default),
-    }
-}
-
-fn get_u64(config: Option<&Bound<'_, PyDict>>, key: &str, default: u64) -> PyResult<u64> {
-    match config.map(|c| c.get_item(key)).transpose()?.flatten() {
-        Some(v) => {
-            let n: i64 = v
-                .extract()
-                .map_err(|_| Error::Config(format!("config[{key:?}] must be an integer")))?;
-            Ok(u64::try_from(n)
-                .map_err(|_| Error::Config(format!("config[{key:?}] must be >= 0, got {n}")))?)
-        }
-        None => Ok(default),
-    }
-}
-
 /// Creates a schedule (`linear_warmup_cosine`, `cosine`, `linear`, `linear_warmup_linear`,
 /// `exponential`, `step`, `constant`) and sets the optimizer's LR for step 0. Config keys:
 /// `initial_lr` (default: the optimizer's LR), `min_lr` (0), `total_steps` (1000),
@@ -250,37 +229,18 @@ fn torch_lr_scheduler(
     scheduler_type: &str,
     config: Option<&Bound<'_, PyDict>>,
 ) -> PyResult<PyScheduler> {
-    const KEYS: [&str; 6] = [
-        "initial_lr",
-        "min_lr",
-        "total_steps",
-        "warmup_steps",
-        "gamma",
-        "step_size",
-    ];
-    if let Some(c) = config {
-        for k in c.keys() {
-            let k: String = k.extract()?;
-            if !KEYS.contains(&k.as_str()) {
-                return Err(Error::Config(format!(
-                    "unknown scheduler config key {k:?}; known: {}",
-                    KEYS.join(", ")
-                ))
-                .into());
-            }
-        }
-    }
+    let parsed: ScheduleConfig = from_dict(config, "scheduler config")?;
     let kind = ScheduleKind::from_name(scheduler_type)?;
     let current = optimizer.borrow().lock().lr();
-    let d = ScheduleConfig::default();
+    // An absent initial_lr is the optimizer's current one (the guide's default).
+    let has_initial_lr = match config {
+        Some(c) => c.contains("initial_lr")?,
+        None => false,
+    };
     let schedule = Schedule::new(ScheduleConfig {
         kind,
-        initial_lr: get_f64(config, "initial_lr", current)?,
-        min_lr: get_f64(config, "min_lr", d.min_lr)?,
-        total_steps: get_u64(config, "total_steps", d.total_steps)?,
-        warmup_steps: get_u64(config, "warmup_steps", d.warmup_steps)?,
-        gamma: get_f64(config, "gamma", d.gamma)?,
-        step_size: get_u64(config, "step_size", d.step_size)?,
+        initial_lr: if has_initial_lr { parsed.initial_lr } else { current },
+        ..parsed
     })?;
     optimizer.borrow().lock().set_lr(schedule.lr(0))?;
     Ok(PyScheduler {

@@ -8,6 +8,7 @@
 //!   nonzero LR at step 0 and reaches `initial_lr` exactly at `s == warmup_steps`, where the decay
 //!   phase starts from `initial_lr` too (both formulas agree there).
 use crate::error::{Error, Result};
+use serde::Deserialize;
 
 /// The shape of a learning-rate schedule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -75,10 +76,14 @@ impl ScheduleKind {
 
 /// The parameters of a learning-rate schedule, validated by [`Schedule::new`]. Callers set what
 /// they configure and take the rest from [`Default`]
-/// (`ScheduleConfig { kind, initial_lr, ..Default::default() }`).
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// (`ScheduleConfig { kind, initial_lr, ..Default::default() }`). The Python scheduler's config
+/// dict deserializes into it (every key optional, an unknown one an error; the kind is the
+/// scheduler's name, not a key).
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ScheduleConfig {
     /// The shape of the schedule.
+    #[serde(skip)]
     pub kind: ScheduleKind,
     /// The peak learning rate (finite, > 0).
     pub initial_lr: f64,

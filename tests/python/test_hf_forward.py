@@ -134,7 +134,7 @@ def test_load_errors(tmp_path: Path) -> None:
     (d / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         loratch.torch_hf_load_model_lora("bad", d)
-    with pytest.raises(loratch.ConfigError, match="unknown config key"):
+    with pytest.raises(loratch.ConfigError, match="unknown field `devise`, expected `device` or `dtype`"):
         loratch.torch_hf_load_model_lora("bad", d, {"devise": "cpu"})
     with pytest.raises(loratch.DeviceError):
         loratch.torch_hf_load_model_lora("bad", d, {"device": "cuda:3"})

@@ -140,7 +140,7 @@ def test_invalid_schedules_raise() -> None:
         loratch.torch_lr_scheduler(opt, "cosine", {"total_steps": -5})
     with pytest.raises(loratch.ConfigError, match="min_lr"):
         loratch.torch_lr_scheduler(opt, "cosine", {"initial_lr": 1e-3, "min_lr": 1e-2})
-    with pytest.raises(loratch.ConfigError, match="unknown scheduler config key"):
+    with pytest.raises(loratch.ConfigError, match="unknown field `totl_steps`"):
         loratch.torch_lr_scheduler(opt, "cosine", {"totl_steps": 5})
 
 

@@ -2,7 +2,7 @@
 //! runtime info, running on libtorch alone (no Python).
 use clap::{Parser, Subcommand};
 use loratch::hf::generate::{generate, GenerateOptions};
-use loratch::hf::{LoadOptions, LoadedModel};
+use loratch::hf::{LoadConfig, LoadOptions, LoadedModel};
 use loratch::tokenizer::{chat::Message, Tokenizer};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -145,7 +145,7 @@ fn run_generate(
     device: String,
     dtype: String,
 ) -> loratch::Result<()> {
-    let opts = LoadOptions::parse(Some(&device), Some(&dtype))?;
+    let opts = LoadOptions::parse(&LoadConfig { device, dtype })?;
     let mut model = LoadedModel::load(&model_dir, &opts)?;
     if let Some(path) = adapter {
         loratch::hf::peft::load(&mut model, &path)?;
@@ -176,7 +176,10 @@ fn run_generate(
 }
 
 fn merge(model_dir: PathBuf, adapter: PathBuf, out: PathBuf, dtype: String) -> loratch::Result<()> {
-    let opts = LoadOptions::parse(Some("cpu"), Some(&dtype))?;
+    let opts = LoadOptions::parse(&LoadConfig {
+        dtype,
+        ..LoadConfig::default()
+    })?;
     let mut model = LoadedModel::load(&model_dir, &opts)?;
     loratch::hf::peft::load(&mut model, &adapter)?;
     loratch::hf::export::save_merged(&model, &out)?;
