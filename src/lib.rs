@@ -2,10 +2,10 @@
 //!
 //! The core (everything outside `python`) knows nothing of Python: the `loratch` binary, the Rust
 //! tests and benches use it directly; the PyO3 bindings (feature `python`) are a thin layer over it.
-pub(crate) mod ffi;
 pub mod data;
 pub mod device;
 pub mod error;
+pub(crate) mod ffi;
 pub mod hf;
 pub mod io;
 pub mod lora;

@@ -8,15 +8,38 @@ use pyo3::types::PyDict;
 use serde::de::DeserializeOwned;
 use serde_path_to_error::Segment;
 
-/// A Python int in the range of `T` (e.g. a `u32` token id or a `usize` count); a non-int is a
-/// `TypeError`, an int out of range a `ConfigError` (a `ValueError`), both naming `what`.
+/// A Python int in the range of `T` (e.g. a `u32` count); a non-int is a `TypeError`, an int out
+/// of range a `ConfigError` (a `ValueError`), both naming `what`.
 pub fn int_in_range<T>(ob: &Bound<'_, PyAny>, what: &str) -> PyResult<T>
+where
+    T: TryFrom<i128> + num_bounds::Bounds,
+{
+    in_range(ob, what, Error::Config)
+}
+
+/// A token id: as [`int_in_range`], but an id out of range is an `InputError`, as a model's
+/// forward reports ids outside its vocabulary.
+pub fn token_id(ob: &Bound<'_, PyAny>, what: &str) -> PyResult<u32> {
+    in_range(ob, what, Error::Input)
+}
+
+/// A list of token ids, each as [`token_id`].
+pub fn token_ids(ob: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<u32>> {
+    sequence(ob, what, "a list of token ids (ints)")?
+        .iter()
+        .enumerate()
+        .map(|(i, item)| token_id(item, &format!("{what}[{i}]")))
+        .collect()
+}
+
+/// An int of `T`'s range, the error for one outside it made by `error`.
+fn in_range<T>(ob: &Bound<'_, PyAny>, what: &str, error: fn(String) -> Error) -> PyResult<T>
 where
     T: TryFrom<i128> + num_bounds::Bounds,
 {
     let v: i128 = ob.extract().map_err(|_| not_an_int(ob, what))?;
     T::try_from(v).map_err(|_| {
-        Error::Config(format!(
+        error(format!(
             "{what} must be in [{}, {}], got {v}",
             T::MIN_I128,
             T::MAX_I128
@@ -25,16 +48,43 @@ where
     })
 }
 
+/// The items of a list or other sequence (not a string or bytes), naming `what` in errors.
+fn sequence<'py>(
+    ob: &Bound<'py, PyAny>,
+    what: &str,
+    accepted: &str,
+) -> PyResult<Vec<Bound<'py, PyAny>>> {
+    if ob.is_instance_of::<pyo3::types::PyString>() || ob.is_instance_of::<pyo3::types::PyBytes>() {
+        return Err(type_error(ob, what, accepted));
+    }
+    ob.extract().map_err(|_| type_error(ob, what, accepted))
+}
+
+/// A pair of floats such as `betas`: a sequence that is not of numbers is a `TypeError`, one of
+/// another length a `ConfigError`, both naming `what`.
+pub fn float_pair(ob: &Bound<'_, PyAny>, what: &str) -> PyResult<(f64, f64)> {
+    let items = sequence(ob, what, "a pair of floats")?;
+    let values = items
+        .iter()
+        .map(|v| v.extract::<f64>())
+        .collect::<PyResult<Vec<f64>>>()
+        .map_err(|_| type_error(ob, what, "a pair of floats"))?;
+    match values[..] {
+        [a, b] => Ok((a, b)),
+        _ => Err(Error::Config(format!(
+            "{what} must be a pair of floats, got {} values",
+            values.len()
+        ))
+        .into()),
+    }
+}
+
 /// A list (or other sequence) of ints in the range of `T`, naming `what` in errors.
 pub fn int_list<T>(ob: &Bound<'_, PyAny>, what: &str, accepted: &str) -> PyResult<Vec<T>>
 where
     T: TryFrom<i128> + num_bounds::Bounds,
 {
-    if ob.is_instance_of::<pyo3::types::PyString>() || ob.is_instance_of::<pyo3::types::PyBytes>() {
-        return Err(type_error(ob, what, accepted));
-    }
-    let items: Vec<Bound<'_, PyAny>> = ob.extract().map_err(|_| type_error(ob, what, accepted))?;
-    items
+    sequence(ob, what, accepted)?
         .iter()
         .enumerate()
         .map(|(i, item)| int_in_range(item, &format!("{what}[{i}]")))

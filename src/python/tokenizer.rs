@@ -1,6 +1,6 @@
 //! `torch_hf_tokenizer_load` and the `Tokenizer` class: Hugging Face `tokenizer.json` through the
 //! `tokenizers` crate, with the model's Jinja chat template.
-use super::args::{int_in_range, int_list};
+use super::args::{token_id, token_ids};
 use crate::tokenizer::{chat::Message, Tokenizer};
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
@@ -24,7 +24,7 @@ impl PyTokenizer {
     /// The text of `ids`.
     #[pyo3(signature = (ids, skip_special_tokens=false))]
     fn decode(&self, ids: &Bound<'_, PyAny>, skip_special_tokens: bool) -> PyResult<String> {
-        let ids: Vec<u32> = int_list(ids, "argument 'ids'", "a list of token ids (ints)")?;
+        let ids: Vec<u32> = token_ids(ids, "argument 'ids'")?;
         Ok(self.inner.decode(&ids, skip_special_tokens)?)
     }
 
@@ -35,7 +35,7 @@ impl PyTokenizer {
 
     /// The token string of an id, or None.
     fn id_to_token(&self, id: &Bound<'_, PyAny>) -> PyResult<Option<String>> {
-        Ok(self.inner.id_to_token(int_in_range(id, "argument 'id'")?))
+        Ok(self.inner.id_to_token(token_id(id, "argument 'id'")?))
     }
 
     /// Size of the vocabulary including added tokens.

@@ -129,7 +129,7 @@ impl PyScheduler {
         learning_rate,
         weight_decay,
         *,
-        betas = AdamWConfig::default().betas,
+        betas = None,
         eps = AdamWConfig::default().eps,
     ),
     text_signature = "(params, learning_rate, weight_decay, *, betas=(0.9, 0.999), eps=1e-08)"
@@ -138,9 +138,13 @@ fn torch_optimizer_add_params(
     params: Vec<PyTensor>,
     learning_rate: f64,
     weight_decay: f64,
-    betas: (f64, f64),
+    betas: Option<&Bound<'_, PyAny>>,
     eps: f64,
 ) -> PyResult<PyOptimizer> {
+    let betas = match betas {
+        Some(b) => super::args::float_pair(b, "betas")?,
+        None => AdamWConfig::default().betas,
+    };
     let params = params.into_iter().map(|p| p.0).collect();
     let config = AdamWConfig {
         lr: learning_rate,
@@ -239,7 +243,11 @@ fn torch_lr_scheduler(
     };
     let schedule = Schedule::new(ScheduleConfig {
         kind,
-        initial_lr: if has_initial_lr { parsed.initial_lr } else { current },
+        initial_lr: if has_initial_lr {
+            parsed.initial_lr
+        } else {
+            current
+        },
         ..parsed
     })?;
     optimizer.borrow().lock().set_lr(schedule.lr(0))?;

@@ -448,11 +448,10 @@ CASES: list[tuple[str, str, str, str]] = [
     ("tokenizer-encode-not-a-string", "tok().encode(42)", "TypeError", "text"),
     ("tokenizer-encode-bytes", "tok().encode(b'hello')", "TypeError", "text"),
     ("tokenizer-decode-string", "tok().decode('hello')", "TypeError", "argument 'ids'"),
-    # ValueError, not a typed class: these raise ConfigError today, where errors.py names
-    # InputError for a token id out of range (as torch_hf_forward raises); reported, not asserted.
-    ("tokenizer-decode-negative-id", "tok().decode([1, -1])", "ValueError", "argument 'ids'"),
+    # A token id out of range is an InputError, as torch_hf_forward raises for one.
+    ("tokenizer-decode-negative-id", "tok().decode([1, -1])", "InputError", "argument 'ids'[1]"),
     ("tokenizer-token-to-id-not-a-string", "tok().token_to_id(5)", "TypeError", "token"),
-    ("tokenizer-id-to-token-negative", "tok().id_to_token(-1)", "ValueError", "argument 'id'"),
+    ("tokenizer-id-to-token-negative", "tok().id_to_token(-1)", "InputError", "argument 'id'"),
     ("tokenizer-chat-not-a-list", "tok().apply_chat_template('hello')", "TypeError", "messages"),
     ("tokenizer-chat-message-not-a-dict", "tok().apply_chat_template([('user', 'hi')])", "TypeError", "messages"),
     ("tokenizer-chat-missing-content", "tok().apply_chat_template([{'role': 'user'}])", "TypeError", "content"),
@@ -469,9 +468,8 @@ CASES: list[tuple[str, str, str, str]] = [
     ("optimizer-weight-decay-negative", "loratch.torch_optimizer_add_params(params(), 1e-3, -0.1)", "ConfigError", "weight_decay"),
     ("optimizer-beta1-one", "loratch.torch_optimizer_add_params(params(), 1e-3, 0.0, betas=(1.0, 0.999))", "ConfigError", "beta"),
     ("optimizer-beta2-negative", "loratch.torch_optimizer_add_params(params(), 1e-3, 0.0, betas=(0.9, -0.1))", "ConfigError", "beta"),
-    # PyO3's own conversion error (a bare ValueError whose message does not name `betas`), not a
-    # loratch class (ConfigError would fit); reported, not asserted.
-    ("optimizer-betas-wrong-arity", "loratch.torch_optimizer_add_params(params(), 1e-3, 0.0, betas=(0.9,))", "ValueError", "length 2"),
+    ("optimizer-betas-wrong-arity", "loratch.torch_optimizer_add_params(params(), 1e-3, 0.0, betas=(0.9,))", "ConfigError", "betas must be a pair of floats, got 1"),
+    ("optimizer-betas-not-numbers", "loratch.torch_optimizer_add_params(params(), 1e-3, 0.0, betas=('a', 'b'))", "TypeError", "betas"),
     ("optimizer-eps-zero", "loratch.torch_optimizer_add_params(params(), 1e-3, 0.0, eps=0.0)", "ConfigError", "eps"),
     ("optimizer-lr-string", "loratch.torch_optimizer_add_params(params(), '1e-3', 0.0)", "TypeError", "learning_rate"),
     ("zero-grad-not-an-optimizer", "loratch.torch_optimizer_zero_grad(params())", "TypeError", "Optimizer"),
