@@ -4,6 +4,11 @@ SmolLM2 tokenizer: ``tokenizer_reference.reference`` computes transformers' side
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +56,44 @@ def test_chat_template_equals_transformers(ref: tuple[Any, dict[str, Any]]) -> N
     assert len(want["chat"]) == 2 * len(CHATS)
     for c in want["chat"]:
         assert ours.apply_chat_template(c["messages"], add_generation_prompt=c["add_generation_prompt"]) == c["text"], c
+
+
+#: Renders the chat template in ``sys.argv[1]`` with loratch and with transformers, the same
+#: minute, in this process's time zone; prints both and the UTC time in the template's format.
+_RENDER_NOW = """
+import json, sys
+from datetime import datetime, timezone
+import transformers as tf
+import loratch
+d, fmt, conv = sys.argv[1], sys.argv[2], [{"role": "user", "content": "Hi"}]
+ours = loratch.torch_hf_tokenizer_load(d).apply_chat_template(conv)
+theirs = tf.AutoTokenizer.from_pretrained(d).apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+print(json.dumps([ours, theirs, datetime.now(timezone.utc).strftime(fmt)]))
+"""
+
+
+def test_strftime_now_is_local_time_as_in_transformers(ref: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    """A template with ``strftime_now`` (as Llama 3.1's) renders transformers' local time: in a
+    process with TZ at UTC+14 both equal, and differ from the UTC time."""
+    d, _ = ref
+    for name in ("tokenizer.json", "tokenizer_config.json", "config.json"):
+        shutil.copy(d / name, tmp_path / name)
+    fmt = "%d %b %Y %H:%M %A %j %-d"
+    (tmp_path / "chat_template.jinja").write_text(
+        '{{- "Today Date: " + strftime_now("' + fmt + '") }}\n'
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    )
+    env = {**os.environ, "TZ": "XYZ-14"}  # POSIX TZ: 14 hours east of UTC
+    for _ in range(3):  # the minute may turn between the two renders
+        out = subprocess.run(
+            [sys.executable, "-c", _RENDER_NOW, str(tmp_path), fmt],
+            env=env, capture_output=True, text=True, check=True,
+        )
+        ours, theirs, utc = json.loads(out.stdout)
+        if ours == theirs:
+            break
+    assert ours == theirs
+    assert ours.startswith("Today Date: ") and utc not in ours
 
 
 def test_tokenizer_errors(tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ loratch's Rust tokenizer (``src/tokenizer``) must reproduce exactly.
 ``reference(dir)`` loads ``AutoTokenizer.from_pretrained(dir)`` (offline) and returns a JSON-able
 dict; ``python tests/python/tokenizer_reference.py [DIR]`` prints it (DIR defaults to
 ``$LORATCH_DEFAULT_MODEL_DIR``). The expected values hard-coded in the Rust tests
-(``src/tokenizer/mod.rs``, ``src/tokenizer/chat.rs``) were produced with this script on the
+(``src/tokenizer/mod.rs``, ``src/tokenizer/chat/``) were produced with this script on the
 SmolLM2-135M-Instruct directory made by ``python -m loratch.default_model``.
 """
 
