@@ -30,13 +30,18 @@ impl OutputDirLock {
     /// Creates `dir` if needed and locks it for this process.
     ///
     /// Errors: [`Error::State`] naming the holder's pid when another run (in this process or
-    /// another) holds the lock; [`Error::Io`] when `dir` or the lock file cannot be created.
+    /// another) holds the lock; [`Error::Io`] when `dir` is a file or it or the lock file cannot
+    /// be created.
     pub fn acquire(dir: &Path) -> Result<Self> {
         let created: Vec<PathBuf> = dir
             .ancestors()
             .take_while(|a| !a.as_os_str().is_empty() && !a.exists())
             .map(Path::to_path_buf)
             .collect();
+        if dir.exists() && !dir.is_dir() {
+            let e = std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory");
+            return Err(Error::io(dir, e));
+        }
         fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let path = dir.join(LOCK_FILE);
         let mut file = loop {
@@ -177,6 +182,10 @@ mod tests {
             fs::read_to_string(lock.path()).unwrap(),
             std::process::id().to_string()
         );
+        // Cleaning up after a killed run leaves the lock alone.
+        assert!(!LOCK_FILE.starts_with(crate::io::atomic::TEMP_PREFIX));
+        crate::train::checkpoint::recover(&out).unwrap();
+        assert!(lock.path().is_file());
         // flock locks belong to the open file: a second acquire in this process is refused too.
         let e = OutputDirLock::acquire(&out).unwrap_err();
         let msg = e.to_string();
@@ -200,6 +209,14 @@ mod tests {
         fs::write(out.join("metrics.jsonl"), "").unwrap();
         drop(lock);
         assert!(!out.join(LOCK_FILE).exists() && out.join("metrics.jsonl").is_file());
+
+        let file = dir.path().join("a-file");
+        fs::write(&file, "x").unwrap();
+        let e = OutputDirLock::acquire(&file).unwrap_err();
+        assert!(
+            matches!(&e, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotADirectory),
+            "{e}"
+        );
     }
 
     #[cfg(unix)]
