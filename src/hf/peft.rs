@@ -9,6 +9,7 @@ use crate::io::atomic::write_atomic;
 use crate::io::safetensors::{serialize, MappedSafetensors};
 use crate::lora::peft_config::{spec_from_json, AdapterConfig};
 use crate::lora::peft_keys::{self, Factor};
+use crate::lora::LoraSpec;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -180,30 +181,7 @@ pub fn load(model: &mut LoadedModel, path: &Path) -> Result<()> {
     }
     let file = read(path)?;
     let bad = |m: String| Error::adapter(path, m);
-    // target_modules null (PEFT's per-model default): take the modules present in the file.
-    let in_file: BTreeSet<&str> = file
-        .tensors
-        .keys()
-        .filter_map(|k| match peft_keys::parse(k)? {
-            (path, Factor::A) => Some(path),
-            (_, Factor::B) => None,
-        })
-        .collect();
-    let spec = match (&file.config, &model.lora) {
-        (Some((cfg, source)), _) => {
-            let fallback = in_file.iter().map(|p| p.to_string()).collect();
-            spec_from_json(cfg, fallback, source)?
-        }
-        // A bare .pt file carries no config: it must fit the LoRA already on the model.
-        (None, Some(current)) => current.clone(),
-        (None, None) => {
-            return Err(bad(
-                "a .pt/.pth/.bin adapter has no config (rank, alpha); initialise LoRA with \
-                 torch_hf_lora_init first, or load a PEFT directory / .safetensors file"
-                    .into(),
-            ))
-        }
-    };
+    let spec = file_spec(&file, model.lora.as_ref(), path)?;
     // Module path -> (in_features, out_features), built once.
     let linears = model.lm.linears();
     let paths: Vec<String> = linears.iter().map(|(p, _)| p.clone()).collect();
@@ -221,32 +199,7 @@ pub fn load(model: &mut LoadedModel, path: &Path) -> Result<()> {
         expected.insert(peft_keys::key(p, Factor::A), vec![cfg.rank, in_f]);
         expected.insert(peft_keys::key(p, Factor::B), vec![out_f, cfg.rank]);
     }
-    let missing: Vec<&String> = expected
-        .keys()
-        .filter(|k| !file.tensors.contains_key(*k))
-        .collect();
-    let unexpected: Vec<&String> = file
-        .tensors
-        .keys()
-        .filter(|k| !expected.contains_key(*k))
-        .collect();
-    if !missing.is_empty() || !unexpected.is_empty() {
-        return Err(bad(format!(
-            "tensors do not match the adapter config for this model: missing {missing:?}, unexpected {unexpected:?}"
-        )));
-    }
-    for (k, shape) in &expected {
-        let t = &file.tensors[k];
-        if t.size() != *shape {
-            return Err(bad(format!(
-                "{k} has shape {:?}, expected {shape:?} (rank/alpha or model mismatch)",
-                t.size()
-            )));
-        }
-        if !t.f_is_floating_point()? || !crate::lora::adapter::all_finite(t)? {
-            return Err(bad(format!("{k} is not a finite floating-point tensor")));
-        }
-    }
+    check_tensors(&file.tensors, &expected, path)?;
     match &model.lora {
         Some(current) => {
             let current_chosen = current.select(&paths)?;
@@ -263,10 +216,7 @@ pub fn load(model: &mut LoadedModel, path: &Path) -> Result<()> {
                 ));
             }
         }
-        None => {
-            let kind = Kind::Float;
-            model.init_lora(spec.clone(), kind)?;
-        }
+        None => model.init_lora(spec.clone(), Kind::Float)?,
     }
     tch::no_grad(|| -> Result<()> {
         for (p, lin) in model.lm.linears_mut() {
@@ -280,6 +230,68 @@ pub fn load(model: &mut LoadedModel, path: &Path) -> Result<()> {
     })?;
     if let Some(current) = model.lora.as_mut() {
         current.dropout = spec.dropout;
+    }
+    Ok(())
+}
+
+/// The spec of the adapter in `file` (read from `path`): its config's, or, for a bare `.pt`
+/// file without one, the LoRA already on the model (`current`), which the file must fit.
+fn file_spec(file: &AdapterFile, current: Option<&LoraSpec>, path: &Path) -> Result<LoraSpec> {
+    match (&file.config, current) {
+        (Some((cfg, source)), _) => {
+            // target_modules null (PEFT's per-model default): the modules present in the file.
+            let in_file: BTreeSet<&str> = file
+                .tensors
+                .keys()
+                .filter_map(|k| match peft_keys::parse(k)? {
+                    (module, Factor::A) => Some(module),
+                    (_, Factor::B) => None,
+                })
+                .collect();
+            let fallback = in_file.into_iter().map(str::to_owned).collect();
+            spec_from_json(cfg, fallback, source)
+        }
+        (None, Some(current)) => Ok(current.clone()),
+        (None, None) => Err(Error::adapter(
+            path,
+            "a .pt/.pth/.bin adapter has no config (rank, alpha); initialise LoRA with \
+             torch_hf_lora_init first, or load a PEFT directory / .safetensors file",
+        )),
+    }
+}
+
+/// Checks that `tensors` are exactly the `expected` keys, each of its shape, floating-point and
+/// finite; errors are [`Error::AdapterFormat`] for `path`.
+fn check_tensors(
+    tensors: &BTreeMap<String, Tensor>,
+    expected: &BTreeMap<String, Vec<i64>>,
+    path: &Path,
+) -> Result<()> {
+    let bad = |m: String| Error::adapter(path, m);
+    let missing: Vec<&String> = expected
+        .keys()
+        .filter(|k| !tensors.contains_key(*k))
+        .collect();
+    let unexpected: Vec<&String> = tensors
+        .keys()
+        .filter(|k| !expected.contains_key(*k))
+        .collect();
+    if !missing.is_empty() || !unexpected.is_empty() {
+        return Err(bad(format!(
+            "tensors do not match the adapter config for this model: missing {missing:?}, unexpected {unexpected:?}"
+        )));
+    }
+    for (k, shape) in expected {
+        let t = &tensors[k];
+        if t.size() != *shape {
+            return Err(bad(format!(
+                "{k} has shape {:?}, expected {shape:?} (rank/alpha or model mismatch)",
+                t.size()
+            )));
+        }
+        if !t.f_is_floating_point()? || !crate::lora::adapter::all_finite(t)? {
+            return Err(bad(format!("{k} is not a finite floating-point tensor")));
+        }
     }
     Ok(())
 }
