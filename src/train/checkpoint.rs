@@ -11,6 +11,7 @@ use tch::Tensor;
 
 use crate::error::{Error, Result};
 use crate::io::safetensors::MappedSafetensors;
+use crate::train::config::{LoraSection, TrainingSection};
 
 /// The adapter files (PEFT layout) inside a checkpoint directory.
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
@@ -47,6 +48,19 @@ pub struct TrainerState {
     pub tokens_seen: u64,
     /// Processes the run had (resuming with another number changes the data order).
     pub world_size: usize,
+}
+
+/// `training_info.json`: the spec's metadata of a checkpoint, for people and tools (the trainer
+/// reads [`TrainerState`] to resume). Fields in the order the file has always listed them
+/// (alphabetical).
+#[derive(Debug, Serialize)]
+pub struct TrainingInfo<'a> {
+    pub best_loss: Option<f64>,
+    pub current_lr: f64,
+    pub epoch: u64,
+    pub global_step: u64,
+    pub lora_config: &'a LoraSection,
+    pub training_config: &'a TrainingSection,
 }
 
 /// The step of a `checkpoint-{step}` directory name.

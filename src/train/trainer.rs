@@ -14,7 +14,6 @@
 use std::path::{Path, PathBuf};
 
 use indicatif::ProgressBar;
-use serde_json::json;
 use tch::{Kind, Tensor};
 
 use crate::data::{Batch, DataLoader, Position};
@@ -244,14 +243,14 @@ impl Run<'_> {
         if self.rank != 0 {
             return Ok(out.join(format!("checkpoint-{step}")));
         }
-        let info = json!({
-            "epoch": self.state.epoch,
-            "global_step": step,
-            "best_loss": self.state.best_loss,
-            "current_lr": self.optimizer.lr(),
-            "lora_config": self.config.lora,
-            "training_config": self.config.training,
-        });
+        let info = checkpoint::TrainingInfo {
+            best_loss: self.state.best_loss,
+            current_lr: self.optimizer.lr(),
+            epoch: self.state.epoch,
+            global_step: step,
+            lora_config: &self.config.lora,
+            training_config: &self.config.training,
+        };
         let path = checkpoint::write(out, step, |dir| {
             peft::save(&self.model, dir)?;
             let state = self.optimizer.state_tensors();

@@ -8,8 +8,16 @@ use std::fmt::{Display, Write as _};
 use chrono::{DateTime, Local, TimeZone, Timelike};
 
 /// transformers' `strftime_now(format)`: the current local time, formatted as Python does.
-pub(super) fn strftime_now(format: String) -> String {
-    py_strftime(&format, &Local::now())
+/// chrono's `Local::now` panics on unreadable time-zone data; that becomes a template error here
+/// (so a tokenizer error in Python), never a panic.
+pub(super) fn strftime_now(format: String) -> Result<String, minijinja::Error> {
+    let now = std::panic::catch_unwind(Local::now).map_err(|_| {
+        minijinja::Error::new(
+            minijinja::ErrorKind::InvalidOperation,
+            "strftime_now: the local time zone could not be read (check TZ and /etc/localtime)",
+        )
+    })?;
+    Ok(py_strftime(&format, &now))
 }
 
 /// The conversions chrono writes as glibc does in the C locale (Python's default LC_TIME): names,
