@@ -1,7 +1,8 @@
-//! Fuzz target: PEFT `adapter_config.json` through `spec_from_config`, then module selection.
+//! Fuzz target: PEFT `adapter_config.json` through its schema (`AdapterConfig`) into a spec, then
+//! module selection.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use loratch::hf::peft::spec_from_config;
+use loratch::lora::peft_config::AdapterConfig;
 use std::path::Path;
 
 /// The linear layers of a two-layer Llama.
@@ -24,7 +25,11 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let fallback = vec!["q_proj".to_string(), "v_proj".to_string()];
-    let Ok(spec) = spec_from_config(&cfg, fallback, Path::new("adapter_config.json")) else {
+    let source = Path::new("adapter_config.json");
+    let Ok(config) = AdapterConfig::from_json(&cfg, source) else {
+        return;
+    };
+    let Ok(spec) = config.to_spec(fallback, source) else {
         return;
     };
     let Ok(chosen) = spec.select(&paths()) else {
