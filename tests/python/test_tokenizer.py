@@ -72,10 +72,10 @@ print(json.dumps([ours, theirs, datetime.now(timezone.utc).strftime(fmt)]))
 """
 
 
-def test_strftime_now_is_local_time_as_in_transformers(ref: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+def test_strftime_now_is_local_time_as_in_transformers(tmp_path: Path) -> None:
     """A template with ``strftime_now`` (as Llama 3.1's) renders transformers' local time: in a
     process with TZ at UTC+14 both equal, and differ from the UTC time."""
-    d, _ = ref
+    d = default_model_dir()
     for name in ("tokenizer.json", "tokenizer_config.json", "config.json"):
         shutil.copy(d / name, tmp_path / name)
     fmt = "%d %b %Y %H:%M %A %j %-d"
