@@ -3,7 +3,9 @@ padding, registry behaviour, threads, the GIL and bad inputs."""
 
 from __future__ import annotations
 
+import math
 import threading
+import time
 from pathlib import Path
 
 from typing import Any
@@ -212,21 +214,24 @@ def test_two_models_in_threads_and_gil_released(tiny_model: Any) -> None:
 
     both()
     assert torch.equal(out["ta"], ea) and torch.equal(out["tb"], eb)
-    # The GIL: one long forward (16 x 256 tokens through 6 layers, ~0.4 s) while this thread
-    # counts in pure Python. A forward holding the GIL would stop the counting for its whole
-    # length (a C call that holds it, sum(range(10**7)), leaves one gap of 93% of its length);
-    # released, the longest gap is the OS scheduler's (milliseconds). One libtorch thread, so the
-    # counting thread has a core of its own on a 2-core machine.
-    big = torch.randint(0, 97, (16, 256), generator=torch.Generator().manual_seed(0))
+    # The GIL: one long forward (at least ~0.6 s: the batch grows with the machine's speed) while
+    # this thread counts in pure Python. A forward holding the GIL would stop the counting for its
+    # whole length (a C call that holds it, sum(range(10**7)), leaves one gap of 93% of its
+    # length); released, the longest gap is the OS scheduler's (milliseconds). One libtorch
+    # thread, so the counting thread has a core of its own on a 2-core machine.
+    rows = 16
+    gen = torch.Generator().manual_seed(0)
 
     def forward() -> None:
         with torch.no_grad():
-            loratch.torch_hf_forward("ta", big)
+            loratch.torch_hf_forward("ta", torch.randint(0, 97, (rows, 256), generator=gen))
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        forward()  # warm-up
+        t0 = time.perf_counter()
+        forward()  # warm-up, and the time of 16 rows
+        rows = max(16, math.ceil(16 * 0.6 / (time.perf_counter() - t0)))
         m = ticks_during(forward)
     finally:
         torch.set_num_threads(threads)
