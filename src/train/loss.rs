@@ -94,7 +94,7 @@ pub fn causal_lm_loss(
     // Whether the head's adapter takes part; without one the head's backward is done here.
     let adapted = head.lora.is_some() && !head.merged && mode.enabled;
     let losses = if !adapted || backward.is_none() {
-        manual_head_loss(head, &rows, &targets, chunk, mode, backward)?
+        manual_head_loss(head, adapted, &rows, &targets, chunk, mode, backward)?
     } else {
         autograd_head_loss(head, &rows, &targets, chunk, mode, backward.unwrap_or(1.0))?
     };
@@ -110,16 +110,17 @@ pub fn causal_lm_loss(
 
 /// The token losses of `rows` against `targets`, chunk by chunk, with the head's backward done by
 /// hand: autograd stops at `rows`, and with `backward = Some(scale)` the gradient reaching `rows`
-/// (`(softmax - onehot) * scale @ W`) is handed to autograd once for all chunks.
+/// (`(softmax - onehot) * scale @ W`) is handed to autograd once for all chunks. `adapted`: the
+/// head's adapter takes part in the logits (only without a backward).
 fn manual_head_loss(
     head: &Linear,
+    adapted: bool,
     rows: &Tensor,
     targets: &Tensor,
     chunk: i64,
     mode: LoraMode,
     backward: Option<f64>,
 ) -> Result<Vec<Tensor>> {
-    let adapted = head.lora.is_some() && !head.merged && mode.enabled;
     let n = rows.size()[0];
     let detached = rows.f_detach()?;
     let (mut losses, mut grads) = (Vec::new(), Vec::new());
