@@ -11,6 +11,7 @@ pub mod io;
 pub mod lora;
 pub mod model;
 pub mod ops;
+pub mod quant;
 pub mod runtime;
 pub mod tokenizer;
 pub mod train;
