@@ -4,7 +4,9 @@
 //! tokenizers) loaded from `<dir>/tokenizer.json`, adds the named special tokens of
 //! `tokenizer_config.json` / `special_tokens_map.json` and renders the model's Jinja chat
 //! template ([`chat`]). Ids, decoded text and rendered chats are identical to transformers'.
+//! [`Tokenizer::from_gguf`] builds the same from a GGUF file's tokenizer metadata ([`gguf`]).
 pub mod chat;
+pub mod gguf;
 
 use std::fs;
 use std::io::ErrorKind;
@@ -17,6 +19,7 @@ use tokenizers::processors::template::TemplateProcessing;
 
 use crate::error::{Error, Result};
 pub use chat::{ChatTemplate, Message, TemplateValue};
+pub use gguf::GgufTokenizerData;
 
 /// The named special tokens transformers knows (`SPECIAL_TOKENS_ATTRIBUTES`), in its order.
 pub const SPECIAL_TOKEN_NAMES: [&str; 7] = [
