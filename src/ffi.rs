@@ -85,7 +85,91 @@ extern "C" {
         grad: bool,
         losses: *mut *mut c_void,
     ) -> *mut std::ffi::c_char;
+    fn loratch_quant_linear(
+        x: *const c_void,
+        data: *const c_void,
+        ty: i32,
+        in_features: i64,
+        decode: Dequantize,
+        bias: *const c_void,
+        out: *mut *mut c_void,
+    ) -> *mut std::ffi::c_char;
+    fn loratch_quant_input_grad(
+        g: *const c_void,
+        data: *const c_void,
+        ty: i32,
+        in_features: i64,
+        decode: Dequantize,
+        out: *mut *mut c_void,
+    ) -> *mut std::ffi::c_char;
+    fn loratch_quant_rows(
+        data: *const c_void,
+        ty: i32,
+        in_features: i64,
+        decode: Dequantize,
+        rows: *const c_void,
+        like: *const c_void,
+        out: *mut *mut c_void,
+    ) -> *mut std::ffi::c_char;
+    fn loratch_quant_chunk_elems(n: i64) -> i64;
     fn loratch_free_string(s: *mut std::ffi::c_char);
+}
+
+/// The block decoder the quantized ops call back (csrc/quant_linear.cpp): `n` floats of block
+/// format `ty` from `src_len` bytes at `src` into `dst`; 0 on success. Must be thread-safe.
+pub type Dequantize = extern "C" fn(ty: i32, src: *const u8, src_len: i64, dst: *mut f32, n: i64) -> i32;
+
+/// A block-quantized weight as the C++ ops take it: uint8 rows `[out, row_bytes]` (contiguous,
+/// CPU), the block format's code for `decode`, and `in_features`.
+pub struct QuantRows<'a> {
+    pub data: &'a Tensor,
+    pub ty: i32,
+    pub in_features: i64,
+    pub decode: Dequantize,
+}
+
+/// `x W^T + bias` for a block-quantized `W` as one autograd node (csrc/quant_linear.cpp) that
+/// decodes W chunk by chunk in the forward and again in the backward, saving none of it. `x` is
+/// `[..., in]`; gradients flow to `x` only.
+pub fn quant_linear(
+    x: &Tensor,
+    w: &QuantRows,
+    bias: Option<&Tensor>,
+) -> Result<Tensor, tch::TchError> {
+    let ptr = |t: &Tensor| t.as_ptr() as *const c_void;
+    let b = bias.map_or(std::ptr::null(), ptr);
+    // SAFETY: x, w.data and bias (or null) are live at::Tensor* borrowed for the call; `decode`
+    // is a thread-safe extern "C" function.
+    new_tensor(|out| unsafe {
+        loratch_quant_linear(ptr(x), ptr(w.data), w.ty, w.in_features, w.decode, b, out)
+    })
+}
+
+/// `g W` for `g` `[rows, out]` and a block-quantized `W`, without autograd.
+pub fn quant_input_grad(g: &Tensor, w: &QuantRows) -> Result<Tensor, tch::TchError> {
+    let ptr = |t: &Tensor| t.as_ptr() as *const c_void;
+    // SAFETY: as in [`quant_linear`].
+    new_tensor(|out| unsafe {
+        loratch_quant_input_grad(ptr(g), ptr(w.data), w.ty, w.in_features, w.decode, out)
+    })
+}
+
+/// Rows `rows` (int64 `[n]`) of a block-quantized `W`, decoded into `[n, in]` of `like`'s dtype
+/// and device.
+pub fn quant_rows(w: &QuantRows, rows: &Tensor, like: &Tensor) -> Result<Tensor, tch::TchError> {
+    let ptr = |t: &Tensor| t.as_ptr() as *const c_void;
+    // SAFETY: as in [`quant_linear`].
+    new_tensor(|out| unsafe {
+        loratch_quant_rows(ptr(w.data), w.ty, w.in_features, w.decode, ptr(rows), ptr(like), out)
+    })
+}
+
+/// Test hook: the largest number of float elements the quantized ops decode at once (> 0).
+/// Returns the previous value. Process-wide.
+#[doc(hidden)]
+pub fn quant_chunk_elems(n: i64) -> i64 {
+    // SAFETY: swaps a process-wide atomic.
+    unsafe { loratch_quant_chunk_elems(n.max(1)) }
 }
 
 /// The tensors of one fused AdamW step (`at::_fused_adamw_`, what `torch.optim.AdamW(fused=True)`

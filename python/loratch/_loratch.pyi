@@ -180,17 +180,23 @@ def torch_lora_load_adapters(layer: LoraLinear, path: str | os.PathLike[str]) ->
 def torch_hf_load_model_lora(
     model_name: str, path: str | os.PathLike[str], config: dict[str, str] | None = None
 ) -> str:
-    """Load a Hugging Face model directory (config.json + model.safetensors or shards) under
-    ``model_name``, replacing any model of that name. ``config``: ``device`` ("cpu", "cuda[:N]",
-    "mps") and ``dtype`` ("float32" default, "bfloat16", "float16"). Returns the name.
+    """Load a Hugging Face model directory (config.json + model.safetensors or shards) or a GGUF
+    file under ``model_name``, replacing any model of that name (a failed load keeps it).
+    ``config``: ``device`` ("cpu", "cuda[:N]", "mps"), ``dtype`` ("float32" default, "bfloat16",
+    "float16") and ``quantize`` (absent: as stored; "none": a GGUF decoded to float; "q8_0",
+    "q4_0", "nf4": the projections, head and embedding quantized on load, decoded on use).
+    Returns the name.
 
     Supported: LlamaForCausalLM (incl. rope_scaling "llama3"), MistralForCausalLM,
-    Qwen2ForCausalLM, Qwen3ForCausalLM.
+    Qwen2ForCausalLM, Qwen3ForCausalLM; GGUF architectures llama, qwen2, qwen3.
 
     Raises:
-        FileNotFoundError: no directory, config.json or weights.
-        ConfigError: malformed config.json, unsupported architecture, unknown config key.
-        CheckpointError: corrupt or truncated weights, missing or mis-shaped tensors.
+        FileNotFoundError: no directory or file, config.json or weights.
+        ConfigError: malformed config.json, unsupported architecture, unknown config key or
+            ``quantize`` name.
+        CheckpointError: corrupt or truncated weights or GGUF file, missing or mis-shaped
+            tensors, unsupported GGUF architecture or tensor type (the message names the file
+            and the tensor or key).
         DeviceError / DTypeError: bad ``device`` / ``dtype``.
     """
 
@@ -335,8 +341,9 @@ class Tokenizer:
 
 def torch_hf_tokenizer_load(path: str | os.PathLike[str]) -> Tokenizer:
     """Load a tokenizer from a model directory (``tokenizer.json`` + ``tokenizer_config.json``
-    + chat template) or from a ``tokenizer.json`` path. Raises FileNotFoundError or
-    TokenizerError."""
+    + chat template), from a ``tokenizer.json`` path, or from a GGUF file's metadata
+    (``tokenizer.ggml.*``, ``tokenizer.chat_template``). Raises FileNotFoundError,
+    TokenizerError or CheckpointError (a corrupt GGUF)."""
 
 # --- Optimizer and scheduler -----------------------------------------------------------------
 

@@ -1,9 +1,13 @@
 //! Writing a loaded model, adapters folded in, as a plain Hugging Face directory that
-//! transformers loads: `config.json`, `model.safetensors` and the tokenizer files copied over.
+//! transformers loads: `config.json`, `model.safetensors` and the tokenizer files copied over
+//! (for a GGUF model: written from the file's metadata). Quantized weights are written decoded,
+//! in the model's float dtype.
 use super::loaded::LoadedModel;
 use crate::error::{Error, Result};
 use crate::io::atomic::write_atomic;
 use crate::io::safetensors::serialize;
+use crate::model::GgufCheckpoint;
+use crate::tokenizer::Tokenizer;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -42,6 +46,16 @@ pub fn save_merged(model: &LoadedModel, out: &Path) -> Result<()> {
     )?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     write_atomic(&out.join("model.safetensors"), &bytes)?;
+    if model.path.is_file() {
+        // A GGUF: config.json and the tokenizer files from its metadata.
+        let mut config = GgufCheckpoint::open(&model.path)?.config_json()?;
+        config["torch_dtype"] = crate::device::dtype_name(model.lm.kind()).into();
+        let text = serde_json::to_string_pretty(&config)
+            .map_err(|e| Error::Config(format!("config.json: {e}")))?;
+        write_atomic(&out.join("config.json"), text.as_bytes())?;
+        Tokenizer::for_model(&model.path)?.save_pretrained(out)?;
+        return Ok(());
+    }
     for name in COPIED {
         let src = model.path.join(name);
         if src.is_file() {

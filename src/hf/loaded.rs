@@ -4,7 +4,9 @@ use crate::device::{dtype_name, parse_device, parse_dtype};
 use crate::error::{Error, Result};
 use crate::lora::peft_keys::{self, Factor};
 use crate::lora::{Adapter, LoraSpec};
-use crate::model::{CausalLm, Checkpoint, KvCache, LoraMode, ModelConfig};
+use crate::model::{
+    CausalLm, Checkpoint, GgufCheckpoint, KvCache, LoraMode, ModelConfig, Quantize,
+};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -18,6 +20,10 @@ pub struct LoadConfig {
     pub device: String,
     /// "float32" (the default), "bfloat16", "float16".
     pub dtype: String,
+    /// How the frozen projections and embeddings are held: absent = as stored (float for a
+    /// Hugging Face directory, a GGUF's block formats as they are), "none" = float (a GGUF
+    /// decoded on load), "q8_0" / "q4_0" / "nf4" = quantized on load, decoded on use.
+    pub quantize: Option<String>,
 }
 
 impl Default for LoadConfig {
@@ -25,6 +31,7 @@ impl Default for LoadConfig {
         Self {
             device: "cpu".into(),
             dtype: "float32".into(),
+            quantize: None,
         }
     }
 }
@@ -34,6 +41,7 @@ impl Default for LoadConfig {
 pub struct LoadOptions {
     pub device: Device,
     pub kind: Kind,
+    pub quantize: Quantize,
 }
 
 impl LoadOptions {
@@ -42,6 +50,7 @@ impl LoadOptions {
         Ok(Self {
             device: parse_device(&config.device)?,
             kind: parse_dtype(&config.dtype)?,
+            quantize: Quantize::parse(config.quantize.as_deref())?,
         })
     }
 }
@@ -62,20 +71,28 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
-    /// Loads `dir` (config.json + safetensors weights).
-    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
-        if !dir.is_dir() {
+    /// Loads `path`: a Hugging Face directory (config.json + safetensors weights) or a GGUF file.
+    pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self> {
+        let lm = if path.is_file() {
+            let ck = GgufCheckpoint::open(path)?;
+            let config = ck.config()?;
+            tch::no_grad(|| CausalLm::load(&ck, config, opts.kind, opts.device, opts.quantize))?
+        } else if path.is_dir() {
+            let config = ModelConfig::from_dir(path)?;
+            let ck = Checkpoint::open(path)?;
+            tch::no_grad(|| CausalLm::load(&ck, config, opts.kind, opts.device, opts.quantize))?
+        } else {
             return Err(Error::io(
-                dir,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found"),
+                path,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "model not found (a Hugging Face directory or a .gguf file)",
+                ),
             ));
-        }
-        let config = ModelConfig::from_dir(dir)?;
-        let ck = Checkpoint::open(dir)?;
-        let lm = tch::no_grad(|| CausalLm::load(&ck, config, opts.kind, opts.device))?;
+        };
         Ok(Self {
             lm,
-            path: dir.to_path_buf(),
+            path: path.to_path_buf(),
             lora: None,
             enabled: true,
             merged: false,

@@ -62,13 +62,17 @@ impl Adapter {
         bias: Option<&Tensor>,
         training: bool,
     ) -> Result<Tensor> {
-        let term = crate::ops::linear::LoraTerm {
+        crate::ops::lora_linear(x, weight, bias, &self.term(), training)
+    }
+
+    /// The adapter's part of a LoRA linear, for the ops.
+    pub fn term(&self) -> crate::ops::linear::LoraTerm<'_> {
+        crate::ops::linear::LoraTerm {
             a: &self.a,
             b: &self.b,
             scaling: self.config.scaling(),
             dropout: self.config.dropout,
-        };
-        crate::ops::lora_linear(x, weight, bias, &term, training)
+        }
     }
 
     /// `scaling * B @ A` in float32 (whatever the adapter's dtype), detached. A delta holding NaN or

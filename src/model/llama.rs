@@ -5,13 +5,13 @@
 use super::attention::{Attention, AttentionOptions, Context};
 use super::cache::KvCache;
 use super::config::ModelConfig;
-use super::linear::{Linear, LoraMode};
+use super::linear::{Linear, LoraMode, Quantize, Weight};
 use super::loader::Loader;
 use super::mask::{attention_mask_4d, causal_mask};
 use super::mlp::Mlp;
 use super::norm::RmsNorm;
 use super::rope::Rope;
-use super::weights::Checkpoint;
+use super::weights::WeightSource;
 use crate::error::{Error, Result};
 use tch::{Device, Kind, Tensor};
 
@@ -57,7 +57,8 @@ impl DecoderLayer {
 /// `model`: embeddings, decoder layers, final norm.
 #[derive(Debug)]
 pub struct Model {
-    pub embed_tokens: Tensor,
+    /// `[vocab, hidden]`, float or in a block format (rows decoded on lookup).
+    pub embed_tokens: Weight,
     pub layers: Vec<DecoderLayer>,
     pub norm: RmsNorm,
 }
@@ -77,14 +78,21 @@ pub struct CausalLm {
 }
 
 impl CausalLm {
-    /// Builds the model from a checkpoint, every weight in `kind` on `device`.
-    pub fn load(ck: &Checkpoint, config: ModelConfig, kind: Kind, device: Device) -> Result<Self> {
+    /// Builds the model from a checkpoint, every weight in `kind` on `device`; the projections and
+    /// the embedding held as `quantize` says.
+    pub fn load(
+        ck: &dyn WeightSource,
+        config: ModelConfig,
+        kind: Kind,
+        device: Device,
+        quantize: Quantize,
+    ) -> Result<Self> {
         let cfg = &config;
-        let root = Loader::new(ck, kind, device);
+        let root = Loader::new(ck, kind, device, quantize);
         let vb = root.pp("model");
         let embed_tokens = vb
             .pp("embed_tokens")
-            .tensor("weight", &[cfg.vocab_size, cfg.hidden_size])?;
+            .weight("weight", &[cfg.vocab_size, cfg.hidden_size])?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::load(&vb.pp("layers").pp(i), cfg))
             .collect::<Result<Vec<_>>>()?;
@@ -232,7 +240,10 @@ impl CausalLm {
             is_causal: mask.is_none() && t > 1,
             mode,
         };
-        let mut h = Tensor::f_embedding(&self.model.embed_tokens, input_ids, -1, false, false)?;
+        let mut h = match &self.model.embed_tokens {
+            Weight::Dense(w) => Tensor::f_embedding(w, input_ids, -1, false, false)?,
+            Weight::Quantized(q) => q.embedding(input_ids)?,
+        };
         for (i, layer) in self.model.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             h = layer.forward(&h, &ctx, slot)?;
@@ -305,7 +316,7 @@ impl CausalLm {
     pub fn merged_state_dict(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = vec![(
             "model.embed_tokens.weight".to_string(),
-            self.model.embed_tokens.shallow_clone(),
+            self.model.embed_tokens.to_dense()?,
         )];
         for (i, l) in self.model.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
@@ -342,11 +353,12 @@ impl CausalLm {
                 Some(ad) if !lin.merged => tch::no_grad(|| -> Result<Tensor> {
                     Ok(lin
                         .weight
+                        .to_dense()?
                         .f_to_kind(Kind::Float)?
                         .f_add(&ad.delta_f32()?)?
                         .f_to_kind(self.kind)?)
                 })?,
-                _ => lin.weight.shallow_clone(),
+                _ => lin.weight.to_dense()?,
             };
             out.push((format!("{path}.weight"), weight));
             if let Some(b) = &lin.bias {
@@ -356,16 +368,39 @@ impl CausalLm {
         Ok(out)
     }
 
-    /// Bytes held by the base weights (the tied head counted once).
+    /// The block format of the quantized weights, if any ("q4_0", or "mixed" when several).
+    pub fn quantization(&self) -> Option<String> {
+        let mut names: Vec<&str> = std::iter::once(&self.model.embed_tokens)
+            .chain(self.linears().into_iter().map(|(_, l)| &l.weight))
+            .filter_map(|w| w.quantization())
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        match names.as_slice() {
+            [] => None,
+            [one] => Some(one.to_string()),
+            many => Some(many.join("+")),
+        }
+    }
+
+    /// Bytes held by the base weights (quantized ones as their blocks; the tied head counted once).
     pub fn weight_bytes(&self) -> i64 {
         let mut seen = std::collections::HashSet::new();
         let mut total = 0i64;
+        let mut add_weight = |(bytes, ptr): (i64, usize), seen: &mut std::collections::HashSet<usize>| {
+            if seen.insert(ptr) {
+                total += bytes;
+            }
+        };
+        add_weight(self.model.embed_tokens.bytes_and_ptr(), &mut seen);
+        for (_, lin) in self.linears() {
+            add_weight(lin.weight.bytes_and_ptr(), &mut seen);
+        }
         let mut add = |t: &Tensor| {
             if seen.insert(t.data_ptr() as usize) {
                 total += (t.numel() * t.kind().elt_size_in_bytes()) as i64;
             }
         };
-        add(&self.model.embed_tokens);
         add(&self.model.norm.weight);
         for l in &self.model.layers {
             add(&l.input_layernorm.weight);
@@ -378,7 +413,6 @@ impl CausalLm {
             }
         }
         for (_, lin) in self.linears() {
-            add(&lin.weight);
             if let Some(b) = &lin.bias {
                 add(b);
             }

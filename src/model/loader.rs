@@ -2,7 +2,8 @@
 //! dtype and device, and a key prefix that [`Loader::pp`] extends one segment at a time, as the
 //! checkpoint keys nest (`model.layers.0` → `.pp("self_attn")` → `.pp("q_proj")`). Each block's
 //! `load` then names only its own tensors.
-use super::weights::Checkpoint;
+use super::linear::{Quantize, Weight};
+use super::weights::WeightSource;
 use crate::error::Result;
 use std::fmt::Display;
 use tch::{Device, Kind, Tensor};
@@ -10,8 +11,10 @@ use tch::{Device, Kind, Tensor};
 /// A checkpoint seen from one module path.
 #[derive(Clone)]
 pub struct Loader<'a> {
-    ck: &'a Checkpoint,
+    ck: &'a dyn WeightSource,
     prefix: String,
+    /// How frozen matrices are held ([`Loader::weight`]).
+    pub quantize: Quantize,
     /// The dtype every weight is loaded in.
     pub kind: Kind,
     /// The device every weight is loaded on.
@@ -20,10 +23,11 @@ pub struct Loader<'a> {
 
 impl<'a> Loader<'a> {
     /// The checkpoint's root (no prefix).
-    pub fn new(ck: &'a Checkpoint, kind: Kind, device: Device) -> Self {
+    pub fn new(ck: &'a dyn WeightSource, kind: Kind, device: Device, quantize: Quantize) -> Self {
         Self {
             ck,
             prefix: String::new(),
+            quantize,
             kind,
             device,
         }
@@ -55,6 +59,13 @@ impl<'a> Loader<'a> {
         self.ck.load(&self.key(name), shape, self.kind, self.device)
     }
 
+    /// The frozen matrix `<path>.<name>` (a projection's or the embedding's), float or in a block
+    /// format as the loader's [`Quantize`] says.
+    pub fn weight(&self, name: &str, shape: &[i64]) -> Result<Weight> {
+        self.ck
+            .load_weight(&self.key(name), shape, self.kind, self.device, self.quantize)
+    }
+
     /// Whether the checkpoint has `<path>.<name>`.
     pub fn contains(&self, name: &str) -> bool {
         self.ck.contains(&self.key(name))
@@ -64,6 +75,7 @@ impl<'a> Loader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Checkpoint;
     use std::collections::HashMap;
 
     #[test]
@@ -80,7 +92,7 @@ mod tests {
         )
         .unwrap();
         let ck = Checkpoint::open(dir.path()).unwrap();
-        let root = Loader::new(&ck, Kind::Float, Device::Cpu);
+        let root = Loader::new(&ck, Kind::Float, Device::Cpu, Quantize::Stored);
         let up = root.pp("model").pp("layers").pp(0).pp("mlp").pp("up_proj");
         assert_eq!(up.path(), "model.layers.0.mlp.up_proj");
         assert!(up.contains("weight") && !up.contains("bias"));

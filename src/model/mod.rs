@@ -1,7 +1,9 @@
-//! Llama-family decoders loaded from Hugging Face checkpoints, with LoRA slots on every linear.
+//! Llama-family decoders loaded from Hugging Face checkpoints or GGUF files, with LoRA slots on
+//! every linear.
 pub mod attention;
 pub mod cache;
 pub mod config;
+pub mod gguf;
 pub mod linear;
 pub mod llama;
 pub mod loader;
@@ -13,7 +15,8 @@ pub mod weights;
 
 pub use cache::KvCache;
 pub use config::{Architecture, ModelConfig};
-pub use linear::{Linear, LoraMode};
+pub use gguf::GgufCheckpoint;
+pub use linear::{Linear, LoraMode, Quantize, Weight};
 pub use llama::CausalLm;
 pub use loader::Loader;
-pub use weights::Checkpoint;
+pub use weights::{Checkpoint, WeightSource};

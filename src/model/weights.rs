@@ -1,12 +1,41 @@
 //! A Hugging Face checkpoint on disk: `model.safetensors`, or shards listed in
 //! `model.safetensors.index.json`. Files are memory-mapped; each tensor is copied once, straight
 //! from the map into its libtorch tensor of the requested dtype and device.
+use super::linear::{Quantize, Weight};
 use crate::error::{Error, Result};
 use crate::io::safetensors::MappedSafetensors;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use tch::{Device, Kind, Tensor};
+
+/// What a model's blocks load their weights from, by checkpoint key (`model.layers.0.mlp.up_proj.weight`):
+/// a Hugging Face checkpoint ([`Checkpoint`]) or a GGUF file ([`super::gguf::GgufCheckpoint`]).
+pub trait WeightSource {
+    /// Whether the source holds `key`.
+    fn contains(&self, key: &str) -> bool;
+
+    /// Tensor `key` as float `kind` on `device`, checked to have `shape`.
+    fn load(&self, key: &str, shape: &[i64], kind: Kind, device: Device) -> Result<Tensor>;
+
+    /// A frozen matrix (projection, embedding) as `quantize` says: by default the float tensor,
+    /// quantized on load when asked.
+    fn load_weight(
+        &self,
+        key: &str,
+        shape: &[i64],
+        kind: Kind,
+        device: Device,
+        quantize: Quantize,
+    ) -> Result<Weight> {
+        quantize.apply(self.load(key, shape, kind, device)?)
+    }
+
+    /// Memory maps that zero-copy weights view (kept alive by the model).
+    fn mappings(&self) -> Vec<std::sync::Arc<memmap2::MmapMut>> {
+        Vec::new()
+    }
+}
 
 /// The weight files of one checkpoint, indexed by tensor name.
 pub struct Checkpoint {
@@ -143,6 +172,20 @@ impl Checkpoint {
         Ok(t.f_to_device(device)?
             .f_to_kind(kind)?
             .set_requires_grad(false))
+    }
+}
+
+impl WeightSource for Checkpoint {
+    fn contains(&self, key: &str) -> bool {
+        Checkpoint::contains(self, key)
+    }
+
+    fn load(&self, key: &str, shape: &[i64], kind: Kind, device: Device) -> Result<Tensor> {
+        Checkpoint::load(self, key, shape, kind, device)
+    }
+
+    fn mappings(&self) -> Vec<std::sync::Arc<memmap2::MmapMut>> {
+        Checkpoint::mappings(self)
     }
 }
 

@@ -58,8 +58,14 @@ fn mixed(
     lora: &LoraTerm,
     training: bool,
 ) -> Result<Tensor> {
+    add_lora_term(x, &x.f_linear(weight, bias)?, lora, training)
+}
+
+/// `base + scaling * B(A(dropout(x)))` in PEFT's steps, for a base product computed elsewhere (a
+/// quantized weight's): the adapter's input cast to the adapter's dtype, dropout, the two rank-r
+/// products and the scaling there, the sum in the wider dtype, cast back to x's.
+pub fn add_lora_term(x: &Tensor, base: &Tensor, lora: &LoraTerm, training: bool) -> Result<Tensor> {
     let kind = x.f_kind()?;
-    let base = x.f_linear(weight, bias)?;
     let xa = x.f_to_kind(lora.a.f_kind()?)?;
     let xa = if training && lora.dropout > 0.0 {
         xa.f_dropout(lora.dropout, true)?

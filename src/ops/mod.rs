@@ -16,6 +16,7 @@ pub mod cross_entropy;
 pub mod head;
 pub mod linear;
 pub mod norm;
+pub mod quant;
 pub mod rotary;
 
 pub use activation::swiglu;

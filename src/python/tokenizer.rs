@@ -118,17 +118,11 @@ impl PyTokenizer {
     }
 }
 
-/// Loads `tokenizer.json` (and `tokenizer_config.json`, chat template) from a model directory or
-/// a `tokenizer.json` path.
+/// Loads `tokenizer.json` (and `tokenizer_config.json`, chat template) from a model directory,
+/// a `tokenizer.json` path, or the metadata of a GGUF file.
 #[pyfunction]
 fn torch_hf_tokenizer_load(py: Python<'_>, path: PathBuf) -> PyResult<PyTokenizer> {
-    let inner = py.detach(|| {
-        if path.is_dir() {
-            Tokenizer::from_dir(&path)
-        } else {
-            Tokenizer::from_file(&path)
-        }
-    })?;
+    let inner = py.detach(|| Tokenizer::for_model(&path))?;
     Ok(PyTokenizer { inner })
 }
 

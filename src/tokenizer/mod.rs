@@ -7,6 +7,7 @@
 //! [`Tokenizer::from_gguf`] builds the same from a GGUF file's tokenizer metadata ([`gguf`]).
 pub mod chat;
 pub mod gguf;
+pub mod source;
 
 use std::fs;
 use std::io::ErrorKind;

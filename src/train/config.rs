@@ -15,8 +15,13 @@ use crate::train::schedule::ScheduleKind;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
-    /// The Hugging Face model directory (config.json, safetensors, tokenizer.json).
+    /// The model: a Hugging Face directory (config.json, safetensors, tokenizer.json) or a GGUF
+    /// file.
     pub model: PathBuf,
+    /// How the frozen base is held: absent = as stored, "none" = float, "q8_0" / "q4_0" / "nf4" =
+    /// quantized on load (see [`crate::model::Quantize`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantize: Option<String>,
     /// The training data: a JSON array or JSONL file of records.
     pub data: PathBuf,
     /// Held-out data; without it `validation_split` of `data` is held out.
@@ -260,6 +265,7 @@ impl TrainConfig {
         ScheduleKind::from_name(&t.scheduler_type)?;
         crate::device::parse_device(&t.device)?;
         crate::device::parse_dtype(&t.dtype)?;
+        crate::model::Quantize::parse(self.quantize.as_deref())?;
         Ok(())
     }
 }

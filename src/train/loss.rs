@@ -11,7 +11,7 @@ use tch::{Kind, Tensor};
 
 use crate::data::IGNORE_INDEX;
 use crate::error::{Error, Result};
-use crate::model::{CausalLm, Linear, LoraMode};
+use crate::model::{CausalLm, Linear, LoraMode, Weight};
 use crate::ops;
 
 /// At most this many logits (rows x vocab) per chunk: 16 Mi floats, 64 MiB in float32.
@@ -128,16 +128,19 @@ fn manual_head_loss(
         let len = chunk.min(n - start);
         let x = detached.f_narrow(0, start, len)?;
         let tgt = targets.f_narrow(0, start, len)?;
-        let logits = tch::no_grad(|| match adapted {
-            true => head.forward(&x, mode),
-            false => ops::head_logits(&x, &head.weight, head.bias.as_ref()),
+        let logits = tch::no_grad(|| match (adapted, &head.weight) {
+            (false, Weight::Dense(w)) => ops::head_logits(&x, w, head.bias.as_ref()),
+            _ => head.forward(&x, mode),
         })?;
         let mut logits = logits.f_to_kind(Kind::Float)?;
         losses.push(ops::cross_entropy_(&mut logits, &tgt, backward)?);
         if backward.is_some() {
             // `logits` now holds the gradient (softmax - onehot) * scale.
-            let g = logits.f_to_kind(head.weight.f_kind()?)?;
-            grads.push(ops::head_input_grad(&g, &head.weight)?);
+            let g = logits.f_to_kind(head.weight.kind())?;
+            grads.push(match &head.weight {
+                Weight::Dense(w) => ops::head_input_grad(&g, w)?,
+                Weight::Quantized(q) => q.input_grad(&g)?,
+            });
         }
     }
     if backward.is_some() && rows.requires_grad() {

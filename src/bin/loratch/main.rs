@@ -45,9 +45,10 @@ enum Command {
         #[arg(long)]
         matmul_peak: bool,
     },
-    /// Fold adapters into a model and write it as a Hugging Face directory.
+    /// Fold adapters into a model and write it as a Hugging Face directory (float: a quantized
+    /// base is decoded, then the adapters' delta added).
     Merge {
-        /// Model directory.
+        /// The base model: a Hugging Face directory or a .gguf file.
         #[arg(long)]
         model: PathBuf,
         /// Adapters: a PEFT directory, a .safetensors or a .pt file.
@@ -60,9 +61,9 @@ enum Command {
         #[arg(long, default_value = "float32")]
         dtype: String,
     },
-    /// Generate text from a Hugging Face model directory, optionally with LoRA adapters.
+    /// Generate text from a model, optionally with LoRA adapters.
     Generate {
-        /// Model directory (config.json, model.safetensors, tokenizer.json).
+        /// A Hugging Face directory (config.json, model.safetensors, tokenizer.json) or a .gguf file.
         #[arg(long)]
         model: PathBuf,
         /// Adapters: a PEFT directory, a .safetensors or a .pt file.
@@ -91,6 +92,9 @@ enum Command {
         /// "float32", "bfloat16" or "float16".
         #[arg(long, default_value = "float32")]
         dtype: String,
+        /// Hold the frozen base as "none" (float), "q8_0", "q4_0" or "nf4" (default: as stored).
+        #[arg(long)]
+        quantize: Option<String>,
     },
 }
 
@@ -144,13 +148,18 @@ fn run_generate(
     seed: Option<u64>,
     device: String,
     dtype: String,
+    quantize: Option<String>,
 ) -> loratch::Result<()> {
-    let opts = LoadOptions::parse(&LoadConfig { device, dtype })?;
+    let opts = LoadOptions::parse(&LoadConfig {
+        device,
+        dtype,
+        quantize,
+    })?;
     let mut model = LoadedModel::load(&model_dir, &opts)?;
     if let Some(path) = adapter {
         loratch::hf::peft::load(&mut model, &path)?;
     }
-    let tokenizer = Tokenizer::from_dir(&model_dir)?;
+    let tokenizer = Tokenizer::for_model(&model_dir)?;
     let ids = if raw || tokenizer.chat_template().is_none() {
         tokenizer.encode(&prompt, true)?
     } else {
@@ -183,6 +192,13 @@ fn merge(model_dir: PathBuf, adapter: PathBuf, out: PathBuf, dtype: String) -> l
     let mut model = LoadedModel::load(&model_dir, &opts)?;
     loratch::hf::peft::load(&mut model, &adapter)?;
     loratch::hf::export::save_merged(&model, &out)?;
+    if let Some(q) = model.lm.quantization() {
+        eprintln!(
+            "note: the base was quantized ({q}); the merged model is float ({}): the decoded \
+             base plus the adapters' delta",
+            loratch::device::dtype_name(model.lm.kind())
+        );
+    }
     println!("{}", out.display());
     Ok(())
 }
@@ -267,6 +283,7 @@ fn main() -> ExitCode {
             seed,
             device,
             dtype,
+            quantize,
         } => run_generate(
             model,
             adapter,
@@ -279,6 +296,7 @@ fn main() -> ExitCode {
             seed,
             device,
             dtype,
+            quantize,
         ),
     };
     match result {

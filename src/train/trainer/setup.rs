@@ -14,6 +14,7 @@ use crate::data::{self, DataLoader, LoaderConfig, Position};
 use crate::device::{parse_device, parse_dtype};
 use crate::error::{Error, Result};
 use crate::hf::loaded::{LoadOptions, LoadedModel};
+use crate::model::Quantize;
 use crate::hf::peft;
 use crate::lora::LoraSpec;
 use crate::tokenizer::Tokenizer;
@@ -79,7 +80,7 @@ fn prepare_output_dir(
 /// Tokenizes the training data (and the validation data, or splits it off) into loaders.
 fn load_data(config: &TrainConfig) -> Result<Data> {
     let t = &config.training;
-    let tokenizer = Tokenizer::from_dir(&config.model)?;
+    let tokenizer = Tokenizer::for_model(&config.model)?;
     let pad_id = data::pad_id(&tokenizer)?;
     let train_set = data::load_examples(
         &config.data,
@@ -242,6 +243,7 @@ impl<'a> Run<'a> {
         let options = LoadOptions {
             device: parse_device(&t.device)?,
             kind: parse_dtype(&t.dtype)?,
+            quantize: Quantize::parse(config.quantize.as_deref())?,
         };
         let lock = prepare_output_dir(config, rank, resume.is_some())?;
         let resume = resume.map(checkpoint::resolve).transpose()?;

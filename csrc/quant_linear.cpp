@@ -1,0 +1,212 @@
+// The linear `y = x W^T + b` of a frozen weight kept in a block-quantized format (GGUF's q4_0,
+// q8_0, k-quants, ..., or loratch's nf4) as one autograd node that never keeps W in float.
+//
+// W is stored as uint8 rows `[out, row_bytes]` (each row a whole number of blocks). The forward
+// dequantizes W a chunk of rows at a time into scratch memory that is reused from call to call
+// (per thread), multiplies, and drops the float rows; the backward does the same for the input
+// gradient `g W`. So the graph saves nothing of W: a model of quantized projections holds its
+// quantized bytes plus one chunk of float rows, however many layers run. W gets no gradient (it
+// is frozen; LoRA's factors are separate nodes).
+//
+// The block decoding is Rust's (src/quant, equal to gguf-py bit for bit), passed in as a function
+// pointer at each call rather than linked by name, so no link-order dependency arises between
+// this archive and the crate. Decoding runs on the CPU, rows split over libtorch's threads; on
+// other devices the float chunk is copied to x's device before its product (the quantized bytes
+// stay in host memory).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <atomic>
+#include <optional>
+#include <stdexcept>
+#include <string>
+
+#include "bridge.h"
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// Rust's decoder: `n` floats of type `ty` from `src_len` bytes; 0 on success.
+using Dequantize = int32_t (*)(int32_t ty, const uint8_t* src, int64_t src_len, float* dst,
+                               int64_t n);
+
+// Largest float chunk of W decoded at once (64 MiB of float32): enough for whole projections of
+// models up to ~2B parameters, a few chunks for larger ones and for the output head.
+std::atomic<int64_t> g_chunk_elems{16 << 20};
+
+// The quantized weight as the node sees it.
+struct QWeight {
+  at::Tensor data;  // uint8 [out, row_bytes], CPU, contiguous
+  int32_t ty;
+  int64_t in;
+  Dequantize decode;
+};
+
+// Float32 scratch reused across calls on this thread (the forward and the backward of one node
+// may run on different threads; each has its own).
+float* scratch(int64_t n) {
+  thread_local at::Tensor buf;
+  if (!buf.defined() || buf.numel() < n) buf = at::empty({n}, at::kFloat);
+  return buf.data_ptr<float>();
+}
+
+// Rows [r0, r0 + n) of W as a float tensor of `like`'s dtype and device. On the CPU in float32
+// it views the scratch buffer: valid until the next call on this thread.
+at::Tensor rows_of(const QWeight& w, int64_t r0, int64_t n, const at::Tensor& like) {
+  const int64_t rb = w.data.size(1);
+  float* dst = scratch(n * w.in);
+  const uint8_t* src = w.data.data_ptr<uint8_t>();
+  std::atomic<int32_t> failed{0};
+  at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+    const int32_t rc =
+        w.decode(w.ty, src + (r0 + b) * rb, (e - b) * rb, dst + b * w.in, (e - b) * w.in);
+    if (rc != 0) failed = rc;
+  });
+  if (failed != 0) {
+    throw std::runtime_error("quantized linear: decoding weight rows failed (code " +
+                             std::to_string(failed.load()) + ")");
+  }
+  at::Tensor rows = at::from_blob(dst, {n, w.in}, at::kFloat);
+  if (like.scalar_type() == at::kFloat && like.device().is_cpu()) return rows;
+  return rows.to(like.device(), like.scalar_type());
+}
+
+int64_t chunk_rows(const QWeight& w) {
+  return std::max<int64_t>(1, g_chunk_elems.load() / std::max<int64_t>(1, w.in));
+}
+
+// x2 [m, in] -> [m, out]; one product when W fits one chunk, so that case equals `linear` on
+// the decoded weight bit for bit.
+at::Tensor forward_rows(const at::Tensor& x2, const QWeight& w, const at::Tensor& bias) {
+  const int64_t out = w.data.size(0), chunk = chunk_rows(w);
+  if (out <= chunk) {
+    const at::Tensor wt = rows_of(w, 0, out, x2);
+    return bias.defined() ? at::addmm(bias, x2, wt.t()) : at::mm(x2, wt.t());
+  }
+  at::Tensor y = at::empty({x2.size(0), out}, x2.options());
+  for (int64_t r0 = 0; r0 < out; r0 += chunk) {
+    const int64_t n = std::min(chunk, out - r0);
+    const at::Tensor wt = rows_of(w, r0, n, x2);
+    at::Tensor part = bias.defined() ? at::addmm(bias.narrow(0, r0, n), x2, wt.t())
+                                     : at::mm(x2, wt.t());
+    y.narrow(1, r0, n).copy_(part);
+  }
+  return y;
+}
+
+// g2 [m, out] -> g2 W [m, in], accumulated chunk by chunk.
+at::Tensor input_grad_rows(const at::Tensor& g2, const QWeight& w) {
+  const int64_t out = w.data.size(0), chunk = chunk_rows(w);
+  at::Tensor gx;
+  for (int64_t r0 = 0; r0 < out; r0 += chunk) {
+    const int64_t n = std::min(chunk, out - r0);
+    const at::Tensor wt = rows_of(w, r0, n, g2);
+    const at::Tensor gp = g2.narrow(1, r0, n);
+    if (!gx.defined()) {
+      gx = at::mm(gp, wt);
+    } else {
+      gx.addmm_(gp, wt);
+    }
+  }
+  return gx;
+}
+
+void check(const at::Tensor& x, const QWeight& w) {
+  TORCH_CHECK(w.data.scalar_type() == at::kByte && w.data.dim() == 2 && w.data.is_contiguous() &&
+                  w.data.device().is_cpu(),
+              "quantized linear: the weight's blocks must be contiguous uint8 [out, row_bytes] on "
+              "the CPU");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == w.in, "quantized linear: input ", x.sizes(),
+              " does not end in in_features = ", w.in);
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()),
+              "quantized linear: the input must be floating point, got ", x.scalar_type());
+}
+
+class QuantLinear : public torch::autograd::Function<QuantLinear> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& data,
+                            int64_t ty, int64_t in, int64_t decode,
+                            const std::optional<at::Tensor>& bias) {
+    const QWeight w{data, static_cast<int32_t>(ty), in, reinterpret_cast<Dequantize>(decode)};
+    check(x, w);
+    const at::Tensor b = bias.has_value() ? bias->to(x.scalar_type()) : at::Tensor();
+    at::Tensor y = forward_rows(x.reshape({-1, in}), w, b);
+    ctx->saved_data["data"] = data;
+    ctx->saved_data["ty"] = ty;
+    ctx->saved_data["in"] = in;
+    ctx->saved_data["decode"] = decode;
+    ctx->saved_data["x_sizes"] = x.sizes().vec();
+    auto sizes = x.sizes().vec();
+    sizes.back() = data.size(0);
+    return y.view(sizes);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    at::Tensor gx;
+    if (ctx->needs_input_grad(0)) {
+      const QWeight w{ctx->saved_data["data"].toTensor(),
+                      static_cast<int32_t>(ctx->saved_data["ty"].toInt()),
+                      ctx->saved_data["in"].toInt(),
+                      reinterpret_cast<Dequantize>(ctx->saved_data["decode"].toInt())};
+      const at::Tensor g2 = grads[0].reshape({-1, w.data.size(0)}).contiguous();
+      gx = input_grad_rows(g2, w).view(ctx->saved_data["x_sizes"].toIntVector());
+    }
+    return {gx, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+const at::Tensor& tensor(const void* t) { return *static_cast<const at::Tensor*>(t); }
+
+}  // namespace
+
+extern "C" {
+
+// Writes a new at::Tensor* holding `x W^T + b` (the QuantLinear node) to `*out`; `bias` may be
+// nullptr. Returns nullptr, or the error message (free it with loratch_free_string).
+char* loratch_quant_linear(const void* x, const void* data, int32_t ty, int64_t in,
+                           Dequantize decode, const void* bias, void** out) {
+  return loratch_guard("unknown C++ exception in the quantized linear", [&] {
+    std::optional<at::Tensor> b;
+    if (bias != nullptr) b = tensor(bias);
+    at::Tensor y = QuantLinear::apply(tensor(x), tensor(data), static_cast<int64_t>(ty), in,
+                                      reinterpret_cast<int64_t>(decode), b);
+    *out = new at::Tensor(std::move(y));
+  });
+}
+
+// Writes a new at::Tensor* holding `g W` for `g` [m, out] (no autograd): the gradient that reaches
+// the input of a quantized linear, for callers that run the backward by hand (the loss's head).
+char* loratch_quant_input_grad(const void* g, const void* data, int32_t ty, int64_t in,
+                               Dequantize decode, void** out) {
+  return loratch_guard("unknown C++ exception in the quantized linear", [&] {
+    const QWeight w{tensor(data), ty, in, decode};
+    const at::Tensor& g2 = tensor(g);
+    TORCH_CHECK(g2.dim() == 2 && g2.size(1) == w.data.size(0), "quantized linear: gradient ",
+                g2.sizes(), " is not [rows, out = ", w.data.size(0), "]");
+    at::NoGradGuard no_grad;
+    *out = new at::Tensor(input_grad_rows(g2.contiguous(), w));
+  });
+}
+
+// Rows `rows` (int64 [n]) of the weight, decoded into a new float tensor [n, in] of `like`'s dtype
+// and device (an embedding lookup into a quantized table).
+char* loratch_quant_rows(const void* data, int32_t ty, int64_t in, Dequantize decode,
+                         const void* rows, const void* like, void** out) {
+  return loratch_guard("unknown C++ exception in the quantized embedding", [&] {
+    const at::Tensor ids = tensor(rows).to(at::kCPU, at::kLong).contiguous();
+    const at::Tensor picked = tensor(data).index_select(0, ids);
+    const QWeight w{picked, ty, in, decode};
+    at::NoGradGuard no_grad;
+    const at::Tensor& l = tensor(like);
+    *out = new at::Tensor(rows_of(w, 0, picked.size(0), l).clone());
+  });
+}
+
+// Sets the largest number of float elements decoded at once (a test hook; > 0). Returns the
+// previous value.
+int64_t loratch_quant_chunk_elems(int64_t n) { return g_chunk_elems.exchange(n); }
+
+}  // extern "C"
