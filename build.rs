@@ -1,7 +1,7 @@
 //! Build script: link libtorch so CUDA stays visible, give every artifact an rpath to the torch
 //! libraries, and compile the small C++ bridge (csrc/: tensor hand-over, the optimizer's helpers,
-//! fused LoRA linear, blocked causal attention, fused RMSNorm, rotary embedding, SwiGLU and
-//! cross-entropy).
+//! fused LoRA linear, blocked causal attention, fused RMSNorm, rotary embedding, SwiGLU,
+//! cross-entropy and the activation-checkpointing node).
 use std::path::PathBuf;
 
 fn main() {
@@ -18,6 +18,7 @@ fn main() {
         "csrc/rotary.cpp",
         "csrc/swiglu.cpp",
         "csrc/cross_entropy.cpp",
+        "csrc/checkpoint.cpp",
     ] {
         println!("cargo:rerun-if-changed={file}");
     }
@@ -82,5 +83,6 @@ fn main() {
         .file("csrc/rotary.cpp")
         .file("csrc/swiglu.cpp")
         .file("csrc/cross_entropy.cpp")
+        .file("csrc/checkpoint.cpp")
         .compile("loratch_bridge");
 }

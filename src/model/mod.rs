@@ -1,6 +1,7 @@
 //! Llama-family decoders loaded from Hugging Face checkpoints, with LoRA slots on every linear.
 pub mod attention;
 pub mod cache;
+pub mod checkpoint;
 pub mod config;
 pub mod linear;
 pub mod llama;
