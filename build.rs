@@ -1,7 +1,7 @@
 //! Build script: link libtorch so CUDA stays visible, give every artifact an rpath to the torch
 //! libraries, and compile the small C++ bridge (csrc/: tensor hand-over, the optimizer's helpers,
 //! fused LoRA linear, blocked causal attention, fused RMSNorm, rotary embedding, SwiGLU,
-//! cross-entropy and the quantized linear).
+//! cross-entropy, the quantized linear and the activation-checkpointing node).
 use std::path::PathBuf;
 
 fn main() {
@@ -19,6 +19,7 @@ fn main() {
         "csrc/swiglu.cpp",
         "csrc/cross_entropy.cpp",
         "csrc/quant_linear.cpp",
+        "csrc/checkpoint.cpp",
     ] {
         println!("cargo:rerun-if-changed={file}");
     }
@@ -84,5 +85,6 @@ fn main() {
         .file("csrc/swiglu.cpp")
         .file("csrc/cross_entropy.cpp")
         .file("csrc/quant_linear.cpp")
+        .file("csrc/checkpoint.cpp")
         .compile("loratch_bridge");
 }

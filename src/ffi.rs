@@ -1,8 +1,9 @@
 //! The foreign-function declarations of the C++ side (csrc/) and their safe wrappers: the fused
 //! kernels that [`crate::ops`] chooses between (the LoRA and frozen linears and the row-split
 //! product, csrc/lora_linear.cpp and csrc/blas.cpp; the blocked causal attention; RMSNorm, rotary
-//! embedding and SwiGLU; the in-place cross-entropy), the optimizer's helpers (csrc/optim.cpp) and
-//! the libtorch version. Only `ops` and the optimizer call this module; the Python tensor hand-over
+//! embedding and SwiGLU; the in-place cross-entropy), the activation-checkpointing node that runs a
+//! Rust function (csrc/checkpoint.cpp), the optimizer's helpers (csrc/optim.cpp) and the libtorch
+//! version. Only `ops` and the optimizer call this module; the Python tensor hand-over
 //! has its own (`src/python/handover.rs`). Every call returns libtorch's error as
 //! [`tch::TchError::Torch`] (the protocol of csrc/bridge.h).
 use std::ffi::c_void;
@@ -112,65 +113,29 @@ extern "C" {
         out: *mut *mut c_void,
     ) -> *mut std::ffi::c_char;
     fn loratch_quant_chunk_elems(n: i64) -> i64;
+    fn loratch_checkpoint(
+        x: *const c_void,
+        params: *const *const c_void,
+        n_params: usize,
+        run: CheckpointRun,
+        drop: CheckpointDrop,
+        closure: *mut c_void,
+        out: *mut *mut c_void,
+    ) -> *mut std::ffi::c_char;
+    fn loratch_grad_enabled() -> bool;
+    fn loratch_copy_message(message: *const std::ffi::c_char) -> *mut std::ffi::c_char;
     fn loratch_free_string(s: *mut std::ffi::c_char);
 }
 
-/// The block decoder the quantized ops call back (csrc/quant_linear.cpp): `n` floats of block
-/// format `ty` from `src_len` bytes at `src` into `dst`; 0 on success. Must be thread-safe.
-pub type Dequantize = extern "C" fn(ty: i32, src: *const u8, src_len: i64, dst: *mut f32, n: i64) -> i32;
+/// csrc/checkpoint.cpp's `loratch_checkpoint_run`.
+type CheckpointRun = unsafe extern "C" fn(
+    closure: *mut c_void,
+    input: *mut c_void,
+    out: *mut *mut c_void,
+) -> *mut std::ffi::c_char;
 
-/// A block-quantized weight as the C++ ops take it: uint8 rows `[out, row_bytes]` (contiguous,
-/// CPU), the block format's code for `decode`, and `in_features`.
-pub struct QuantRows<'a> {
-    pub data: &'a Tensor,
-    pub ty: i32,
-    pub in_features: i64,
-    pub decode: Dequantize,
-}
-
-/// `x W^T + bias` for a block-quantized `W` as one autograd node (csrc/quant_linear.cpp) that
-/// decodes W chunk by chunk in the forward and again in the backward, saving none of it. `x` is
-/// `[..., in]`; gradients flow to `x` only.
-pub fn quant_linear(
-    x: &Tensor,
-    w: &QuantRows,
-    bias: Option<&Tensor>,
-) -> Result<Tensor, tch::TchError> {
-    let ptr = |t: &Tensor| t.as_ptr() as *const c_void;
-    let b = bias.map_or(std::ptr::null(), ptr);
-    // SAFETY: x, w.data and bias (or null) are live at::Tensor* borrowed for the call; `decode`
-    // is a thread-safe extern "C" function.
-    new_tensor(|out| unsafe {
-        loratch_quant_linear(ptr(x), ptr(w.data), w.ty, w.in_features, w.decode, b, out)
-    })
-}
-
-/// `g W` for `g` `[rows, out]` and a block-quantized `W`, without autograd.
-pub fn quant_input_grad(g: &Tensor, w: &QuantRows) -> Result<Tensor, tch::TchError> {
-    let ptr = |t: &Tensor| t.as_ptr() as *const c_void;
-    // SAFETY: as in [`quant_linear`].
-    new_tensor(|out| unsafe {
-        loratch_quant_input_grad(ptr(g), ptr(w.data), w.ty, w.in_features, w.decode, out)
-    })
-}
-
-/// Rows `rows` (int64 `[n]`) of a block-quantized `W`, decoded into `[n, in]` of `like`'s dtype
-/// and device.
-pub fn quant_rows(w: &QuantRows, rows: &Tensor, like: &Tensor) -> Result<Tensor, tch::TchError> {
-    let ptr = |t: &Tensor| t.as_ptr() as *const c_void;
-    // SAFETY: as in [`quant_linear`].
-    new_tensor(|out| unsafe {
-        loratch_quant_rows(ptr(w.data), w.ty, w.in_features, w.decode, ptr(rows), ptr(like), out)
-    })
-}
-
-/// Test hook: the largest number of float elements the quantized ops decode at once (> 0).
-/// Returns the previous value. Process-wide.
-#[doc(hidden)]
-pub fn quant_chunk_elems(n: i64) -> i64 {
-    // SAFETY: swaps a process-wide atomic.
-    unsafe { loratch_quant_chunk_elems(n.max(1)) }
-}
+/// csrc/checkpoint.cpp's `loratch_checkpoint_drop`.
+type CheckpointDrop = unsafe extern "C" fn(closure: *mut c_void);
 
 /// The tensors of one fused AdamW step (`at::_fused_adamw_`, what `torch.optim.AdamW(fused=True)`
 /// runs): parameters, their gradients, both moments, and float32 step counts that already count
@@ -350,6 +315,88 @@ pub fn cross_entropy_(
     new_tensor(|out| unsafe { loratch_cross_entropy(x, t, scale, grad, out) })
 }
 
+/// The function of one tensor that a [`checkpoint`] node runs: its output, or an error message.
+/// Called from whichever thread runs the forward or the backward, never from two at once.
+pub type CheckpointFn = dyn Fn(&Tensor) -> Result<Tensor, String> + Send;
+
+/// `f(x)` as one autograd node that keeps only `x` and recomputes `f`'s inside in the backward
+/// (csrc/checkpoint.cpp), `params` being the tensors inside `f` that require gradients. `f` is
+/// freed when the last node holding it goes. An error of `f` in the forward is returned here; one
+/// in the backward (or a panic, caught) becomes the backward's error.
+pub fn checkpoint(
+    x: &Tensor,
+    params: &[&Tensor],
+    f: Box<CheckpointFn>,
+) -> Result<Tensor, tch::TchError> {
+    let ptrs: Vec<*const c_void> = params.iter().map(|t| t.as_ptr() as *const c_void).collect();
+    // A thin pointer to the (fat) boxed closure; the node owns it from the call on.
+    let closure = Box::into_raw(Box::new(f)) as *mut c_void;
+    // SAFETY: x and every params pointer are live at::Tensor* borrowed for the call; `closure` is
+    // a Box<Box<CheckpointFn>> that `run_checkpoint_fn` and `drop_checkpoint_fn` expect.
+    new_tensor(|out| unsafe {
+        loratch_checkpoint(
+            x.as_ptr() as *const c_void,
+            ptrs.as_ptr(),
+            ptrs.len(),
+            run_checkpoint_fn,
+            drop_checkpoint_fn,
+            closure,
+            out,
+        )
+    })
+}
+
+/// The `run` of [`checkpoint`]'s node: calls the closure, turning its error or panic into a
+/// message for the C++ side (which throws it), so nothing unwinds across the boundary.
+unsafe extern "C" fn run_checkpoint_fn(
+    closure: *mut c_void,
+    input: *mut c_void,
+    out: *mut *mut c_void,
+) -> *mut std::ffi::c_char {
+    // SAFETY: the node hands over a new owning at::Tensor*.
+    let input = unsafe { Tensor::from_ptr(input.cast()) };
+    // SAFETY: `closure` is the Box<Box<CheckpointFn>> made by `checkpoint`, alive while its node
+    // is, and never called from two threads at once.
+    let f = unsafe { &*(closure as *const Box<CheckpointFn>) };
+    let message = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&input))) {
+        Ok(Ok(mut y)) => {
+            // SAFETY: `out` is writable; the node takes over the at::Tensor* (and deletes it,
+            // as tch's drop would).
+            unsafe { *out = y.as_mut_ptr().cast() };
+            std::mem::forget(y);
+            return std::ptr::null_mut();
+        }
+        Ok(Err(message)) => message,
+        Err(panic) => format!(
+            "panic in a checkpointed function: {}",
+            panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("(no message)")
+        ),
+    };
+    let message = std::ffi::CString::new(message.replace('\0', " "))
+        .unwrap_or_else(|_| c"checkpointed function failed".to_owned());
+    // SAFETY: copies a NUL-terminated string into malloc'ed memory that the C++ side frees.
+    unsafe { loratch_copy_message(message.as_ptr()) }
+}
+
+/// The `drop` of [`checkpoint`]'s node: frees the closure.
+unsafe extern "C" fn drop_checkpoint_fn(closure: *mut c_void) {
+    // SAFETY: `closure` is the Box<Box<CheckpointFn>> made by `checkpoint`; the node calls this
+    // once, when it goes.
+    let f = unsafe { Box::from_raw(closure as *mut Box<CheckpointFn>) };
+    // Dropping tensors does not panic; should it ever, it must not unwind into C++.
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(f)));
+}
+
+/// Whether this thread records gradients (libtorch's grad mode: off under `tch::no_grad`).
+pub fn grad_enabled() -> bool {
+    // SAFETY: reads libtorch's thread-local grad mode.
+    unsafe { loratch_grad_enabled() }
+}
+
 /// Makes each tensor's `.grad` undefined (`zero_grad(set_to_none=True)`), which tch 0.24 cannot.
 pub fn clear_grads(params: &[&Tensor]) -> Result<(), tch::TchError> {
     let ptrs: Vec<*const c_void> = params.iter().map(|t| t.as_ptr() as *const c_void).collect();
@@ -408,4 +455,62 @@ pub fn torch_version() -> String {
     unsafe { std::ffi::CStr::from_ptr(loratch_torch_version()) }
         .to_string_lossy()
         .into_owned()
+}
+
+
+/// The block decoder the quantized ops call back (csrc/quant_linear.cpp): `n` floats of block
+/// format `ty` from `src_len` bytes at `src` into `dst`; 0 on success. Must be thread-safe.
+pub type Dequantize = extern "C" fn(ty: i32, src: *const u8, src_len: i64, dst: *mut f32, n: i64) -> i32;
+
+/// A block-quantized weight as the C++ ops take it: uint8 rows `[out, row_bytes]` (contiguous,
+/// CPU), the block format's code for `decode`, and `in_features`.
+pub struct QuantRows<'a> {
+    pub data: &'a Tensor,
+    pub ty: i32,
+    pub in_features: i64,
+    pub decode: Dequantize,
+}
+
+/// `x W^T + bias` for a block-quantized `W` as one autograd node (csrc/quant_linear.cpp) that
+/// decodes W chunk by chunk in the forward and again in the backward, saving none of it. `x` is
+/// `[..., in]`; gradients flow to `x` only.
+pub fn quant_linear(
+    x: &Tensor,
+    w: &QuantRows,
+    bias: Option<&Tensor>,
+) -> Result<Tensor, tch::TchError> {
+    let ptr = |t: &Tensor| t.as_ptr() as *const c_void;
+    let b = bias.map_or(std::ptr::null(), ptr);
+    // SAFETY: x, w.data and bias (or null) are live at::Tensor* borrowed for the call; `decode`
+    // is a thread-safe extern "C" function.
+    new_tensor(|out| unsafe {
+        loratch_quant_linear(ptr(x), ptr(w.data), w.ty, w.in_features, w.decode, b, out)
+    })
+}
+
+/// `g W` for `g` `[rows, out]` and a block-quantized `W`, without autograd.
+pub fn quant_input_grad(g: &Tensor, w: &QuantRows) -> Result<Tensor, tch::TchError> {
+    let ptr = |t: &Tensor| t.as_ptr() as *const c_void;
+    // SAFETY: as in [`quant_linear`].
+    new_tensor(|out| unsafe {
+        loratch_quant_input_grad(ptr(g), ptr(w.data), w.ty, w.in_features, w.decode, out)
+    })
+}
+
+/// Rows `rows` (int64 `[n]`) of a block-quantized `W`, decoded into `[n, in]` of `like`'s dtype
+/// and device.
+pub fn quant_rows(w: &QuantRows, rows: &Tensor, like: &Tensor) -> Result<Tensor, tch::TchError> {
+    let ptr = |t: &Tensor| t.as_ptr() as *const c_void;
+    // SAFETY: as in [`quant_linear`].
+    new_tensor(|out| unsafe {
+        loratch_quant_rows(ptr(w.data), w.ty, w.in_features, w.decode, ptr(rows), ptr(like), out)
+    })
+}
+
+/// Test hook: the largest number of float elements the quantized ops decode at once (> 0).
+/// Returns the previous value. Process-wide.
+#[doc(hidden)]
+pub fn quant_chunk_elems(n: i64) -> i64 {
+    // SAFETY: swaps a process-wide atomic.
+    unsafe { loratch_quant_chunk_elems(n.max(1)) }
 }

@@ -517,6 +517,48 @@ fn padding_free_packing_trains_like_padded_batches() {
     assert_ne!(rows_losses, padded_losses);
 }
 
+#[test]
+fn gradient_checkpointing_trains_exactly_as_without() {
+    // Checkpointing reruns each layer in the backward with the forward's generator state: the
+    // same ops on the same values, so the same losses and the same adapter, bit for bit, with
+    // dropout on, for both packings (attention per example through segment lengths) and for
+    // right-padded rows (causal attention).
+    let _rng = rng_lock();
+    let dir = tiny_run_dir(7, 40);
+    let run = |packing: Packing, checkpointing: bool| {
+        let out = dir
+            .path()
+            .join(format!("{packing:?}-{checkpointing}").to_lowercase());
+        let mut cfg = tiny_config(dir.path(), &out, 3);
+        cfg.training.packing = packing;
+        cfg.training.save_steps = 0;
+        cfg.training.eval_steps = 0;
+        cfg.training.max_seq_length = 128;
+        cfg.training.gradient_checkpointing = checkpointing;
+        let outcome = train(&cfg, None, &mut NoHooks).unwrap();
+        (
+            losses(&out),
+            outcome.final_eval_loss,
+            adapter_tensors(&out.join("adapter")),
+        )
+    };
+    for packing in [Packing::Rows, Packing::Examples, Packing::Off] {
+        let (plain_losses, plain_eval, plain) = run(packing, false);
+        let (losses, eval, adapter) = run(packing, true);
+        assert_eq!(plain_losses.len(), 3);
+        assert_eq!(losses, plain_losses, "{packing:?}");
+        assert_eq!(eval, plain_eval, "{packing:?}");
+        assert_eq!(adapter.len(), plain.len());
+        for ((na, ta), (nb, tb)) in adapter.iter().zip(&plain) {
+            assert_eq!(na, nb);
+            assert!(ta.equal(tb), "{packing:?}: {na} differs");
+        }
+    }
+    let toml = tiny_toml(dir.path(), &dir.path().join("x"), 1) + "gradient_checkpointing = true\n";
+    let cfg = TrainConfig::from_toml_str(&toml, &[], "test").unwrap();
+    assert!(cfg.training.gradient_checkpointing);
+}
+
 /// Replaces the loss of the listed steps with NaN.
 struct NanAt(Vec<u64>);
 impl Hooks for NanAt {

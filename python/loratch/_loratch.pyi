@@ -23,6 +23,7 @@ __all__ = [
     "torch_lora_unmerge_weights",
     "torch_hf_forward",
     "torch_hf_generate",
+    "torch_hf_gradient_checkpointing",
     "torch_hf_list_models",
     "torch_hf_load_model_lora",
     "torch_hf_lora_enable",
@@ -266,6 +267,12 @@ def torch_hf_lora_unmerge(model_name: str) -> None:
 
 def torch_hf_set_training(model_name: str, training: bool) -> None:
     """Training mode (adapter dropout active) or evaluation mode (the default after loading)."""
+
+def torch_hf_gradient_checkpointing(model_name: str, enabled: bool) -> None:
+    """Activation checkpointing on or off (off after loading): forwards that record gradients keep
+    only each decoder layer's input and run the layer again in the backward. Less memory for the
+    activations, about one more forward of compute; losses and gradients are unchanged (bit for bit
+    on CPU). Unknown names raise ``ModelNotFoundError``."""
 
 def torch_hf_memory_usage(model_name: str) -> int:
     """Bytes held by the model: base weights (a tied head counted once) + adapters + adapter

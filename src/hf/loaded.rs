@@ -107,6 +107,13 @@ impl LoadedModel {
         }
     }
 
+    /// Turns activation checkpointing of the decoder layers on or off
+    /// ([`CausalLm::set_gradient_checkpointing`]): forwards that record gradients keep only each
+    /// layer's input and run the layer again in the backward.
+    pub fn set_gradient_checkpointing(&mut self, enabled: bool) {
+        self.lm.set_gradient_checkpointing(enabled);
+    }
+
     /// Checks `input_ids` (`[B, T]` or `[T]`, int64/int32, ids in `[0, vocab)`) and the optional
     /// `attention_mask` (same shape, 0/1); returns them as int64 `[B, T]` on the model's device.
     pub fn check_inputs(

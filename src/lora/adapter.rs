@@ -43,6 +43,15 @@ impl Adapter {
         Ok(Self { a, b, config })
     }
 
+    /// The same adapter over the same tensors (shared storage, gradients and version counters).
+    pub fn shallow_clone(&self) -> Self {
+        Self {
+            a: self.a.shallow_clone(),
+            b: self.b.shallow_clone(),
+            config: self.config,
+        }
+    }
+
     /// `in_features` of the adapted linear.
     pub fn in_features(&self) -> i64 {
         self.a.size()[1]

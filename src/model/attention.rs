@@ -88,6 +88,22 @@ impl Attention {
         })
     }
 
+    /// The same block over the same tensors.
+    pub fn shallow_clone(&self) -> Self {
+        let norm = |n: &Option<RmsNorm>| n.as_ref().map(RmsNorm::shallow_clone);
+        Self {
+            q_proj: self.q_proj.shallow_clone(),
+            k_proj: self.k_proj.shallow_clone(),
+            v_proj: self.v_proj.shallow_clone(),
+            o_proj: self.o_proj.shallow_clone(),
+            q_norm: norm(&self.q_norm),
+            k_norm: norm(&self.k_norm),
+            n_heads: self.n_heads,
+            n_kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+        }
+    }
+
     /// The block's output for `x` `[B, T, hidden]`, appending this layer's keys and values to
     /// `cache` (and attending over the cached ones) when given.
     pub fn forward(

@@ -35,7 +35,7 @@ impl DecoderLayer {
         })
     }
 
-    fn forward(
+    pub(super) fn forward(
         &self,
         x: &Tensor,
         ctx: &Context,
@@ -73,8 +73,12 @@ pub struct CausalLm {
     rope: Rope,
     kind: Kind,
     device: Device,
-    /// Memory maps viewed by zero-copy weights. Declared last: dropped after every weight.
-    _mappings: Vec<std::sync::Arc<memmap2::MmapMut>>,
+    /// Whether forwards that record gradients keep only each decoder layer's input and recompute
+    /// the layer in the backward (see [`super::checkpoint`]).
+    gradient_checkpointing: bool,
+    /// Memory maps viewed by zero-copy weights (and kept by checkpointed layers' reruns).
+    /// Declared last: dropped after every weight.
+    mappings: Vec<std::sync::Arc<memmap2::MmapMut>>,
 }
 
 impl CausalLm {
@@ -115,7 +119,8 @@ impl CausalLm {
             rope,
             kind,
             device,
-            _mappings: ck.mappings(),
+            gradient_checkpointing: false,
+            mappings: ck.mappings(),
         })
     }
 
@@ -127,6 +132,19 @@ impl CausalLm {
     /// The weights' device.
     pub fn device(&self) -> Device {
         self.device
+    }
+
+    /// Turns activation checkpointing of the decoder layers on or off: with it, a forward that
+    /// records gradients (and uses no KV cache) keeps only each layer's input for the backward
+    /// and runs the layer again there, trading about one more forward of compute for the layers'
+    /// activations. Results and gradients do not change.
+    pub fn set_gradient_checkpointing(&mut self, enabled: bool) {
+        self.gradient_checkpointing = enabled;
+    }
+
+    /// Whether activation checkpointing is on.
+    pub fn gradient_checkpointing(&self) -> bool {
+        self.gradient_checkpointing
     }
 
     /// Final hidden states `[B, T, hidden]` for `input_ids` `[B, T]` (int64, on the model's device).
@@ -244,9 +262,15 @@ impl CausalLm {
             Weight::Dense(w) => Tensor::f_embedding(w, input_ids, -1, false, false)?,
             Weight::Quantized(q) => q.embedding(input_ids)?,
         };
+        let checkpointed = self.gradient_checkpointing
+            && cache.is_none()
+            && crate::ops::checkpoint::grad_enabled();
         for (i, layer) in self.model.layers.iter().enumerate() {
-            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            h = layer.forward(&h, &ctx, slot)?;
+            h = if checkpointed {
+                super::checkpoint::layer_forward(layer, &h, &ctx, &self.mappings)?
+            } else {
+                layer.forward(&h, &ctx, cache.as_deref_mut().map(|c| &mut c.layers[i]))?
+            };
         }
         if let Some(c) = cache {
             c.advance(t);

@@ -23,6 +23,15 @@ impl Mlp {
         })
     }
 
+    /// The same block over the same tensors.
+    pub fn shallow_clone(&self) -> Self {
+        Self {
+            gate_proj: self.gate_proj.shallow_clone(),
+            up_proj: self.up_proj.shallow_clone(),
+            down_proj: self.down_proj.shallow_clone(),
+        }
+    }
+
     pub fn forward(&self, x: &Tensor, mode: LoraMode) -> Result<Tensor> {
         let (gate, up) = (
             self.gate_proj.forward(x, mode)?,

@@ -2,6 +2,7 @@
 //! every linear.
 pub mod attention;
 pub mod cache;
+pub mod checkpoint;
 pub mod config;
 pub mod gguf;
 pub mod linear;

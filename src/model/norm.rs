@@ -20,6 +20,14 @@ impl RmsNorm {
         })
     }
 
+    /// The same norm over the same weight tensor.
+    pub fn shallow_clone(&self) -> Self {
+        Self {
+            weight: self.weight.shallow_clone(),
+            eps: self.eps,
+        }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         crate::ops::rms_norm(x, &self.weight, self.eps)
     }

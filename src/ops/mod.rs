@@ -7,11 +7,15 @@
 //! Inside a fused kernel, how its rows are dealt out to the threads (2 to 4 threads, at least 64
 //! rows each) is the kernel's own schedule, not a choice of path: its results do not depend on it
 //! beyond float rounding.
+//!
+//! [`checkpoint`] (activation checkpointing) is not a kernel of its own but a node around any
+//! function of one tensor (a decoder layer) that recomputes it in the backward.
 use crate::error::Result;
 use tch::{Device, Kind, Tensor};
 
 pub mod activation;
 pub mod attention;
+pub mod checkpoint;
 pub mod cross_entropy;
 pub mod head;
 pub mod linear;
@@ -21,6 +25,7 @@ pub mod rotary;
 
 pub use activation::swiglu;
 pub use attention::{causal_attention, masked_attention, segment_attention};
+pub use checkpoint::checkpoint;
 pub use cross_entropy::cross_entropy_;
 pub use head::{head_input_grad, head_logits};
 pub use linear::{frozen_linear, lora_linear};

@@ -162,6 +162,21 @@ fn torch_hf_set_training(py: Python<'_>, model_name: &str, training: bool) -> Py
     })
 }
 
+/// Activation checkpointing on or off: forwards that record gradients keep only each decoder
+/// layer's input and run the layer again in the backward (less memory, about one more forward of
+/// compute; results and gradients unchanged).
+#[pyfunction]
+fn torch_hf_gradient_checkpointing(
+    py: Python<'_>,
+    model_name: &str,
+    enabled: bool,
+) -> PyResult<()> {
+    with_model(py, model_name, |m| {
+        m.set_gradient_checkpointing(enabled);
+        Ok(())
+    })
+}
+
 /// Bytes held by the model: base weights + adapters + adapter gradients when allocated.
 #[pyfunction]
 fn torch_hf_memory_usage(py: Python<'_>, model_name: &str) -> PyResult<i64> {
@@ -296,6 +311,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(torch_hf_lora_merge, m)?)?;
     m.add_function(wrap_pyfunction!(torch_hf_lora_unmerge, m)?)?;
     m.add_function(wrap_pyfunction!(torch_hf_set_training, m)?)?;
+    m.add_function(wrap_pyfunction!(torch_hf_gradient_checkpointing, m)?)?;
     m.add_function(wrap_pyfunction!(torch_hf_lora_save, m)?)?;
     m.add_function(wrap_pyfunction!(torch_hf_lora_load, m)?)?;
     m.add_function(wrap_pyfunction!(torch_hf_generate, m)?)?;

@@ -66,7 +66,8 @@ impl Default for LoraSection {
 }
 
 /// `[training]`: the spec's keys (same defaults) plus `max_steps`, `packing`,
-/// `train_on_inputs`, `dtype`, `max_nonfinite_steps` and `overwrite_output_dir`.
+/// `train_on_inputs`, `dtype`, `max_nonfinite_steps`, `overwrite_output_dir` and
+/// `gradient_checkpointing`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainingSection {
@@ -105,6 +106,10 @@ pub struct TrainingSection {
     /// deletes them (and its final adapter) when true; when false (the default) it is an error,
     /// so a later resume can never pick up the other run's checkpoints.
     pub overwrite_output_dir: bool,
+    /// Activation checkpointing: each decoder layer keeps only its input for the backward and
+    /// runs again there (about one more forward of compute for most of the activations' memory;
+    /// losses and gradients unchanged).
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for TrainingSection {
@@ -130,6 +135,7 @@ impl Default for TrainingSection {
             dtype: "float32".into(),
             max_nonfinite_steps: 3,
             overwrite_output_dir: false,
+            gradient_checkpointing: false,
         }
     }
 }

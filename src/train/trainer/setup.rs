@@ -162,6 +162,7 @@ fn load_model(config: &TrainConfig, options: &LoadOptions, data: &Data) -> Resul
     // Adapters (and so the optimizer state) are float32 whatever the model's dtype.
     model.init_lora(spec, Kind::Float)?;
     model.training = true;
+    model.set_gradient_checkpointing(config.training.gradient_checkpointing);
     Ok(model)
 }
 
