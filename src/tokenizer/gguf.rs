@@ -299,9 +299,9 @@ fn merges(
     Ok(generate_merges(&vocab, &scored))
 }
 
-/// The builder class's tokenizer: the BPE model with its normalizer, pre-tokenizer and decoder.
-fn base_tokenizer(data: &GgufTokenizerData, kind: Kind) -> Result<tokenizers::Tokenizer> {
-    let spelled: Vec<String> = match kind {
+/// The vocabulary as the builder class spells it.
+fn spelled_tokens(data: &GgufTokenizerData, kind: Kind) -> Vec<String> {
+    match kind {
         // Byte-level vocabularies spell every byte with a printable character; a token that uses
         // another character is written out in that alphabet (transformers' `byte_level_tokenizer`).
         Kind::ByteLevel => {
@@ -329,7 +329,12 @@ fn base_tokenizer(data: &GgufTokenizerData, kind: Kind) -> Result<tokenizers::To
             })
             .collect(),
         Kind::Llama | Kind::Phi3 => data.tokens.clone(),
-    };
+    }
+}
+
+/// The builder class's BPE model (a later duplicate of a token takes its id, as in a Python dict).
+fn bpe_model(data: &GgufTokenizerData, kind: Kind) -> Result<BPE> {
+    let spelled = spelled_tokens(data, kind);
     // A byte-level file without merges derives them from the tokens as the file spells them.
     let merge_source = if kind == Kind::ByteLevel {
         &data.tokens
@@ -354,13 +359,16 @@ fn base_tokenizer(data: &GgufTokenizerData, kind: Kind) -> Result<tokenizers::To
             .unk_token("<unk>".into())
             .byte_fallback(true),
     };
-    let bpe = builder
+    builder
         .build()
-        .map_err(|e| key_err("tokenizer.ggml.merges", e))?;
-    let mut tok = tokenizers::Tokenizer::new(bpe);
-    let replace = |from: &str, to: &str| {
-        Replace::new(from, to).map_err(|e| Error::Tokenizer(format!("GGUF tokenizer: {e}")))
-    };
+        .map_err(|e| key_err("tokenizer.ggml.merges", e))
+}
+
+/// The builder class's tokenizer: the BPE model with its normalizer, pre-tokenizer and decoder.
+fn base_tokenizer(data: &GgufTokenizerData, kind: Kind) -> Result<tokenizers::Tokenizer> {
+    let mut tok = tokenizers::Tokenizer::new(bpe_model(data, kind)?);
+    let internal = |e: tokenizers::Error| Error::Tokenizer(format!("GGUF tokenizer: {e}"));
+    let replace = |from: &str, to: &str| Replace::new(from, to).map_err(internal);
     let sp_decoder = |strip: bool| -> Result<DecoderWrapper> {
         let mut parts: Vec<DecoderWrapper> = vec![
             replace("\u{2581}", " ")?.into(),
@@ -378,16 +386,13 @@ fn base_tokenizer(data: &GgufTokenizerData, kind: Kind) -> Result<tokenizers::To
             tok.with_decoder(Some(ByteLevel::default()));
         }
         Kind::Llama => {
-            tok.with_pre_tokenizer(Some(Metaspace::new(
-                '\u{2581}',
-                PrependScheme::First,
-                false,
-            )));
+            let metaspace = Metaspace::new('\u{2581}', PrependScheme::First, false);
+            tok.with_pre_tokenizer(Some(metaspace));
             tok.with_decoder(Some(sp_decoder(true)?));
         }
         Kind::Gemma => {
             let split = Split::new(" ", SplitDelimiterBehavior::MergedWithPrevious, false)
-                .map_err(|e| Error::Tokenizer(format!("GGUF tokenizer: {e}")))?;
+                .map_err(internal)?;
             tok.with_normalizer(Some(replace(" ", "\u{2581}")?));
             tok.with_pre_tokenizer(Some(split));
             tok.with_decoder(Some(sp_decoder(false)?));
@@ -402,6 +407,50 @@ fn base_tokenizer(data: &GgufTokenizerData, kind: Kind) -> Result<tokenizers::To
         }
     }
     Ok(tok)
+}
+
+/// transformers' `add_gguf_special_tokens`: the tokens the file marks control are added whole
+/// and special, the user-defined ones in the vocabulary whole and not special. A byte-level
+/// "control" token outside the byte alphabet is a llama.cpp mislabel that transformers skips.
+fn add_file_tokens(inner: &mut tokenizers::Tokenizer, data: &GgufTokenizerData, kind: Kind) {
+    let types = data.token_type.as_deref().unwrap_or_default();
+    let alphabet: HashSet<char> = byte_chars().into_iter().collect();
+    let control: Vec<AddedToken> = data
+        .tokens
+        .iter()
+        .zip(types)
+        .filter(|(t, &ty)| {
+            ty == CONTROL && (kind != Kind::ByteLevel || t.chars().all(|c| alphabet.contains(&c)))
+        })
+        .map(|(t, _)| AddedToken::from(t.as_str(), true))
+        .collect();
+    if !control.is_empty() {
+        inner.add_special_tokens(&control);
+    }
+    let user: Vec<AddedToken> = data
+        .tokens
+        .iter()
+        .zip(types)
+        .filter(|(t, &ty)| ty == USER_DEFINED && inner.token_to_id(t).is_some())
+        .map(|(t, _)| AddedToken::from(t.as_str(), false).normalized(false))
+        .collect();
+    if !user.is_empty() {
+        inner.add_tokens(&user);
+    }
+}
+
+/// The named special tokens, as (name, token) in [`SPECIAL_TOKEN_NAMES`] order: the file's ids,
+/// plus the mask token of transformers' `GemmaTokenizer` (the class AutoTokenizer picks for Gemma
+/// models), which a GGUF cannot override.
+fn named_special(data: &GgufTokenizerData, kind: Kind) -> Vec<(&'static str, String)> {
+    let token = |id: Option<u32>| id.and_then(|i| data.tokens.get(i as usize)).cloned();
+    let [bos, eos, unk, pad] = special_ids(data).map(|(_, id)| token(id));
+    let mask = (kind == Kind::Gemma).then(|| "<mask>".to_owned());
+    SPECIAL_TOKEN_NAMES
+        .into_iter()
+        .zip([bos, eos, unk, None, pad, None, mask])
+        .filter_map(|(name, token)| token.map(|t| (name, t)))
+        .collect()
 }
 
 /// Adds each of `tokens` that is not an added token yet (transformers' test against
@@ -429,38 +478,12 @@ impl Tokenizer {
     pub fn from_gguf(data: &GgufTokenizerData) -> Result<Tokenizer> {
         let kind = Kind::of(data)?;
         validate(data)?;
+        // The builder class's defaults, the file's control and user-defined tokens, the split
+        // regex, then the named special tokens: transformers' order, on which the ids of tokens
+        // missing from the vocabulary depend.
         let mut inner = base_tokenizer(data, kind)?;
         add_missing_special(&mut inner, kind.class_defaults());
-
-        // transformers' `add_gguf_special_tokens`: control tokens whole and special,
-        // user-defined ones whole and not special. A byte-level "control" token outside the byte
-        // alphabet is a llama.cpp mislabel that transformers skips.
-        let types = data.token_type.as_deref().unwrap_or_default();
-        let alphabet: HashSet<char> = byte_chars().into_iter().collect();
-        let control: Vec<AddedToken> = data
-            .tokens
-            .iter()
-            .zip(types)
-            .filter(|(t, &ty)| {
-                ty == CONTROL
-                    && (kind != Kind::ByteLevel || t.chars().all(|c| alphabet.contains(&c)))
-            })
-            .map(|(t, _)| AddedToken::from(t.as_str(), true))
-            .collect();
-        if !control.is_empty() {
-            inner.add_special_tokens(&control);
-        }
-        let user: Vec<AddedToken> = data
-            .tokens
-            .iter()
-            .zip(types)
-            .filter(|(t, &ty)| ty == USER_DEFINED && inner.token_to_id(t).is_some())
-            .map(|(t, _)| AddedToken::from(t.as_str(), false).normalized(false))
-            .collect();
-        if !user.is_empty() {
-            inner.add_tokens(&user);
-        }
-
+        add_file_tokens(&mut inner, data, kind);
         if let Some(regex) = data.pre.as_deref().and_then(split_regex) {
             let split = Split::new(
                 SplitPattern::Regex(regex.into()),
@@ -472,25 +495,7 @@ impl Tokenizer {
                 vec![split.into(), ByteLevel::new(false, true, false).into()];
             inner.with_pre_tokenizer(Some(PreTokenizerSequence::new(parts)));
         }
-
-        // The named special tokens: the file's ids, plus the mask token transformers'
-        // `GemmaTokenizer` (the class AutoTokenizer picks for Gemma models) defaults to.
-        let [bos, eos, unk, pad] = special_ids(data).map(|(_, id)| id);
-        let mask = (kind == Kind::Gemma).then_some("<mask>");
-        let mut special: Vec<(&'static str, String)> = Vec::new();
-        for (name, token) in SPECIAL_TOKEN_NAMES.iter().zip([
-            bos.map(|i| data.tokens[i as usize].as_str()),
-            eos.map(|i| data.tokens[i as usize].as_str()),
-            unk.map(|i| data.tokens[i as usize].as_str()),
-            None,
-            pad.map(|i| data.tokens[i as usize].as_str()),
-            None,
-            mask,
-        ]) {
-            if let Some(token) = token {
-                special.push((name, token.to_owned()));
-            }
-        }
+        let special = named_special(data, kind);
         let named: Vec<&str> = special.iter().map(|(_, t)| t.as_str()).collect();
         add_missing_special(&mut inner, &named);
 
