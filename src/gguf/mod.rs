@@ -396,7 +396,6 @@ pub fn dequantize_parallel(ty: QType, src: &[u8], dst: &mut [f32]) -> Result<()>
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-            .collect()
+            .try_for_each(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
     })
 }
