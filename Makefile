@@ -65,7 +65,7 @@ test-python: $(EXT) $(BIN)
 # make and leaves its input in fuzz/artifacts/<target>/ (replay: cargo fuzz run <target> <file>).
 # `-s none`: no sanitizer, so stable Rust builds it (AddressSanitizer needs nightly); the parsers
 # are safe Rust, and libFuzzer still catches panics, aborts, timeouts and memory blow-ups.
-FUZZ_TARGETS := safetensors torch_pickle adapter_config linear_adapter model_config records
+FUZZ_TARGETS := safetensors torch_pickle adapter_config linear_adapter model_config records gguf
 FUZZ_SECONDS ?= 60
 FUZZ_SHORT_SECONDS ?= 10
 CARGO_FUZZ_VERSION := 0.13.2

@@ -13,6 +13,7 @@ import json
 import sys
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import save as st_save
@@ -52,6 +53,62 @@ def adapter_config(**over: object) -> dict[str, object]:
     }
     cfg.update(over)
     return cfg
+
+
+def gguf_bytes(build: Callable[[Any], None]) -> bytes:
+    """A GGUF file written by gguf-py's GGUFWriter; `build(writer)` adds keys and tensors."""
+    import tempfile
+
+    from gguf import GGUFWriter
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "seed.gguf"
+        w = GGUFWriter(path, "llama")
+        build(w)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return path.read_bytes()
+
+
+def gguf_seeds(out: Path) -> None:
+    import numpy as np
+    from gguf import GGMLQuantizationType as T
+    from gguf import GGUFValueType as V
+    from gguf import quants
+
+    rng = np.random.default_rng(0)
+
+    def model(w: Any) -> None:
+        w.add_uint32("llama.block_count", 1)
+        w.add_float32("llama.rope.freq_base", 10000.0)
+        w.add_bool("tokenizer.ggml.add_bos_token", True)
+        w.add_array("tokenizer.ggml.tokens", ["<s>", "a", "b"])
+        w.add_array("tokenizer.ggml.token_type", [3, 1, 1])
+        w.add_tensor("token_embd.weight", rng.standard_normal((3, 8)).astype(np.float32))
+        w.add_tensor("blk.0.attn_q.weight", rng.standard_normal((2, 8)).astype(np.float16))
+        x = rng.standard_normal((2, 32)).astype(np.float32)
+        w.add_tensor("blk.0.ffn_up.weight", quants.quantize(x, T.Q8_0), raw_dtype=T.Q8_0)
+        w.add_tensor("blk.0.ffn_down.weight", quants.quantize(x, T.Q4_0), raw_dtype=T.Q4_0)
+
+    def kquants(w: Any) -> None:
+        for ty in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q4_1, T.Q5_0, T.Q5_1, T.BF16):
+            block, size = quants.GGML_QUANT_SIZES[ty]
+            raw = np.zeros((1, size * (2 if block == 1 else 1)), dtype=np.uint8)
+            raw[0, : min(size, 64)] = rng.integers(0, 256, min(size, 64), dtype=np.uint8)
+            w.add_tensor(f"t.{ty.name}", raw, raw_dtype=ty)
+
+    def metadata(w: Any) -> None:
+        for k, t, v in [("u8", V.UINT8, 1), ("i16", V.INT16, -2), ("u64", V.UINT64, 3), ("f64", V.FLOAT64, 0.5),
+                        ("s", V.STRING, "x")]:
+            w.add_key_value(f"k.{k}", v, t)
+        w.add_key_value("k.nested", [[1, 2], [3]], V.ARRAY)
+        w.add_key_value("general.alignment", 64, V.UINT32)
+
+    write(out, "gguf", "model", gguf_bytes(model))
+    write(out, "gguf", "kquants", gguf_bytes(kquants))
+    write(out, "gguf", "metadata", gguf_bytes(metadata))
 
 
 def main(out: Path) -> None:
@@ -127,6 +184,9 @@ def main(out: Path) -> None:
     for name, r in recs.items():
         write(out, "records", f"{name}.jsonl", "\n".join(json.dumps(r) for _ in range(3)) + "\n\n")
         write(out, "records", f"{name}.json", json.dumps([r, r], indent=1))
+
+    # GGUF files (gguf-py's writer): a tiny model, K-quant and other block types, metadata kinds.
+    gguf_seeds(out)
 
 
 if __name__ == "__main__":

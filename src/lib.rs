@@ -6,6 +6,7 @@ pub mod data;
 pub mod device;
 pub mod error;
 pub(crate) mod ffi;
+pub mod gguf;
 pub mod hf;
 pub mod io;
 pub mod lora;
