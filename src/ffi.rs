@@ -457,10 +457,10 @@ pub fn torch_version() -> String {
         .into_owned()
 }
 
-
 /// The block decoder the quantized ops call back (csrc/quant_linear.cpp): `n` floats of block
 /// format `ty` from `src_len` bytes at `src` into `dst`; 0 on success. Must be thread-safe.
-pub type Dequantize = extern "C" fn(ty: i32, src: *const u8, src_len: i64, dst: *mut f32, n: i64) -> i32;
+pub type Dequantize =
+    extern "C" fn(ty: i32, src: *const u8, src_len: i64, dst: *mut f32, n: i64) -> i32;
 
 /// A block-quantized weight as the C++ ops take it: uint8 rows `[out, row_bytes]` (contiguous,
 /// CPU), the block format's code for `decode`, and `in_features`.
@@ -503,7 +503,15 @@ pub fn quant_rows(w: &QuantRows, rows: &Tensor, like: &Tensor) -> Result<Tensor,
     let ptr = |t: &Tensor| t.as_ptr() as *const c_void;
     // SAFETY: as in [`quant_linear`].
     new_tensor(|out| unsafe {
-        loratch_quant_rows(ptr(w.data), w.ty, w.in_features, w.decode, ptr(rows), ptr(like), out)
+        loratch_quant_rows(
+            ptr(w.data),
+            w.ty,
+            w.in_features,
+            w.decode,
+            ptr(rows),
+            ptr(like),
+            out,
+        )
     })
 }
 

@@ -202,7 +202,16 @@ mod tests {
     fn load(dir: &std::path::Path, kind: Kind) -> CausalLm {
         let config = ModelConfig::from_dir(dir).unwrap();
         let ck = Checkpoint::open(dir).unwrap();
-        tch::no_grad(|| CausalLm::load(&ck, config, kind, Device::Cpu, crate::model::Quantize::Stored)).unwrap()
+        tch::no_grad(|| {
+            CausalLm::load(
+                &ck,
+                config,
+                kind,
+                Device::Cpu,
+                crate::model::Quantize::Stored,
+            )
+        })
+        .unwrap()
     }
 
     /// Adapters (of `kind`, dropout `p`, non-zero B) on the modules whose path `targets` accepts.

@@ -141,8 +141,15 @@ impl GgufCheckpoint {
         let key = |k: &str| format!("{arch}.{k}");
         let mut c = Map::new();
         c.insert("architectures".into(), json!([self.family.hf_name()]));
-        c.insert("hidden_size".into(), json!(req_u64(f, &key("embedding_length"))?));
-        c.insert("num_hidden_layers".into(), json!(req_u64(f, &key("block_count"))?));
+        c.insert("model_type".into(), json!(arch));
+        c.insert(
+            "hidden_size".into(),
+            json!(req_u64(f, &key("embedding_length"))?),
+        );
+        c.insert(
+            "num_hidden_layers".into(),
+            json!(req_u64(f, &key("block_count"))?),
+        );
         c.insert(
             "intermediate_size".into(),
             json!(req_u64(f, &key("feed_forward_length"))?),
@@ -167,9 +174,10 @@ impl GgufCheckpoint {
             .ok_or_else(|| err(f, "missing tensor token_embd.weight"))?;
         let vocab = match f.get_u64(&key("vocab_size"))? {
             Some(v) => v,
-            None => *embd.dims.get(1).ok_or_else(|| {
-                err(f, "tensor token_embd.weight is not a matrix")
-            })?,
+            None => *embd
+                .dims
+                .get(1)
+                .ok_or_else(|| err(f, "tensor token_embd.weight is not a matrix"))?,
         };
         c.insert("vocab_size".into(), json!(vocab));
         c.insert(
@@ -326,7 +334,10 @@ mod tests {
             hf_key("blk.0.attn_q.bias").as_deref(),
             Some("model.layers.0.self_attn.q_proj.bias")
         );
-        assert_eq!(hf_key("token_embd.weight").as_deref(), Some("model.embed_tokens.weight"));
+        assert_eq!(
+            hf_key("token_embd.weight").as_deref(),
+            Some("model.embed_tokens.weight")
+        );
         assert_eq!(hf_key("output.weight").as_deref(), Some("lm_head.weight"));
         assert_eq!(hf_key("blk.x.attn_q.weight"), None);
         assert_eq!(hf_key("blk.0.attn_q.scale"), None);

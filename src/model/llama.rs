@@ -411,11 +411,12 @@ impl CausalLm {
     pub fn weight_bytes(&self) -> i64 {
         let mut seen = std::collections::HashSet::new();
         let mut total = 0i64;
-        let mut add_weight = |(bytes, ptr): (i64, usize), seen: &mut std::collections::HashSet<usize>| {
-            if seen.insert(ptr) {
-                total += bytes;
-            }
-        };
+        let mut add_weight =
+            |(bytes, ptr): (i64, usize), seen: &mut std::collections::HashSet<usize>| {
+                if seen.insert(ptr) {
+                    total += bytes;
+                }
+            };
         add_weight(self.model.embed_tokens.bytes_and_ptr(), &mut seen);
         for (_, lin) in self.linears() {
             add_weight(lin.weight.bytes_and_ptr(), &mut seen);

@@ -62,8 +62,13 @@ impl<'a> Loader<'a> {
     /// The frozen matrix `<path>.<name>` (a projection's or the embedding's), float or in a block
     /// format as the loader's [`Quantize`] says.
     pub fn weight(&self, name: &str, shape: &[i64]) -> Result<Weight> {
-        self.ck
-            .load_weight(&self.key(name), shape, self.kind, self.device, self.quantize)
+        self.ck.load_weight(
+            &self.key(name),
+            shape,
+            self.kind,
+            self.device,
+            self.quantize,
+        )
     }
 
     /// Whether the checkpoint has `<path>.<name>`.

@@ -107,7 +107,9 @@ impl QWeight {
     pub fn quantize(w: &Tensor, ty: QType) -> Result<Self> {
         let size = w.size();
         if size.len() != 2 {
-            return Err(Error::Shape(format!("quantizing a weight of shape {size:?}")));
+            return Err(Error::Shape(format!(
+                "quantizing a weight of shape {size:?}"
+            )));
         }
         let (out, inf) = (size[0], size[1]);
         let row = ty.row_bytes(inf as usize)?;
@@ -133,7 +135,10 @@ impl QWeight {
                 .collect();
             handles
                 .into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| Err(Error::State("quantizing panicked".into()))))
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(Error::State("quantizing panicked".into())))
+                })
                 .collect()
         });
         results.into_iter().collect::<Result<()>>()?;
@@ -260,14 +265,23 @@ mod tests {
                 let gx = Tensor::run_backward(&[(&y * &g).sum(Kind::Float)], &[&x], false, false);
                 let gwant =
                     Tensor::run_backward(&[(&want * &g).sum(Kind::Float)], &[&x], false, false);
-                let manual = q.input_grad(&g.reshape([-1, 96])).unwrap().reshape([3, 5, 128]);
+                let manual = q
+                    .input_grad(&g.reshape([-1, 96]))
+                    .unwrap()
+                    .reshape([3, 5, 128]);
                 set_chunk_elems(before);
                 let (fwd, bwd) = (max_diff(&y, &want), max_diff(&gx[0], &gwant[0]));
                 if chunk >= 96 * 128 {
                     assert_eq!((fwd, bwd), (0.0, 0.0), "{ty:?} one chunk");
                 } else {
-                    assert!(fwd <= sum_bound(128, &x, &dense), "{ty:?} chunked forward {fwd}");
-                    assert!(bwd <= sum_bound(96, &g, &dense), "{ty:?} chunked backward {bwd}");
+                    assert!(
+                        fwd <= sum_bound(128, &x, &dense),
+                        "{ty:?} chunked forward {fwd}"
+                    );
+                    assert!(
+                        bwd <= sum_bound(96, &g, &dense),
+                        "{ty:?} chunked backward {bwd}"
+                    );
                 }
                 assert_eq!(max_diff(&manual, &gx[0]), 0.0, "{ty:?} input_grad");
             }
@@ -299,11 +313,15 @@ mod tests {
     #[test]
     fn bad_shapes_are_errors() {
         let w = weight(4, 48, 3);
-        assert!(matches!(QWeight::quantize(&w, QType::Q4_0), Err(Error::Shape(_))));
+        assert!(matches!(
+            QWeight::quantize(&w, QType::Q4_0),
+            Err(Error::Shape(_))
+        ));
         let q = QWeight::quantize(&weight(4, 64, 3), QType::Q4_0).unwrap();
         let err = q.linear(&Tensor::zeros([2, 63], (Kind::Float, Device::Cpu)), None);
         assert!(err.unwrap_err().to_string().contains("in_features"));
-        assert!(QWeight::from_blocks(&[0u8; 10], QType::Q4_0, 1, 32, Kind::Float, Device::Cpu)
-            .is_err());
+        assert!(
+            QWeight::from_blocks(&[0u8; 10], QType::Q4_0, 1, 32, Kind::Float, Device::Cpu).is_err()
+        );
     }
 }

@@ -37,10 +37,12 @@ impl GgufTokenizerData {
         };
         let model = file
             .get_str("tokenizer.ggml.model")?
-            .ok_or_else(|| Error::Tokenizer(format!(
-                "{}: no tokenizer in the file (key tokenizer.ggml.model missing)",
-                file.path().display()
-            )))?
+            .ok_or_else(|| {
+                Error::Tokenizer(format!(
+                    "{}: no tokenizer in the file (key tokenizer.ggml.model missing)",
+                    file.path().display()
+                ))
+            })?
             .to_string();
         Ok(Self {
             architecture: file.get_str("general.architecture")?.map(str::to_string),

@@ -140,7 +140,7 @@ def write_gguf(
 
 def write_tokenizer(w: Any, vocab: int) -> None:
     """SmolLM2's tokenizer keys (from the default model's GGUF) when `vocab` is its 49152, else a
-    byte-level BPE of `vocab` single-character tokens and no merges."""
+    byte-level BPE of `vocab` tokens: single characters and one merge."""
     if vocab == 49152:
         import gguf
         from loratch.default_model import gguf_path
@@ -167,11 +167,11 @@ def write_tokenizer(w: Any, vocab: int) -> None:
             elif isinstance(value, int):
                 w.add_uint32(field.name, value)
         return
-    tokens = [chr(0x100 + i) if i >= 94 else chr(33 + i) for i in range(vocab)]
+    tokens = [chr(0x100 + i) if i >= 94 else chr(33 + i) for i in range(vocab - 1)] + ['!"']
     w.add_tokenizer_model("gpt2")
     w.add_token_list(tokens)
     w.add_token_types([1] * vocab)
-    w.add_token_merges([])
+    w.add_token_merges(['! "'])
     w.add_bos_token_id(0)
     w.add_eos_token_id(1)
 

@@ -17,7 +17,6 @@ from helpers import (
     assert_within_rounding,
     float32_errors,
     hf_model,
-    logits_of,
     max_diff,
     peft_logits,
     randomize_adapters,
@@ -52,10 +51,12 @@ def ggufs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         ("llama-more", "llama", {}, "Q8_0", MORE_TYPES, "Q4_0"),
         ("llama-f32", "llama", {}, "F32", None, "F32"),
         ("qwen2", "qwen2", {"tie_word_embeddings": False}, "Q4_0", None, "F16"),
-        ("qwen3", "qwen3", {}, "Q8_0", None, "Q8_0"),
+        # transformers' GGUF reader takes Qwen3's head_dim from its config default (128), not from
+        # qwen3.attention.key_length: a 128-wide head keeps both readers on one shape.
+        ("qwen3", "qwen3", {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 128}, "Q8_0", None, "Q8_0"),
     ]
     for name, family, extra, ptype, types, etype in specs:
-        model = make_model(family, d / name, seed=len(out), vocab_size=97, **SHAPE, **extra)
+        model = make_model(family, d / name, seed=len(out), vocab_size=97, **{**SHAPE, **extra})
         write_gguf(model, d / f"{name}.gguf", ptype, types, etype, seed=len(out))
         out[name] = d / f"{name}.gguf"
     return out
@@ -72,7 +73,8 @@ def ids_and_mask() -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("name", ["llama-all", "llama-more", "llama-f32", "qwen2", "qwen3"])
 def test_logits_equal_transformers_model_of_the_file(ggufs: dict[str, Path], name: str) -> None:
     """Same decoded values (loratch's decoder equals gguf-py's bit for bit), same products (each
-    weight fits one decoding chunk, so the product is libtorch's own `linear` on it): equal."""
+    weight fits one decoding chunk, so the product is libtorch's own `linear` on it): equal bit
+    for bit without padding."""
     path = ggufs[name]
     hf = hf_from_gguf(path)
     ids, mask = ids_and_mask()
@@ -81,10 +83,18 @@ def test_logits_equal_transformers_model_of_the_file(ggufs: dict[str, Path], nam
         with torch.no_grad():
             assert torch.equal(loratch.torch_hf_forward("g", ids), hf(ids).logits), name
             ours = loratch.torch_hf_forward("g", ids, mask)
-            theirs = hf(ids, attention_mask=mask).logits
-        assert torch.equal(ours[mask.bool()], theirs[mask.bool()]), name
+        # Padded rows: transformers' masked attention kernel sums in other orders than
+        # loratch's; equal to the float32 rounding the reference itself carries.
+        ref, err = float32_errors(hf, lambda m: logits_of_masked(m, ids, mask))
+        keep = mask.bool()
+        assert_within_rounding(ours[keep], ref["logits"][keep], err["logits"], name)
     finally:
         loratch.torch_hf_unload("g")
+
+
+def logits_of_masked(m: Any, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        return {"logits": m(ids, attention_mask=mask).logits}
 
 
 def gguf_bytes(path: Path) -> int:
@@ -193,11 +203,12 @@ def test_adapter_on_gguf_base_loads_in_peft(ggufs: dict[str, Path], tmp_path: Pa
         randomize_adapters("pa", 0.05, seed=1)
         loratch.torch_hf_lora_save("pa", tmp_path / "adapter")
         ids, mask = ids_and_mask()
-        ours = loratch.torch_hf_forward("pa", ids)
         pm = PeftModel.from_pretrained(hf_from_gguf(path), tmp_path / "adapter").eval()
         with torch.no_grad():
             theirs = pm(ids).logits
-        assert torch.equal(ours.detach(), theirs), max_diff(ours, theirs)
+            assert torch.equal(loratch.torch_hf_forward("pa", ids), theirs)
+        # With gradients recorded loratch runs its fused training kernels (float rounding apart).
+        ours = loratch.torch_hf_forward("pa", ids)
         # Gradients of one loss through the quantized base.
         target = torch.randn_like(ours)
         (ours * target).sum().backward()
@@ -258,7 +269,7 @@ def test_merge_on_quantized_base_writes_float(ggufs: dict[str, Path], tmp_path: 
 
 def test_default_gguf_equals_its_converted_directory() -> None:
     """The real SmolLM2 Q4_1 GGUF, loaded directly, gives the logits of the float32 directory
-    transformers converted from it (the same decoded values, the same ops)."""
+    transformers converted from it (the same decoded values)."""
     from loratch.default_model import default_model_dir, gguf_path
 
     ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 2]])
@@ -266,7 +277,11 @@ def test_default_gguf_equals_its_converted_directory() -> None:
     loratch.torch_hf_load_model_lora("dd", default_model_dir())
     try:
         with torch.no_grad():
-            assert torch.equal(loratch.torch_hf_forward("gg", ids), loratch.torch_hf_forward("dd", ids))
+            ours, dense = loratch.torch_hf_forward("gg", ids), loratch.torch_hf_forward("dd", ids)
+        # The tied head (49152 x 576) is decoded in two chunks, whose products may sum in another
+        # order than one product over the whole float head: equal to float32 rounding.
+        _, err = float32_errors(hf_model(default_model_dir()), lambda m: {"logits": m(ids).logits.detach()})
+        assert_within_rounding(ours, dense, err["logits"], "GGUF vs its float32 directory")
         assert loratch.torch_hf_memory_report("gg")["weights"] == gguf_bytes(gguf_path())
     finally:
         loratch.torch_hf_unload("gg")
@@ -384,12 +399,21 @@ def test_bad_files_are_typed_errors_and_load_nothing(ggufs: dict[str, Path], tmp
 
         expect_load_error(rewrite("falcon.gguf", arch="falcon"), loratch.CheckpointError, "falcon", "general.architecture")
 
-        def iq(name: str, arr: np.ndarray, ty: Any) -> tuple[np.ndarray, Any]:
-            if name == "blk.1.ffn_up.weight":
-                return arr, gguf.GGMLQuantizationType.IQ4_NL
-            return arr, ty
+        def with_type(name: str, tensor: str, type_id: int) -> Path:
+            """`good` with the type id of `tensor` in its header replaced."""
+            raw = bytearray(data)
+            key = tensor.encode()
+            at = raw.index(len(key).to_bytes(8, "little") + key) + 8 + len(key)
+            n_dims = int.from_bytes(raw[at : at + 4], "little")
+            at += 4 + 8 * n_dims
+            raw[at : at + 4] = type_id.to_bytes(4, "little")
+            out = tmp_path / name
+            out.write_bytes(bytes(raw))
+            return out
 
-        expect_load_error(rewrite("iq.gguf", edit=iq), loratch.CheckpointError, "blk.1.ffn_up.weight", "IQ4_NL")
+        # IQ4_NL (20) is a GGML type loratch does not decode; 99 is no type at all.
+        expect_load_error(with_type("iq.gguf", "blk.1.ffn_up.weight", 20), loratch.CheckpointError, "blk.1.ffn_up.weight", "IQ4_NL")
+        expect_load_error(with_type("t99.gguf", "blk.1.ffn_up.weight", 99), loratch.CheckpointError, "blk.1.ffn_up.weight", "99")
 
         def narrow(name: str, arr: np.ndarray, ty: Any) -> tuple[np.ndarray, Any]:
             if name == "blk.0.ffn_down.weight":
