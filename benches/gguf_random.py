@@ -43,7 +43,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Iterator, Mapping
+import functools
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -167,13 +168,19 @@ def _tensor_type(hf_name: str, shape: tuple[int, ...], qtype: Q, embed_type: Q |
 # --- tokenizers -----------------------------------------------------------------------------------
 
 
-def _smollm2_tokenizer(vocab: int) -> dict[str, Any]:
+@functools.lru_cache(maxsize=1)
+def _smollm2_tokenizer_fields() -> dict[str, Any]:
+    """The default model's GGUF `tokenizer.*` values (read once: seconds for 49152 tokens)."""
     from gguf import GGUFReader
 
     from loratch.default_model import gguf_path
 
     fields = GGUFReader(gguf_path()).fields
-    value = {k: fields[k].contents() for k in fields if k.startswith("tokenizer.")}
+    return {k: fields[k].contents() for k in fields if k.startswith("tokenizer.")}
+
+
+def _smollm2_tokenizer(vocab: int) -> dict[str, Any]:
+    value = dict(_smollm2_tokenizer_fields())
     tokens, types = list(value["tokenizer.ggml.tokens"]), list(value["tokenizer.ggml.token_type"])
     if vocab < len(tokens):
         raise ValueError(f"tokenizer 'smollm2' has {len(tokens)} tokens, more than the shape's vocab {vocab}")
@@ -211,7 +218,7 @@ def _add_tokenizer(w: gguf.GGUFWriter, kind: str | None, vocab: int) -> None:
     w.add_token_list(value["tokenizer.ggml.tokens"])
     w.add_token_types(value["tokenizer.ggml.token_type"])
     w.add_token_merges(value["tokenizer.ggml.merges"])
-    setters = {
+    setters: dict[str, Callable[[Any], None]] = {
         "tokenizer.ggml.bos_token_id": w.add_bos_token_id, "tokenizer.ggml.eos_token_id": w.add_eos_token_id,
         "tokenizer.ggml.unknown_token_id": w.add_unk_token_id, "tokenizer.ggml.padding_token_id": w.add_pad_token_id,
         "tokenizer.ggml.add_bos_token": w.add_add_bos_token, "tokenizer.ggml.add_space_prefix": w.add_add_space_prefix,
