@@ -29,6 +29,7 @@ SmolLM2's tokenizer files, and Q4_0 GGUFs of random blocks (benches/gguf_random.
     python benches/memory_table.py --quick              # the 135M rows only
     python benches/memory_table.py --only '1b/.*ckpt'   # rows whose id matches a regex
     python benches/memory_table.py                      # the default table; --all for every row
+    python benches/memory_table.py --work DIR           # models made by an earlier run in DIR
 
 Writes its section of BENCHMARKS.md (`--out`), replacing the previous one.
 """
@@ -97,8 +98,7 @@ def plan(sizes: list[str], everything: bool) -> list[Row]:
         for base in ("float32", "bfloat16", *QUANTIZE, "gguf"):
             for ckpt in (False, True):
                 keep = full or {
-                    "1b": (base == "float32" or (base, ckpt) in {("bfloat16", False), ("bfloat16", True)}
-                           or ckpt),
+                    "1b": ckpt or base in ("float32", "bfloat16"),
                     "3b": ckpt and base in ("float32", "q4_0", "gguf"),
                 }[size]
                 if keep:
@@ -447,7 +447,7 @@ def report(rows: list[Row], results: dict[Row, Result], total_s: float) -> list[
     lines = [
         f"{TITLE}: one training step at 1 x {SEQ} tokens (issue 21)",
         "",
-        f"By `benches/memory_table.py` ({total_s / 60:.0f} min): LoRA r=16 alpha=32 on all 7 projections, AdamW + "
+        f"By `benches/memory_table.py` ({total_s / 60:.0f} min; {os.cpu_count()} cores, torch {torch.__version__}): LoRA r=16 alpha=32 on all 7 projections, AdamW + "
         "clip 1.0, batch 1 x 1024 tokens (the same ids on both sides), each row its own process. Peak RSS: the "
         "process's VmHWM at the end of its last step, loading included. s/step: the step after one warm-up step, "
         "or the first step where marked \"first\" (3B and 8B: a step takes minutes). loratch: the `loratch` binary's "
@@ -482,6 +482,9 @@ def replace_section(markdown: str, section: list[str]) -> str:
 def bench_memory_table(work: Path, sizes: list[str], only: str | None = None, everything: bool = False,
                        max_rss_gib: float = 21.0) -> list[str]:
     """Runs the rows of `sizes` (those whose id matches `only`) and returns the section's lines."""
+    unknown = sorted(set(sizes) - set(SIZES))
+    if unknown:
+        raise ValueError(f"unknown memory-table sizes {unknown}; known: {SIZES}")
     rows = [r for r in plan(sizes, everything) if only is None or re.search(only, r.id)]
     work.mkdir(parents=True, exist_ok=True)
     models = Models(work)
