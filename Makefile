@@ -14,7 +14,7 @@ EXT := python/loratch/.ext-stamp
 BIN := $(CARGO_TARGET_DIR)/release/loratch
 RUST_SRC := Cargo.toml build.rs $(shell find src csrc -type f)
 
-.PHONY: demo test lint test-rust test-python stubtest wheel build bench gpu-pack clean fuzz fuzz-short fuzz-build
+.PHONY: demo test lint test-rust test-python stubtest wheel build bench bench-memory gpu-pack clean fuzz fuzz-short fuzz-build
 
 demo: build
 	$(PY) examples/faq_demo.py
@@ -93,6 +93,11 @@ fuzz fuzz-short: fuzz-build
 
 bench: build
 	$(PY) benches/bench.py
+
+# Only the memory table of `make bench` (~1 h; MEMORY_ARGS=--quick for the 135M rows, --dry-run
+# lists the rows and their expected minutes). Its random models stay in target/memory-table.
+bench-memory: build
+	$(PY) benches/memory_table.py $(MEMORY_ARGS)
 
 # What benches/gpu.sh needs on a GPU machine without Rust or network: the extension (built here)
 # and, in .gpu/, SmolLM2's tokenizer files and the FAQ data. See benches/gpu.sh.

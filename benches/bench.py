@@ -217,6 +217,9 @@ def main() -> None:
     ap.add_argument("--no-rust", action="store_true", help="skip `cargo bench --bench lora_linear`")
     ap.add_argument("--train-rounds", type=int, default=3, help="fixed-length training runs per side")
     ap.add_argument("--real-rounds", type=int, default=2, help="real-data training runs per side (minutes each)")
+    ap.add_argument("--memory-sizes", default="135m,1b,3b,8b",
+                    help="the memory table's model sizes (benches/memory_table.py; ~1 h for all); '' to skip")
+    ap.add_argument("--memory-only", default=None, help="a regex: only the memory-table rows whose id it matches")
     args = ap.parse_args()
     peak = matmul_peak_gflops()
     head = [
@@ -242,6 +245,12 @@ def main() -> None:
 
         with tempfile.TemporaryDirectory() as work:
             body += bench_training(model_dir, Path(work), peak, args.train_rounds, args.real_rounds)
+    if args.memory_sizes:
+        from memory_table import bench_memory_table
+
+        # Its random models stay in target/memory-table between runs (GBs, written once).
+        work = Path(__file__).resolve().parent.parent / "target" / "memory-table"
+        body += bench_memory_table(work, args.memory_sizes.split(","), args.memory_only)
     args.out.write_text("\n".join(head + body))
     print("\n".join(head + body))
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CUDA checks and benchmark (issue #5's GPU table), as one command for a machine with a GPU,
+# The CUDA checks and benchmark (issue #5's GPU table, issue 21's memory rows), as one command for a machine with a GPU,
 # torch==2.11.0, transformers and peft, but no Rust and no network (this project's GPU machine).
 #
 # Here, first: `make gpu-pack` (builds the extension; copies SmolLM2's tokenizer and the FAQ data

@@ -12,6 +12,10 @@ Llama-3.2-1B with random weights (no real one is at hand there), alternated, med
 4. Peak GPU memory (`torch.cuda.max_memory_allocated`, which counts loratch's tensors too: both
    sides use the one libtorch caching allocator) of the runs of 1 and 2, each its own process.
 5. Model load time.
+6. Memory (issue 21): one training step at 1 x 1024 tokens, loratch in bfloat16 and with a 4-bit
+   base (`quantize`), with and without gradient checkpointing, against PEFT bfloat16 with and
+   without it: peak GPU memory and ms/step (`--memory-rows`; a row whose loratch feature is
+   missing is recorded as "not available").
 
 Each training run is its own process. `--device cpu --size tiny` runs the whole script on a CPU
 with a tiny model (a check of the script itself; its numbers mean nothing).
@@ -166,6 +170,55 @@ def worker_peft_fixed(a: argparse.Namespace) -> dict[str, float]:
     return {"step_s": statistics.median(times[WARMUP:]), "peak": peak_memory(a.device)}
 
 
+MEMORY_SEQ = 1024
+
+
+def worker_loratch_mem(a: argparse.Namespace) -> dict[str, float]:
+    """One step's peak memory at 1 x 1024: loratch with `--quantize` and `--ckpt`."""
+    import loratch
+
+    config: dict[str, Any] = {
+        "model": a.model, "data": a.work / f"fixed-1x{MEMORY_SEQ}.jsonl", "output_dir": a.work / "loratch-mem",
+        "validation_split": 0.0,
+        "lora": {"rank": 16, "alpha": 32, "target_modules": ALL7, "dropout": 0.0},
+        "training": {"max_steps": WARMUP + 3, "batch_size": 1, "max_seq_length": MEMORY_SEQ,
+                     "gradient_accumulation_steps": 1, "learning_rate": LR, "max_grad_norm": 1.0,
+                     "logging_steps": 1, "save_steps": 0, "eval_steps": 0, "scheduler_type": "constant",
+                     "train_on_inputs": True, "packing": False, "device": a.device, "dtype": a.dtype,
+                     "overwrite_output_dir": True},
+    }
+    if a.quantize != "none":
+        config["quantize"] = a.quantize
+    if a.ckpt:
+        config["training"]["gradient_checkpointing"] = True
+    loratch.train(config)
+    rows = [json.loads(line) for line in (a.work / "loratch-mem" / "metrics.jsonl").read_text().splitlines() if line]
+    times = [r["train_time_s"] for r in rows if "train_time_s" in r]
+    steps = [b - x for x, b in zip(times, times[1:])][WARMUP - 1 :]
+    return {"step_s": statistics.median(steps), "peak": peak_memory(a.device)}
+
+
+def worker_peft_mem(a: argparse.Namespace) -> dict[str, float]:
+    """One step's peak memory at 1 x 1024: PEFT in `--dtype`, gradient checkpointing if `--ckpt`."""
+    import transformers as tf
+    from peft import LoraConfig, get_peft_model
+
+    from loratch import torch_hf_tokenizer_load
+
+    text = json.loads((a.work / f"fixed-1x{MEMORY_SEQ}.jsonl").read_text().splitlines()[0])["text"]
+    ids = torch.tensor([torch_hf_tokenizer_load(a.model).encode(text, add_special_tokens=True)[:MEMORY_SEQ]],
+                       device=a.device)
+    base = tf.AutoModelForCausalLM.from_pretrained(a.model, dtype=getattr(torch, a.dtype)).to(a.device)
+    if a.ckpt:
+        base.config.use_cache = False
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    cfg = LoraConfig(r=16, lora_alpha=32, target_modules=ALL7, lora_dropout=0.0, task_type="CAUSAL_LM")
+    model = get_peft_model(base, cfg)
+    model.train()
+    times = peft_steps(model, ids, WARMUP + 3, a.device)
+    return {"step_s": statistics.median(times[WARMUP:]), "peak": peak_memory(a.device)}
+
+
 def worker_loratch_real(a: argparse.Namespace) -> dict[str, float]:
     metrics = loratch_train(a, "real-train.jsonl", a.work / "loratch-real", "real-val.jsonl", {
         "num_epochs": 1, "batch_size": 8, "max_seq_length": REAL_SEQ, "packing": "examples",
@@ -187,12 +240,14 @@ WORKERS: dict[str, Callable[[argparse.Namespace], dict[str, float]]] = {
     "peft-fixed": worker_peft_fixed,
     "loratch-real": worker_loratch_real,
     "peft-real": worker_peft_real,
+    "loratch-mem": worker_loratch_mem,
+    "peft-mem": worker_peft_mem,
 }
 
 
-def run_worker(a: argparse.Namespace, kind: str) -> dict[str, float]:
+def run_worker(a: argparse.Namespace, kind: str, extra: list[str] | None = None) -> dict[str, float]:
     cmd = [sys.executable, __file__, "--worker", kind, "--model", str(a.model), "--work", str(a.work),
-           "--device", a.device, "--dtype", a.dtype, "--batch", str(a.batch), "--seq", str(a.seq)]
+           "--device", a.device, "--dtype", a.dtype, "--batch", str(a.batch), "--seq", str(a.seq), *(extra or [])]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"worker {kind} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -353,6 +408,39 @@ def report(a: argparse.Namespace, shapes: list[tuple[int, ...]], rounds: int, re
     ]
 
 
+def memory_rows(a: argparse.Namespace, rows: list[str]) -> list[str]:
+    """Issue 21's rows on this device: each `SIDE:BASE:ckpt|nockpt` (SIDE loratch or peft, BASE
+    none or a `quantize` name) one process, one line; failures are recorded, not raised."""
+    memory = "peak GPU memory GiB" if a.device.startswith("cuda") else "peak RSS GiB"
+    lines = [
+        f"### Memory: one training step at 1 x {MEMORY_SEQ} tokens ({a.dtype}, r=16 a=32 all 7, AdamW + clip 1.0)",
+        "",
+        f"Each row its own process; the median of 3 steps after {WARMUP} warm-up steps. loratch's `quantize` "
+        f"rows keep the frozen projections 4- or 8-bit and compute in {a.dtype}.",
+        "",
+        f"| contender | frozen base | checkpointing | {memory} | ms/step | note |",
+        "|---|---|---|---|---|---|",
+    ]
+    peft_peak = None
+    for spec in rows:
+        side, base, ckpt = spec.split(":")
+        extra = ["--quantize", base] + (["--ckpt"] if ckpt == "ckpt" else [])
+        label = f"| {'loratch' if side == 'loratch' else 'PEFT + transformers'} | " \
+                f"{a.dtype if base == 'none' else base} | {'on' if ckpt == 'ckpt' else 'off'} |"
+        try:
+            res = run_worker(a, f"{side}-mem", extra)
+        except RuntimeError as e:
+            tail = [ln for ln in str(e).splitlines() if ln.strip()][-1:]
+            why = " ".join(tail).split(", expected one of")[0][:200].replace("|", "/")
+            lines.append(f"{label} - | - | not available: {why} |")
+            continue
+        if side == "peft" and ckpt == "nockpt":
+            peft_peak = res["peak"]
+        ratio = f" ({res['peak'] / peft_peak:.2f}x PEFT without checkpointing)" if peft_peak and side != "peft" else ""
+        lines.append(f"{label} {res['peak'] / 2**30:.2f}{ratio} | {res['step_s'] * 1e3:.0f} | |")
+    return lines + [""]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", choices=sorted(WORKERS))
@@ -371,6 +459,11 @@ def main() -> None:
     ap.add_argument("--real-rounds", type=int, default=1)
     ap.add_argument("--forward-rounds", type=int, default=25)
     ap.add_argument("--out", type=Path, default=Path("BENCHMARKS-cuda.md"))
+    ap.add_argument("--memory-rows", default="peft:none:nockpt,peft:none:ckpt,loratch:none:nockpt,loratch:none:ckpt,"
+                    "loratch:q4_0:ckpt,loratch:nf4:ckpt,loratch:q8_0:ckpt",
+                    help="issue 21's rows at 1 x 1024, SIDE:BASE:ckpt|nockpt each (PEFT's first); '' for none")
+    ap.add_argument("--quantize", default="none", help=argparse.SUPPRESS)  # a memory worker's base
+    ap.add_argument("--ckpt", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     a.work = a.work.absolute()
     a.model = (a.model or a.work / f"model-{a.size}").absolute()
@@ -381,7 +474,7 @@ def main() -> None:
     t0 = time.perf_counter()
     make_model(a.model, a.size, a.tokenizer, a.device)
     shapes = [tuple(int(n) for n in shape.split("x")) for shape in a.shapes.split(",")]
-    for batch, seq in shapes:
+    for batch, seq in {*shapes, (1, MEMORY_SEQ)}:
         write_data(a.work, a.faq, batch, seq, a.model)
     print(f"setup {time.perf_counter() - t0:.0f} s", flush=True)
     peak = matmul_peak_tflops(a.device, getattr(torch, a.dtype))
@@ -398,6 +491,9 @@ def main() -> None:
     a.out.write_text("\n".join(head + body))  # partial results survive a later failure
     body += report(a, shapes, a.rounds, a.real_rounds, peak)
     a.out.write_text("\n".join(head + body))
+    if a.memory_rows:
+        body += memory_rows(a, a.memory_rows.split(","))
+        a.out.write_text("\n".join(head + body))
     print("\n".join(head + body))
 
 
