@@ -124,6 +124,7 @@ fn model_with_lora(dir: &Path) -> LoadedModel {
         &LoadOptions {
             device: Device::Cpu,
             kind: Kind::Float,
+            quantize: loratch::model::Quantize::Stored,
         },
     )
     .unwrap();
@@ -604,6 +605,7 @@ fn non_finite_steps_are_skipped_and_too_many_in_a_row_abort() {
         &LoadOptions {
             device: Device::Cpu,
             kind: Kind::Float,
+            quantize: loratch::model::Quantize::Stored,
         },
     )
     .and_then(|mut m| loratch::hf::peft::load(&mut m, &out2.join("checkpoint-2")))

@@ -339,7 +339,8 @@ mod tests {
     #[test]
     fn gradients_equal_the_plain_run_bit_for_bit() {
         let dir = tiny_model_dir();
-        let targets: [(&str, fn(&str) -> bool); 4] = [
+        type Targets = [(&'static str, fn(&str) -> bool); 4];
+        let targets: Targets = [
             ("all-linear", all_linear),
             ("all-linear + lm_head", all_with_head),
             ("q_proj, v_proj", q_v),
