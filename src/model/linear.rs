@@ -172,6 +172,16 @@ impl Linear {
         }
     }
 
+    /// The same projection over the same tensors (the adapter's included).
+    pub fn shallow_clone(&self) -> Self {
+        Self {
+            weight: self.weight.shallow_clone(),
+            bias: self.bias.as_ref().map(Tensor::shallow_clone),
+            lora: self.lora.as_ref().map(crate::lora::Adapter::shallow_clone),
+            merged: self.merged,
+        }
+    }
+
     /// `in_features`.
     pub fn in_features(&self) -> i64 {
         self.weight.size()[1]

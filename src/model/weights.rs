@@ -207,7 +207,10 @@ impl WeightSource for Checkpoint {
     }
 
     fn load_owned(&self, key: &str, shape: &[i64], kind: Kind, device: Device) -> Result<Tensor> {
-        Ok(self.load_as(key, shape, kind, device, false)?.f_copy()?)
+        let view = self.load_as(key, shape, kind, device, false)?;
+        let mut owned = Tensor::f_empty_like(&view)?;
+        owned.f_copy_(&view)?;
+        Ok(owned)
     }
 
     /// A matrix quantized on load is copied into its blocks: its float view of the file is not

@@ -87,10 +87,11 @@ mod tests {
     }
 
     /// Another test thread drawing from the global generator between the seeding and the draws of
-    /// one run makes the runs' masks differ: an unequal pair is retried (twice).
+    /// one run makes the runs' masks differ: an unequal pair is retried. (A run takes
+    /// microseconds, so most tries see no other draw.)
     #[test]
     fn gradients_and_generator_equal_the_plain_run() {
-        let equal = (0..3).any(|_| grads(true) == grads(false));
+        let equal = (0..20).any(|_| grads(true) == grads(false));
         assert!(equal, "{:?} != {:?}", grads(true), grads(false));
     }
 

@@ -10,7 +10,7 @@ abort, a segfault or a hang (a per-case watchdog) is pinned on the case that cau
 then fails, and a new worker carries on with the remaining cases. Every case gets a fresh model
 registry and its own temporary directory.
 
-The table holds 292 cases (``test_case_table_size`` checks the count): 29 of them are real bugs
+The table holds 295 cases (``test_case_table_size`` checks the count): 29 of them are real bugs
 the table found, marked ``xfail(strict=True)`` with the bug in their reason (see ``BUGS``). The
 six ``*-chmod`` cases need ``chmod 000`` to stop reads, which it does not for root: as root the
 workers run without the two capabilities that let root read any file (``without_dac_override``),
@@ -358,6 +358,9 @@ CASES: list[tuple[str, str, str, str]] = [
     ("unmerge-unknown-model", "loratch.torch_hf_lora_unmerge('nope')", "ModelNotFoundError", "nope"),
     ("set-training-unknown-model", "loratch.torch_hf_set_training('nope', True)", "ModelNotFoundError", "nope"),
     ("set-training-not-a-bool", "loratch.torch_hf_set_training(fresh(), None)", "TypeError", "training"),
+    ("checkpointing-unknown-model", "loratch.torch_hf_gradient_checkpointing('nope', True)", "ModelNotFoundError", "nope"),
+    ("checkpointing-not-a-bool", "loratch.torch_hf_gradient_checkpointing(fresh(), 'yes')", "TypeError", "enabled"),
+    ("checkpointing-recompute-fails", "m = fresh(lora=['q_proj']); loratch.torch_hf_gradient_checkpointing(m, True); loss = loratch.torch_hf_forward(m, torch.tensor([[1, 2, 3]])).sum(); loratch.torch_hf_lora_get_parameters(m)[0].data = torch.zeros(3, 5); loratch.torch_backward(loss)", "TorchError", "recompute"),
     # --- torch_hf_lora_save / torch_hf_save_merged ----------------------------------------------
     ("lora-save-unknown-model", "loratch.torch_hf_lora_save('nope', tmp / 'a')", "ModelNotFoundError", "nope"),
     ("lora-save-before-init", "loratch.torch_hf_lora_save(fresh(), tmp / 'a')", "StateError", "not initialised"),
