@@ -264,7 +264,8 @@ CASES: list[tuple[str, str, str, str]] = [
     # --- torch_hf_load_model_lora: paths, config.json, weights, options ------------------------
     ("load-missing-dir", "loratch.torch_hf_load_model_lora('m', tmp / 'nowhere')", "FileNotFoundError", "nowhere"),
     ("load-empty-dir", "(tmp / 'e').mkdir(); loratch.torch_hf_load_model_lora('m', tmp / 'e')", "FileNotFoundError", "config.json"),
-    ("load-path-is-a-file", "d = model_copy(); loratch.torch_hf_load_model_lora('m', d / 'config.json')", "OSError", "config.json"),
+    # A file is read as a GGUF model: another file is refused by its magic, naming it.
+    ("load-path-is-a-file", "d = model_copy(); loratch.torch_hf_load_model_lora('m', d / 'config.json')", "CheckpointError", "not a GGUF file"),
     ("load-path-type", "loratch.torch_hf_load_model_lora('m', 42)", "TypeError", "path"),
     ("load-name-type", "loratch.torch_hf_load_model_lora(None, LLAMA)", "TypeError", "model_name"),
     ("load-config-malformed", "d = model_copy(); (d / 'config.json').write_text('{not json'); loratch.torch_hf_load_model_lora('m', d)", "ConfigError", "malformed"),

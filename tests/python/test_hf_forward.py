@@ -136,7 +136,7 @@ def test_load_errors(tmp_path: Path) -> None:
     (d / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         loratch.torch_hf_load_model_lora("bad", d)
-    with pytest.raises(loratch.ConfigError, match="unknown field `devise`, expected `device` or `dtype`"):
+    with pytest.raises(loratch.ConfigError, match="unknown field `devise`, expected one of `device`, `dtype`, `quantize`"):
         loratch.torch_hf_load_model_lora("bad", d, {"devise": "cpu"})
     with pytest.raises(loratch.DeviceError):
         loratch.torch_hf_load_model_lora("bad", d, {"device": "cuda:3"})
