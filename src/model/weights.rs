@@ -24,8 +24,8 @@ pub trait WeightSource {
         self.load(key, shape, kind, device)
     }
 
-    /// A frozen matrix (projection, embedding) as `quantize` says: by default the float tensor,
-    /// quantized on load when asked.
+    /// A frozen matrix (projection, embedding) as `quantize` says (each source decides what it
+    /// keeps of its file: see the implementations).
     fn load_weight(
         &self,
         key: &str,
@@ -33,9 +33,7 @@ pub trait WeightSource {
         kind: Kind,
         device: Device,
         quantize: Quantize,
-    ) -> Result<Weight> {
-        quantize.apply(self.load(key, shape, kind, device)?)
-    }
+    ) -> Result<Weight>;
 
     /// Memory maps that zero-copy weights view (kept alive by the model).
     fn mappings(&self) -> Vec<std::sync::Arc<memmap2::MmapMut>> {

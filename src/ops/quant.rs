@@ -7,23 +7,9 @@ use crate::ffi::{self, QuantRows};
 use crate::quant::{self, QType};
 use tch::{Device, Kind, Tensor};
 
-/// The block formats in the order of their code across the FFI ([`decode`]).
-const TYPES: [QType; 14] = [
-    QType::F32,
-    QType::F16,
-    QType::BF16,
-    QType::Q4_0,
-    QType::Q4_1,
-    QType::Q5_0,
-    QType::Q5_1,
-    QType::Q8_0,
-    QType::Q2K,
-    QType::Q3K,
-    QType::Q4K,
-    QType::Q5K,
-    QType::Q6K,
-    QType::Nf4,
-];
+/// The block formats in the order of their code across the FFI ([`decode`]): an index into
+/// [`quant::ALL_QTYPES`].
+const TYPES: [QType; 14] = quant::ALL_QTYPES;
 
 fn code(ty: QType) -> i32 {
     TYPES.iter().position(|&t| t == ty).map_or(-1, |i| i as i32)
