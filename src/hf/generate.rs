@@ -57,8 +57,18 @@ pub fn generate(model: &LoadedModel, prompt: &[i64], opts: &GenerateOptions) -> 
     let _guard = tch::no_grad_guard();
     let mut cache = KvCache::new(model.lm.model.layers.len());
     let mut out = Vec::with_capacity(opts.max_new_tokens);
-    let mut next_input = ids;
+    let mut next_input = ids.shallow_clone();
+    let switch = model.lm.rope_switch_length();
     for _ in 0..opts.max_new_tokens {
+        // longrope (Phi-3): keys cached under the short factors are stale once the sequence
+        // passes the switch; as transformers, the whole sequence runs again, without the cache.
+        if let Some(at) = switch {
+            if cache.len() + next_input.size()[1] > at && cache.len() <= at && !cache.is_empty() {
+                cache = KvCache::new(model.lm.model.layers.len());
+                let generated = Tensor::f_from_slice(&out)?.f_to_device(ids.device())?;
+                next_input = Tensor::f_cat(&[&ids, &generated.f_unsqueeze(0)?], 1)?;
+            }
+        }
         let logits = model.forward_cached(&next_input, None, &mut cache)?;
         let last = logits
             .f_select(1, -1)?

@@ -4,7 +4,7 @@
 //! weights view), so it needs no borrow of the model: a model dropped or changed before the
 //! backward leaves the graph's copy intact, and the gradients still reach the adapter tensors
 //! (the clones share them).
-use super::attention::Context;
+use super::attention::{Context, Span};
 use super::linear::LoraMode;
 use super::llama::DecoderLayer;
 use crate::error::Result;
@@ -12,35 +12,60 @@ use memmap2::MmapMut;
 use std::sync::Arc;
 use tch::Tensor;
 
-/// A [`Context`] that owns its tensors (shallow clones) and segment lengths.
-struct OwnedContext {
+/// A [`Span`] that owns its tensors (shallow clones).
+struct OwnedSpan {
     cos: Tensor,
     sin: Tensor,
     mask: Option<Tensor>,
-    segments: Option<Vec<i64>>,
     is_causal: bool,
+    window: Option<i64>,
+}
+
+impl OwnedSpan {
+    fn of(s: &Span) -> Self {
+        Self {
+            cos: s.cos.shallow_clone(),
+            sin: s.sin.shallow_clone(),
+            mask: s.mask.map(Tensor::shallow_clone),
+            is_causal: s.is_causal,
+            window: s.window,
+        }
+    }
+
+    fn view(&self) -> Span<'_> {
+        Span {
+            cos: &self.cos,
+            sin: &self.sin,
+            mask: self.mask.as_ref(),
+            is_causal: self.is_causal,
+            window: self.window,
+        }
+    }
+}
+
+/// A [`Context`] that owns its tensors (shallow clones) and segment lengths.
+struct OwnedContext {
+    full: OwnedSpan,
+    sliding: Option<OwnedSpan>,
+    segments: Option<Vec<i64>>,
     mode: LoraMode,
 }
 
 impl OwnedContext {
     fn of(ctx: &Context) -> Self {
         Self {
-            cos: ctx.cos.shallow_clone(),
-            sin: ctx.sin.shallow_clone(),
-            mask: ctx.mask.map(Tensor::shallow_clone),
+            full: OwnedSpan::of(&ctx.full),
+            sliding: ctx.sliding.as_ref().map(OwnedSpan::of),
             segments: ctx.segments.map(<[i64]>::to_vec),
-            is_causal: ctx.is_causal,
             mode: ctx.mode,
         }
     }
 
     fn view(&self) -> Context<'_> {
         Context {
-            cos: &self.cos,
-            sin: &self.sin,
-            mask: self.mask.as_ref(),
+            full: self.full.view(),
+            sliding: self.sliding.as_ref().map(OwnedSpan::view),
             segments: self.segments.as_deref(),
-            is_causal: self.is_causal,
             mode: self.mode,
         }
     }
@@ -67,28 +92,22 @@ pub(super) fn layer_forward(
 impl DecoderLayer {
     /// The same layer over the same tensors.
     pub fn shallow_clone(&self) -> Self {
+        let norm = |n: &Option<super::norm::RmsNorm>| n.as_ref().map(|n| n.shallow_clone());
         Self {
             self_attn: self.self_attn.shallow_clone(),
             mlp: self.mlp.shallow_clone(),
             input_layernorm: self.input_layernorm.shallow_clone(),
             post_attention_layernorm: self.post_attention_layernorm.shallow_clone(),
+            pre_feedforward_layernorm: norm(&self.pre_feedforward_layernorm),
+            post_feedforward_layernorm: norm(&self.post_feedforward_layernorm),
         }
     }
 
     /// The tensors a forward in `mode` differentiates: those that require gradients among the
     /// weights, and the adapters that take part (enabled, not merged).
     fn trainable(&self, mode: LoraMode) -> Vec<Tensor> {
-        let (a, m) = (&self.self_attn, &self.mlp);
         let mut out = Vec::new();
-        for lin in [
-            &a.q_proj,
-            &a.k_proj,
-            &a.v_proj,
-            &a.o_proj,
-            &m.gate_proj,
-            &m.up_proj,
-            &m.down_proj,
-        ] {
+        for (_, lin) in self.linears() {
             out.extend(
                 lin.weight
                     .dense()
@@ -110,14 +129,11 @@ impl DecoderLayer {
                 );
             }
         }
-        let norms = [&self.input_layernorm, &self.post_attention_layernorm]
-            .into_iter()
-            .chain(a.q_norm.iter())
-            .chain(a.k_norm.iter());
         out.extend(
-            norms
-                .filter(|n| n.weight.requires_grad())
-                .map(|n| n.weight.shallow_clone()),
+            self.norms()
+                .into_iter()
+                .filter(|(_, n)| n.weight.requires_grad())
+                .map(|(_, n)| n.weight.shallow_clone()),
         );
         out
     }
@@ -453,9 +469,8 @@ mod tests {
             training: false,
         };
         let out = logits(&lm, Input::Padded, mode).unwrap();
-        let mut a = lm.model.layers[0]
-            .self_attn
-            .q_proj
+        let mut a = lm.model.layers[0].self_attn.linears()[0]
+            .1
             .lora
             .as_ref()
             .unwrap()

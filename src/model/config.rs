@@ -1,10 +1,14 @@
-//! The Hugging Face `config.json` of a Llama-family decoder, deserialised with serde and checked.
+//! The Hugging Face `config.json` of a decoder (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3,
+//! Phi-3), deserialised with serde and checked. What a family does differently becomes a field of
+//! [`ModelConfig`] (the blocks read fields, never the architecture); a key whose feature loratch
+//! lacks is refused, naming the key.
 use crate::error::{Error, Result};
 use crate::io::json::{kind_name, Words};
 use serde::Deserialize;
+use serde_json::Value;
 use std::path::Path;
 
-/// The decoder families loratch implements (they share one code path; see `llama.rs`).
+/// The decoder families loratch implements (one code path with per-family options; see `llama.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Architecture {
     /// `LlamaForCausalLM`: Llama 2/3/3.1/3.2, SmolLM2.
@@ -15,15 +19,26 @@ pub enum Architecture {
     Qwen2,
     /// `Qwen3ForCausalLM`: per-head RMSNorm on q and k (`q_norm`, `k_norm`).
     Qwen3,
+    /// `Gemma2ForCausalLM`: `(1 + w)` norms, four per layer, GELU-tanh, scaled embedding,
+    /// alternating sliding-window layers, attention and final-logit soft-capping.
+    Gemma2,
+    /// `Gemma3ForCausalLM` (text, `gemma3_text`): Gemma 2's layout with q/k norms, no
+    /// soft-capping, and sliding layers with their own rope base.
+    Gemma3,
+    /// `Phi3ForCausalLM`: fused `qkv_proj` and `gate_up_proj`, longrope scaling.
+    Phi3,
 }
 
 impl Architecture {
     /// The supported `architectures` names.
-    pub const SUPPORTED: [&'static str; 4] = [
+    pub const SUPPORTED: [&'static str; 7] = [
         "LlamaForCausalLM",
         "MistralForCausalLM",
         "Qwen2ForCausalLM",
         "Qwen3ForCausalLM",
+        "Gemma2ForCausalLM",
+        "Gemma3ForCausalLM",
+        "Phi3ForCausalLM",
     ];
 
     fn from_name(name: &str) -> Option<Self> {
@@ -32,25 +47,71 @@ impl Architecture {
             "MistralForCausalLM" => Self::Mistral,
             "Qwen2ForCausalLM" => Self::Qwen2,
             "Qwen3ForCausalLM" => Self::Qwen3,
+            "Gemma2ForCausalLM" => Self::Gemma2,
+            "Gemma3ForCausalLM" => Self::Gemma3,
+            "Phi3ForCausalLM" => Self::Phi3,
             _ => return None,
         })
     }
+
+    /// The family read from `model_type` when `architectures` is absent (a text config).
+    fn from_model_type(name: &str) -> Option<Self> {
+        Some(match name {
+            "llama" => Self::Llama,
+            "mistral" => Self::Mistral,
+            "qwen2" => Self::Qwen2,
+            "qwen3" => Self::Qwen3,
+            "gemma2" => Self::Gemma2,
+            "gemma3_text" => Self::Gemma3,
+            "phi3" => Self::Phi3,
+            _ => return None,
+        })
+    }
+
+    fn is_gemma(self) -> bool {
+        matches!(self, Self::Gemma2 | Self::Gemma3)
+    }
 }
 
-/// `rope_scaling` of Llama 3.1+ (`rope_type: "llama3"`).
+/// The gated MLP's activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `silu` (SwiGLU): Llama, Mistral, Qwen, Phi-3.
+    Silu,
+    /// `gelu_pytorch_tanh` (GeGLU with the tanh approximation): Gemma.
+    GeluTanh,
+}
+
+/// What a decoder layer's attention sees (`layer_types`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerType {
+    /// Every earlier position (`full_attention`).
+    Full,
+    /// The last `sliding_window` positions, itself included (`sliding_attention`).
+    Sliding,
+}
+
+/// A non-default rotary scaling (`rope_scaling`, or transformers 5's `rope_parameters`):
+/// `"llama3"`, `"linear"` or `"longrope"`; other types are refused.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 pub struct RopeScaling {
-    /// "llama3" (also read from the legacy key `type`). Other types are rejected.
-    #[serde(alias = "type")]
     pub rope_type: String,
-    #[serde(default = "one")]
-    pub factor: f64,
+    #[serde(default)]
+    pub factor: Option<f64>,
     #[serde(default = "one")]
     pub low_freq_factor: f64,
     #[serde(default = "four")]
     pub high_freq_factor: f64,
     #[serde(default)]
     pub original_max_position_embeddings: Option<i64>,
+    /// longrope: per-frequency divisors up to and beyond the original length.
+    #[serde(default)]
+    pub short_factor: Option<Vec<f64>>,
+    #[serde(default)]
+    pub long_factor: Option<Vec<f64>>,
+    /// longrope: the factor on cos and sin (derived from `factor` when absent).
+    #[serde(default)]
+    pub attention_factor: Option<f64>,
 }
 
 fn one() -> f64 {
@@ -58,6 +119,14 @@ fn one() -> f64 {
 }
 fn four() -> f64 {
     4.0
+}
+
+/// The rotary embedding of a set of layers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeParams {
+    /// The base (`rope_theta`).
+    pub theta: f64,
+    pub scaling: Option<RopeScaling>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -72,33 +141,36 @@ struct RawConfig {
     num_attention_heads: i64,
     num_key_value_heads: Option<i64>,
     head_dim: Option<i64>,
-    #[serde(default = "default_eps")]
-    rms_norm_eps: f64,
-    #[serde(default = "default_theta")]
-    rope_theta: f64,
-    rope_scaling: Option<RopeScaling>,
-    rope_parameters: Option<serde_json::Value>,
-    #[serde(default)]
-    tie_word_embeddings: bool,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    rope_scaling: Option<Value>,
+    rope_parameters: Option<Value>,
+    rope_local_base_freq: Option<f64>,
+    partial_rotary_factor: Option<f64>,
+    original_max_position_embeddings: Option<i64>,
+    tie_word_embeddings: Option<bool>,
     #[serde(default)]
     attention_bias: bool,
     #[serde(default = "default_max_pos")]
     max_position_embeddings: i64,
-    #[serde(default)]
     hidden_act: Option<String>,
-    #[serde(default)]
-    sliding_window: Option<serde_json::Value>,
+    hidden_activation: Option<String>,
+    sliding_window: Option<Value>,
     #[serde(default)]
     use_sliding_window: bool,
-    eos_token_id: Option<serde_json::Value>,
+    layer_types: Option<Vec<String>>,
+    #[serde(alias = "_sliding_window_pattern")]
+    sliding_window_pattern: Option<i64>,
+    query_pre_attn_scalar: Option<f64>,
+    attn_logit_softcapping: Option<f64>,
+    final_logit_softcapping: Option<f64>,
+    use_bidirectional_attention: Option<bool>,
+    attention_dropout: Option<f64>,
+    resid_pdrop: Option<f64>,
+    embd_pdrop: Option<f64>,
+    eos_token_id: Option<Value>,
 }
 
-fn default_eps() -> f64 {
-    1e-6
-}
-fn default_theta() -> f64 {
-    10000.0
-}
 fn default_max_pos() -> i64 {
     2048
 }
@@ -115,32 +187,58 @@ pub struct ModelConfig {
     pub num_key_value_heads: i64,
     pub head_dim: i64,
     pub rms_norm_eps: f64,
-    pub rope_theta: f64,
-    pub rope_scaling: Option<RopeScaling>,
+    /// The rotary embedding of full-attention layers (and of every layer without `rope_sliding`).
+    pub rope: RopeParams,
+    /// Sliding layers' own rotary embedding (Gemma 3's local base).
+    pub rope_sliding: Option<RopeParams>,
     pub tie_word_embeddings: bool,
     /// Biases on q/k/v (Qwen2 always; Llama when `attention_bias`). o_proj has one only with
     /// `attention_bias` on Llama.
     pub qkv_bias: bool,
     pub o_bias: bool,
-    /// Per-head RMSNorm on q and k (Qwen3).
+    /// Per-head RMSNorm on q and k (Qwen3, Gemma 3).
     pub qk_norm: bool,
+    /// Norms scale by `1 + weight`, computed in float32 (Gemma).
+    pub norm_unit_offset: bool,
+    /// Norms after attention and around the MLP (Gemma: four per layer).
+    pub sandwich_norms: bool,
+    /// q/k/v and gate/up as one fused projection each (`qkv_proj`, `gate_up_proj`: Phi-3).
+    pub fused_projections: bool,
+    pub activation: Activation,
+    /// The embedding's output multiplied by this (Gemma: `sqrt(hidden_size)`).
+    pub embed_scale: Option<f64>,
+    /// Attention's query scale when not `1 / sqrt(head_dim)` (Gemma: `query_pre_attn_scalar^-0.5`).
+    pub attn_scale: Option<f64>,
+    /// `cap * tanh(scores / cap)` on attention scores (Gemma 2).
+    pub attn_softcap: Option<f64>,
+    /// `cap * tanh(logits / cap)` on the output logits (Gemma 2).
+    pub final_softcap: Option<f64>,
+    /// The window of [`LayerType::Sliding`] layers.
+    pub sliding_window: Option<i64>,
+    /// One per layer.
+    pub layer_types: Vec<LayerType>,
     pub max_position_embeddings: i64,
     /// `eos_token_id` as a list (configs hold an int or a list).
     pub eos_token_ids: Vec<i64>,
 }
 
-fn ids(v: &Option<serde_json::Value>) -> Vec<i64> {
+fn ids(v: &Option<Value>) -> Vec<i64> {
     match v {
-        Some(serde_json::Value::Number(n)) => n.as_i64().into_iter().collect(),
-        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_i64()).collect(),
+        Some(Value::Number(n)) => n.as_i64().into_iter().collect(),
+        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_i64()).collect(),
         _ => vec![],
     }
+}
+
+/// `Error::Config` for `key` holding `value`, which loratch does not implement.
+fn unsupported(key: &str, value: impl std::fmt::Debug, what: &str) -> Error {
+    Error::Config(format!("unsupported {key} {value:?}: {what}"))
 }
 
 impl RawConfig {
     /// The raw keys of a `config.json` text; errors name the key path.
     fn parse(text: &str) -> Result<Self> {
-        let value: serde_json::Value = serde_json::from_str(text)
+        let value: Value = serde_json::from_str(text)
             .map_err(|e| Error::Config(format!("malformed config.json: {e}")))?;
         // serde would read an array positionally as the struct's fields.
         if !value.is_object() {
@@ -160,7 +258,7 @@ impl RawConfig {
     }
 
     /// The checked sizes and `(num_key_value_heads, head_dim)`.
-    fn heads(&self) -> Result<(i64, i64)> {
+    fn heads(&self, arch: Architecture) -> Result<(i64, i64)> {
         let positive = [
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
@@ -174,21 +272,17 @@ impl RawConfig {
             }
         }
         let kv_heads = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
-        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
-            return Err(Error::Config(format!(
-                "rms_norm_eps must be a finite number > 0, got {}",
-                self.rms_norm_eps
-            )));
-        }
         if kv_heads <= 0 || self.num_attention_heads % kv_heads != 0 {
             return Err(Error::Config(format!(
                 "num_attention_heads ({}) must be a multiple of num_key_value_heads ({kv_heads})",
                 self.num_attention_heads
             )));
         }
-        let head_dim = match self.head_dim {
-            Some(d) => d,
-            None => {
+        // Gemma's configuration classes default head_dim to 256, not hidden / heads.
+        let head_dim = match (self.head_dim, arch.is_gemma()) {
+            (Some(d), _) => d,
+            (None, true) => 256,
+            (None, false) => {
                 if self.hidden_size % self.num_attention_heads != 0 {
                     return Err(Error::Config(
                         "hidden_size is not a multiple of num_attention_heads".into(),
@@ -205,34 +299,262 @@ impl RawConfig {
         Ok((kv_heads, head_dim))
     }
 
-    /// `rope_theta` and the supported `rope_scaling` ("llama3"; "default" is none), read from
-    /// either the legacy keys or transformers 5's `rope_parameters`.
-    fn rope(&self) -> Result<(f64, Option<RopeScaling>)> {
-        let mut rope_theta = self.rope_theta;
-        let mut rope_scaling = self.rope_scaling.clone();
-        if let Some(p) = &self.rope_parameters {
-            if let Some(t) = p.get("rope_theta").and_then(|v| v.as_f64()) {
-                rope_theta = t;
-            }
-            if p.get("rope_type")
-                .and_then(|v| v.as_str())
-                .is_some_and(|t| t != "default")
-            {
-                rope_scaling = Some(
-                    serde_json::from_value(p.clone())
-                        .map_err(|e| Error::Config(format!("malformed rope_parameters: {e}")))?,
-                );
-            }
+    /// The rotary embedding of full layers and (Gemma 3) of sliding ones, from transformers 5's
+    /// `rope_parameters` (flat, or one entry per layer type) or the legacy `rope_theta`,
+    /// `rope_scaling` and `rope_local_base_freq`.
+    fn rope(&self, arch: Architecture, head_dim: i64) -> Result<(RopeParams, Option<RopeParams>)> {
+        let theta = self.rope_theta.unwrap_or(10000.0);
+        if let Some(f) = self.partial_rotary_factor.filter(|&f| f != 1.0) {
+            return Err(unsupported("partial_rotary_factor", f, "only 1.0"));
         }
-        if let Some(s) = &rope_scaling {
-            if s.rope_type != "llama3" && s.rope_type != "default" {
+        let parse = |v: &Value, key: &str| self.rope_params(v, key, theta, head_dim);
+        let per_type = self.rope_parameters.as_ref().and_then(|p| {
+            p.get("full_attention")
+                .map(|full| (full, p.get("sliding_attention")))
+        });
+        let (full, sliding) = match (&self.rope_parameters, per_type) {
+            (_, Some((full, sliding))) => (
+                parse(full, "rope_parameters.full_attention")?,
+                sliding
+                    .map(|s| parse(s, "rope_parameters.sliding_attention"))
+                    .transpose()?,
+            ),
+            (Some(p), None) => (parse(p, "rope_parameters")?, None),
+            (None, None) => {
+                let full = match &self.rope_scaling {
+                    Some(s) if !s.is_null() => parse(s, "rope_scaling")?,
+                    _ => RopeParams {
+                        theta,
+                        scaling: None,
+                    },
+                };
+                let local = RopeParams {
+                    theta: self.rope_local_base_freq.unwrap_or(10000.0),
+                    scaling: None,
+                };
+                (full, (arch == Architecture::Gemma3).then_some(local))
+            }
+        };
+        Ok((full, sliding.filter(|_| arch == Architecture::Gemma3)))
+    }
+
+    /// One set of rope parameters (`key` names it in errors); `theta` when it has no `rope_theta`.
+    fn rope_params(&self, v: &Value, key: &str, theta: f64, head_dim: i64) -> Result<RopeParams> {
+        let Some(obj) = v.as_object() else {
+            return Err(Error::Config(format!(
+                "malformed config.json: {key}: expected an object, got {}",
+                kind_name(v, Words::Json)
+            )));
+        };
+        let theta = obj
+            .get("rope_theta")
+            .and_then(Value::as_f64)
+            .unwrap_or(theta);
+        if let Some(f) = obj
+            .get("partial_rotary_factor")
+            .and_then(Value::as_f64)
+            .filter(|&f| f != 1.0)
+        {
+            return Err(unsupported(
+                &format!("{key}.partial_rotary_factor"),
+                f,
+                "only 1.0",
+            ));
+        }
+        // transformers writes the type under `rope_type` and (legacy) `type`, sometimes both.
+        let mut obj = obj.clone();
+        if let Some(t) = obj.remove("type") {
+            obj.entry("rope_type").or_insert(t);
+        }
+        let ty = match obj.get("rope_type") {
+            Some(Value::String(t)) => t.clone(),
+            Some(other) => {
                 return Err(Error::Config(format!(
-                    "unsupported rope_scaling type {:?}: only \"llama3\"",
-                    s.rope_type
-                )));
+                    "malformed config.json: {key}.rope_type: expected a string, got {}",
+                    kind_name(other, Words::Json)
+                )))
+            }
+            None => {
+                return Err(Error::Config(format!(
+                    "malformed config.json: {key}: missing field `rope_type`"
+                )))
+            }
+        };
+        if ty == "default" {
+            return Ok(RopeParams {
+                theta,
+                scaling: None,
+            });
+        }
+        let mut s: RopeScaling = serde_json::from_value(Value::Object(obj))
+            .map_err(|e| Error::Config(format!("malformed config.json: {key}: {e}")))?;
+        let needs_factor = |s: &RopeScaling| match s.factor {
+            Some(f) if f.is_finite() && f > 0.0 => Ok(()),
+            other => Err(Error::Config(format!(
+                "{key}: rope_type {ty:?} needs a factor > 0, got {other:?}"
+            ))),
+        };
+        match ty.as_str() {
+            "llama3" | "linear" => needs_factor(&s)?,
+            "longrope" => {
+                s.original_max_position_embeddings = s
+                    .original_max_position_embeddings
+                    .or(self.original_max_position_embeddings);
+                let half = (head_dim / 2) as usize;
+                for (name, f) in [
+                    ("short_factor", &s.short_factor),
+                    ("long_factor", &s.long_factor),
+                ] {
+                    if f.as_ref().map(Vec::len) != Some(half) {
+                        return Err(Error::Config(format!(
+                            "{key}.{name} must hold head_dim / 2 = {half} numbers, got {:?}",
+                            f.as_ref().map(Vec::len)
+                        )));
+                    }
+                }
+                if s.original_max_position_embeddings.is_none_or(|n| n <= 0) {
+                    return Err(Error::Config(format!(
+                        "{key}: longrope needs original_max_position_embeddings > 0"
+                    )));
+                }
+            }
+            other => {
+                return Err(unsupported(
+                    &format!("{key} type"),
+                    other,
+                    "loratch has \"default\", \"linear\", \"llama3\" and \"longrope\"",
+                ))
             }
         }
-        Ok((rope_theta, rope_scaling.filter(|s| s.rope_type == "llama3")))
+        Ok(RopeParams {
+            theta,
+            scaling: Some(s),
+        })
+    }
+
+    /// Each layer's attention span, and the window of the sliding ones.
+    fn layers(&self, arch: Architecture) -> Result<(Vec<LayerType>, Option<i64>)> {
+        let n = self.num_hidden_layers as usize;
+        let window = match &self.sliding_window {
+            None | Some(Value::Null) => None,
+            Some(v) => match v.as_i64() {
+                Some(w) if w > 0 => Some(w),
+                _ => {
+                    return Err(Error::Config(format!(
+                        "sliding_window must be null or an integer > 0, got {v}"
+                    )))
+                }
+            },
+        };
+        // The classes' defaults when the key is absent: 4096 for Gemma and Mistral.
+        let window = match arch {
+            _ if self.sliding_window.is_some() => window,
+            Architecture::Gemma2 | Architecture::Gemma3 | Architecture::Mistral => Some(4096),
+            _ => None,
+        };
+        let window = match arch {
+            // Llama has no sliding window; Qwen's applies only with `use_sliding_window`.
+            Architecture::Llama => None,
+            Architecture::Qwen2 | Architecture::Qwen3 if !self.use_sliding_window => None,
+            Architecture::Qwen2 | Architecture::Qwen3 if window.is_some() => {
+                return Err(unsupported(
+                    "use_sliding_window",
+                    true,
+                    "Qwen's sliding-window layers are not implemented",
+                ))
+            }
+            _ => window,
+        };
+        let Some(window) = window else {
+            return Ok((vec![LayerType::Full; n], None));
+        };
+        let types = match (&self.layer_types, arch) {
+            (Some(names), _) => {
+                if names.len() != n {
+                    return Err(Error::Config(format!(
+                        "layer_types has {} entries for {n} layers",
+                        names.len()
+                    )));
+                }
+                names
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| match t.as_str() {
+                        "full_attention" => Ok(LayerType::Full),
+                        "sliding_attention" => Ok(LayerType::Sliding),
+                        other => Err(unsupported(
+                            &format!("layer_types[{i}]"),
+                            other,
+                            "loratch has \"full_attention\" and \"sliding_attention\"",
+                        )),
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            }
+            // transformers' defaults: Gemma 2 alternates from a sliding layer; Gemma 3 has one
+            // full layer in every `sliding_window_pattern`.
+            (None, Architecture::Gemma2) => (0..n)
+                .map(|i| [LayerType::Sliding, LayerType::Full][i % 2])
+                .collect(),
+            (None, Architecture::Gemma3) => {
+                let every = self.sliding_window_pattern.unwrap_or(6).max(1) as usize;
+                (0..n)
+                    .map(|i| match (i + 1) % every {
+                        0 => LayerType::Full,
+                        _ => LayerType::Sliding,
+                    })
+                    .collect()
+            }
+            (None, _) => vec![LayerType::Sliding; n],
+        };
+        Ok((types, Some(window)))
+    }
+
+    /// The MLP activation (`hidden_activation` for Gemma, else `hidden_act`).
+    fn activation(&self, arch: Architecture) -> Result<Activation> {
+        if arch.is_gemma() {
+            let act = self
+                .hidden_activation
+                .as_deref()
+                .unwrap_or("gelu_pytorch_tanh");
+            return match act {
+                "gelu_pytorch_tanh" => Ok(Activation::GeluTanh),
+                other => Err(unsupported(
+                    "hidden_activation",
+                    other,
+                    "only \"gelu_pytorch_tanh\"",
+                )),
+            };
+        }
+        match self.hidden_act.as_deref() {
+            None | Some("silu") => Ok(Activation::Silu),
+            Some(other) => Err(unsupported("hidden_act", other, "only \"silu\"")),
+        }
+    }
+
+    /// Refuses what the base model would do that loratch does not: dropout in the base model
+    /// (LoRA's own dropout is implemented) and bidirectional attention.
+    fn check_unsupported(&self) -> Result<()> {
+        for (key, p) in [
+            ("attention_dropout", self.attention_dropout),
+            ("resid_pdrop", self.resid_pdrop),
+            ("embd_pdrop", self.embd_pdrop),
+        ] {
+            if let Some(p) = p.filter(|&p| p != 0.0) {
+                return Err(unsupported(
+                    key,
+                    p,
+                    "dropout inside the base model is not implemented (lora_dropout is)",
+                ));
+            }
+        }
+        if self.use_bidirectional_attention == Some(true) {
+            return Err(unsupported(
+                "use_bidirectional_attention",
+                true,
+                "only causal attention",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -267,35 +589,67 @@ impl ModelConfig {
     pub fn from_json(text: &str) -> Result<Self> {
         let raw = RawConfig::parse(text)?;
         let arch_name = raw.architectures.first().cloned().unwrap_or_default();
-        let architecture = Architecture::from_name(&arch_name).ok_or_else(|| {
-            Error::Config(format!(
-                "unsupported architecture {:?} (model_type {:?}); supported: {}",
-                arch_name,
-                raw.model_type.as_deref().unwrap_or("?"),
-                Architecture::SUPPORTED.join(", ")
-            ))
-        })?;
-        if let Some(act) = &raw.hidden_act {
-            if act != "silu" {
-                return Err(Error::Config(format!(
-                    "unsupported hidden_act {act:?}: only \"silu\""
-                )));
-            }
+        let from_type = || {
+            raw.architectures
+                .is_empty()
+                .then(|| {
+                    raw.model_type
+                        .as_deref()
+                        .and_then(Architecture::from_model_type)
+                })
+                .flatten()
+        };
+        let architecture = Architecture::from_name(&arch_name)
+            .or_else(from_type)
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "unsupported architecture {:?} (model_type {:?}); supported: {}",
+                    arch_name,
+                    raw.model_type.as_deref().unwrap_or("?"),
+                    Architecture::SUPPORTED.join(", ")
+                ))
+            })?;
+        raw.check_unsupported()?;
+        let activation = raw.activation(architecture)?;
+        let (kv_heads, head_dim) = raw.heads(architecture)?;
+        let (rope, rope_sliding) = raw.rope(architecture, head_dim)?;
+        let (layer_types, sliding_window) = raw.layers(architecture)?;
+        let gemma = architecture.is_gemma();
+        let eps = raw
+            .rms_norm_eps
+            .unwrap_or(if architecture == Architecture::Phi3 {
+                1e-5
+            } else {
+                1e-6
+            });
+        if !(eps.is_finite() && eps > 0.0) {
+            return Err(Error::Config(format!(
+                "rms_norm_eps must be a finite number > 0, got {eps}"
+            )));
         }
-        let (kv_heads, head_dim) = raw.heads()?;
-        let (rope_theta, rope_scaling) = raw.rope()?;
-        let sliding =
-            raw.use_sliding_window && raw.sliding_window.as_ref().is_some_and(|v| !v.is_null());
-        if sliding {
-            return Err(Error::Config(
-                "sliding-window attention is not supported".into(),
-            ));
-        }
+        let positive = |key: &str, v: Option<f64>| match v {
+            Some(x) if !(x.is_finite() && x > 0.0) => Err(Error::Config(format!(
+                "{key} must be a finite number > 0 or null, got {x}"
+            ))),
+            _ => Ok(v),
+        };
+        // Gemma 2's class defaults (50, 30) apply when the keys are absent.
+        let gemma2 = architecture == Architecture::Gemma2;
+        let attn_softcap = positive(
+            "attn_logit_softcapping",
+            raw.attn_logit_softcapping.or(gemma2.then_some(50.0)),
+        )?;
+        let final_softcap = positive(
+            "final_logit_softcapping",
+            raw.final_logit_softcapping.or(gemma2.then_some(30.0)),
+        )?;
+        let query_scalar = positive("query_pre_attn_scalar", raw.query_pre_attn_scalar)?;
         let qkv_bias = architecture == Architecture::Qwen2 || raw.attention_bias;
-        let o_bias = matches!(
-            architecture,
-            Architecture::Llama | Architecture::Mistral | Architecture::Qwen3
-        ) && raw.attention_bias;
+        let o_bias =
+            !matches!(architecture, Architecture::Qwen2 | Architecture::Phi3) && raw.attention_bias;
+        if architecture == Architecture::Phi3 && raw.attention_bias {
+            return Err(unsupported("attention_bias", true, "Phi-3 has no biases"));
+        }
         Ok(Self {
             architecture,
             vocab_size: raw.vocab_size,
@@ -305,16 +659,34 @@ impl ModelConfig {
             num_attention_heads: raw.num_attention_heads,
             num_key_value_heads: kv_heads,
             head_dim,
-            rms_norm_eps: raw.rms_norm_eps,
-            rope_theta,
-            rope_scaling,
-            tie_word_embeddings: raw.tie_word_embeddings,
+            rms_norm_eps: eps,
+            rope,
+            rope_sliding,
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(gemma),
             qkv_bias,
             o_bias,
-            qk_norm: architecture == Architecture::Qwen3,
+            qk_norm: matches!(architecture, Architecture::Qwen3 | Architecture::Gemma3),
+            norm_unit_offset: gemma,
+            sandwich_norms: gemma,
+            fused_projections: architecture == Architecture::Phi3,
+            activation,
+            embed_scale: gemma.then(|| (raw.hidden_size as f64).sqrt()),
+            attn_scale: gemma.then(|| query_scalar.unwrap_or(256.0).powf(-0.5)),
+            attn_softcap,
+            final_softcap,
+            sliding_window,
+            layer_types,
             max_position_embeddings: raw.max_position_embeddings,
             eos_token_ids: ids(&raw.eos_token_id),
         })
+    }
+
+    /// The window of layer `i`, if it slides.
+    pub fn window_of(&self, i: usize) -> Option<i64> {
+        match self.layer_types.get(i) {
+            Some(LayerType::Sliding) => self.sliding_window,
+            _ => None,
+        }
     }
 }
 

@@ -1,18 +1,20 @@
-//! The Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) as transformers computes it: decoder
-//! layers of [`Attention`] and [`Mlp`] between RMSNorms, the embedding and the output head. Struct
-//! fields are named after the checkpoint keys: `model.layers.{i}.self_attn.q_proj` is
-//! `CausalLm.model.layers[i].self_attn.q_proj`.
-use super::attention::{Attention, AttentionOptions, Context};
+//! The decoder (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3, Phi-3) as transformers computes
+//! it: decoder layers of [`Attention`] and [`Mlp`] between RMSNorms, the embedding and the output
+//! head, with the families' options (Gemma's scaled embedding, sandwich norms and final-logit
+//! soft-capping; sliding-window layers). Struct fields are named after the checkpoint keys:
+//! `model.layers.{i}.post_attention_layernorm` is `CausalLm.model.layers[i].post_attention_layernorm`.
+use super::attention::{Attention, AttentionOptions, Context, Span};
 use super::cache::KvCache;
-use super::config::ModelConfig;
+use super::config::{LayerType, ModelConfig};
 use super::linear::{Linear, LoraMode, Quantize, Weight};
 use super::loader::Loader;
-use super::mask::{attention_mask_4d, causal_mask};
+use super::mask::attention_mask_4d;
 use super::mlp::Mlp;
 use super::norm::RmsNorm;
 use super::rope::Rope;
 use super::weights::WeightSource;
 use crate::error::{Error, Result};
+use crate::ops::attention::causal_mask;
 use tch::{Device, Kind, Tensor};
 
 /// `model.layers.{i}`.
@@ -22,17 +24,80 @@ pub struct DecoderLayer {
     pub mlp: Mlp,
     pub input_layernorm: RmsNorm,
     pub post_attention_layernorm: RmsNorm,
+    /// Gemma: the norm before the MLP (`post_attention_layernorm` then norms the attention's
+    /// output) and the one after it.
+    pub pre_feedforward_layernorm: Option<RmsNorm>,
+    pub post_feedforward_layernorm: Option<RmsNorm>,
 }
 
 impl DecoderLayer {
-    fn load(vb: &Loader, cfg: &ModelConfig) -> Result<Self> {
-        let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+    fn load(vb: &Loader, cfg: &ModelConfig, i: usize) -> Result<Self> {
+        let (h, eps, offset) = (cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_unit_offset);
+        let norm = |name: &str| RmsNorm::load(&vb.pp(name), h, eps, offset);
+        let sandwich = |name: &str| cfg.sandwich_norms.then(|| norm(name)).transpose();
         Ok(Self {
-            self_attn: Attention::load(&vb.pp("self_attn"), AttentionOptions::of(cfg))?,
-            mlp: Mlp::load(&vb.pp("mlp"), h, cfg.intermediate_size)?,
-            input_layernorm: RmsNorm::load(&vb.pp("input_layernorm"), h, eps)?,
-            post_attention_layernorm: RmsNorm::load(&vb.pp("post_attention_layernorm"), h, eps)?,
+            self_attn: Attention::load(&vb.pp("self_attn"), AttentionOptions::of(cfg, i))?,
+            mlp: Mlp::load(
+                &vb.pp("mlp"),
+                h,
+                cfg.intermediate_size,
+                cfg.activation,
+                cfg.fused_projections,
+            )?,
+            input_layernorm: norm("input_layernorm")?,
+            post_attention_layernorm: norm("post_attention_layernorm")?,
+            pre_feedforward_layernorm: sandwich("pre_feedforward_layernorm")?,
+            post_feedforward_layernorm: sandwich("post_feedforward_layernorm")?,
         })
+    }
+
+    /// The layer's norms with their names in the checkpoint (q/k norms under `self_attn.`).
+    pub fn norms(&self) -> Vec<(&'static str, &RmsNorm)> {
+        let mut out = vec![
+            ("input_layernorm", &self.input_layernorm),
+            ("post_attention_layernorm", &self.post_attention_layernorm),
+        ];
+        let optional = [
+            ("pre_feedforward_layernorm", &self.pre_feedforward_layernorm),
+            (
+                "post_feedforward_layernorm",
+                &self.post_feedforward_layernorm,
+            ),
+            ("self_attn.q_norm", &self.self_attn.q_norm),
+            ("self_attn.k_norm", &self.self_attn.k_norm),
+        ];
+        out.extend(
+            optional
+                .into_iter()
+                .filter_map(|(name, n)| n.as_ref().map(|n| (name, n))),
+        );
+        out
+    }
+
+    /// The layer's projections with their paths below the layer (`self_attn.q_proj`, ...).
+    pub fn linears(&self) -> Vec<(String, &Linear)> {
+        let attn = self.self_attn.linears().into_iter();
+        attn.map(|(n, l)| (format!("self_attn.{n}"), l))
+            .chain(
+                self.mlp
+                    .linears()
+                    .into_iter()
+                    .map(|(n, l)| (format!("mlp.{n}"), l)),
+            )
+            .collect()
+    }
+
+    /// As [`linears`](Self::linears), mutably.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let attn = self.self_attn.linears_mut().into_iter();
+        attn.map(|(n, l)| (format!("self_attn.{n}"), l))
+            .chain(
+                self.mlp
+                    .linears_mut()
+                    .into_iter()
+                    .map(|(n, l)| (format!("mlp.{n}"), l)),
+            )
+            .collect()
     }
 
     pub(super) fn forward(
@@ -41,16 +106,29 @@ impl DecoderLayer {
         ctx: &Context,
         cache: Option<&mut (Tensor, Tensor)>,
     ) -> Result<Tensor> {
-        let h = x.f_add(&self.self_attn.forward(
-            &self.input_layernorm.forward(x)?,
-            ctx,
-            cache,
-        )?)?;
-        Ok(h.f_add(
-            &self
-                .mlp
-                .forward(&self.post_attention_layernorm.forward(&h)?, ctx.mode)?,
-        )?)
+        let attn = self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x)?, ctx, cache)?;
+        // Gemma norms the attention's output before the residual and the MLP's input with its own
+        // norm; Llama norms the MLP's input with post_attention_layernorm.
+        let (h, mlp_in) = match &self.pre_feedforward_layernorm {
+            Some(pre) => {
+                let h = x.f_add(&self.post_attention_layernorm.forward(&attn)?)?;
+                let mlp_in = pre.forward(&h)?;
+                (h, mlp_in)
+            }
+            None => {
+                let h = x.f_add(&attn)?;
+                let mlp_in = self.post_attention_layernorm.forward(&h)?;
+                (h, mlp_in)
+            }
+        };
+        let out = self.mlp.forward(&mlp_in, ctx.mode)?;
+        let out = match &self.post_feedforward_layernorm {
+            Some(post) => post.forward(&out)?,
+            None => out,
+        };
+        Ok(h.f_add(&out)?)
     }
 }
 
@@ -71,6 +149,8 @@ pub struct CausalLm {
     pub lm_head: Linear,
     pub config: ModelConfig,
     rope: Rope,
+    /// Sliding layers' own rotary tables (Gemma 3's local base).
+    rope_sliding: Option<Rope>,
     kind: Kind,
     device: Device,
     /// Whether forwards that record gradients keep only each decoder layer's input and recompute
@@ -98,16 +178,27 @@ impl CausalLm {
             .pp("embed_tokens")
             .weight("weight", &[cfg.vocab_size, cfg.hidden_size])?;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::load(&vb.pp("layers").pp(i), cfg))
+            .map(|i| DecoderLayer::load(&vb.pp("layers").pp(i), cfg, i as usize))
             .collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::load(&vb.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
+        let norm = RmsNorm::load(
+            &vb.pp("norm"),
+            cfg.hidden_size,
+            cfg.rms_norm_eps,
+            cfg.norm_unit_offset,
+        )?;
         let head = root.pp("lm_head");
         let lm_head = if cfg.tie_word_embeddings || !head.contains("weight") {
             Linear::from_weight(embed_tokens.shallow_clone())
         } else {
             Linear::load(&head, cfg.hidden_size, cfg.vocab_size, false)?
         };
-        let rope = Rope::new(cfg, device)?;
+        let (d, max_pos) = (cfg.head_dim, cfg.max_position_embeddings);
+        let rope = Rope::new(&cfg.rope, d, max_pos, device)?;
+        let rope_sliding = cfg
+            .rope_sliding
+            .as_ref()
+            .map(|p| Rope::new(p, d, max_pos, device))
+            .transpose()?;
         Ok(Self {
             model: Model {
                 embed_tokens,
@@ -117,6 +208,7 @@ impl CausalLm {
             lm_head,
             config,
             rope,
+            rope_sliding,
             kind,
             device,
             gradient_checkpointing: false,
@@ -171,12 +263,26 @@ impl CausalLm {
             None => Tensor::f_arange_start(past, past + t, (Kind::Int64, self.device))?
                 .f_expand([b, t], false)?,
         };
-        let mask = match attention_mask {
-            Some(m) => Some(attention_mask_4d(m, past, t)?),
-            None if past > 0 && t > 1 => Some(causal_mask(past, t, self.device)?),
-            None => None,
+        let mask = |window: Option<i64>| -> Result<Option<Tensor>> {
+            Ok(match attention_mask {
+                Some(m) => Some(attention_mask_4d(m, past, t, window)?),
+                // A window binds once the keys reach it (transformers masks from there on).
+                None if window.is_some_and(|w| past + t >= w) => {
+                    Some(causal_mask(past, t, window, self.device)?)
+                }
+                None if past > 0 && t > 1 => Some(causal_mask(past, t, None, self.device)?),
+                None => None,
+            })
         };
-        self.run(input_ids, &positions, mask.as_ref(), None, cache, mode)
+        let masks = Masks {
+            full: mask(None)?,
+            sliding: self
+                .sliding_window()
+                .map(|w| mask(Some(w)))
+                .transpose()?
+                .flatten(),
+        };
+        self.run(input_ids, &positions, masks, None, cache, mode)
     }
 
     /// Final hidden states for a training batch whose rows may hold several examples:
@@ -191,7 +297,19 @@ impl CausalLm {
         mask: Option<&Tensor>,
         mode: LoraMode,
     ) -> Result<Tensor> {
-        self.run(input_ids, position_ids, mask, None, None, mode)
+        let t = input_ids.size()[1];
+        let sliding = match (self.sliding_window(), mask) {
+            (Some(w), Some(m)) if t >= w => {
+                Some(m.f_logical_and(&causal_mask(0, t, Some(w), self.device)?)?)
+            }
+            (Some(w), None) if t >= w => Some(causal_mask(0, t, Some(w), self.device)?),
+            _ => mask.map(Tensor::shallow_clone),
+        };
+        let masks = Masks {
+            full: mask.map(Tensor::shallow_clone),
+            sliding,
+        };
+        self.run(input_ids, position_ids, masks, None, None, mode)
     }
 
     /// Final hidden states `[B, T, hidden]` for packed rows, given the lengths of the runs of
@@ -230,7 +348,7 @@ impl CausalLm {
         let h = self.run(
             &flat(input_ids)?,
             &flat(position_ids)?,
-            None,
+            Masks::default(),
             Some(segment_lengths),
             None,
             mode,
@@ -238,30 +356,70 @@ impl CausalLm {
         Ok(h.f_reshape([size[0], size[1], -1])?)
     }
 
+    /// The length past which longrope's long factors apply, when the model has them: cached
+    /// keys of shorter sequences were rotated with the short ones.
+    pub fn rope_switch_length(&self) -> Option<i64> {
+        self.rope.switch_length()
+    }
+
+    /// The window of the model's sliding layers, if it has any.
+    fn sliding_window(&self) -> Option<i64> {
+        let cfg = &self.config;
+        cfg.sliding_window
+            .filter(|_| cfg.layer_types.contains(&LayerType::Sliding))
+    }
+
     /// The decoder stack: embeddings, layers (appending to `cache`), final norm.
     fn run(
         &self,
         input_ids: &Tensor,
         positions: &Tensor,
-        mask: Option<&Tensor>,
+        masks: Masks,
         segments: Option<&[i64]>,
         mut cache: Option<&mut KvCache>,
         mode: LoraMode,
     ) -> Result<Tensor> {
         let t = input_ids.size()[1];
         let (cos, sin) = self.rope.cos_sin(positions, self.kind)?;
+        let local = match &self.rope_sliding {
+            Some(r) => Some(r.cos_sin(positions, self.kind)?),
+            None => None,
+        };
+        let window = self.sliding_window();
+        let sliding = window.map(|w| {
+            let (cos, sin) = local.as_ref().map_or((&cos, &sin), |(c, s)| (c, s));
+            Span {
+                cos,
+                sin,
+                mask: masks.sliding.as_ref(),
+                is_causal: masks.sliding.is_none() && t > 1,
+                window: Some(w),
+            }
+        });
         let ctx = Context {
-            cos: &cos,
-            sin: &sin,
-            mask,
+            full: Span {
+                cos: &cos,
+                sin: &sin,
+                mask: masks.full.as_ref(),
+                is_causal: masks.full.is_none() && t > 1,
+                window: None,
+            },
+            sliding,
             segments,
-            is_causal: mask.is_none() && t > 1,
             mode,
         };
         let mut h = match &self.model.embed_tokens {
             Weight::Dense(w) => Tensor::f_embedding(w, input_ids, -1, false, false)?,
             Weight::Quantized(q) => q.embedding(input_ids)?,
         };
+        if let Some(scale) = self.config.embed_scale {
+            // As transformers: a float32 scalar tensor cast to the weights' dtype.
+            let scale = Tensor::f_from_slice(&[scale as f32])?
+                .f_reshape([])?
+                .f_to_kind(self.kind)?
+                .f_to_device(self.device)?;
+            h = h.f_mul(&scale)?;
+        }
         let checkpointed = self.gradient_checkpointing
             && cache.is_none()
             && crate::ops::checkpoint::grad_enabled();
@@ -287,7 +445,15 @@ impl CausalLm {
         mode: LoraMode,
     ) -> Result<Tensor> {
         let h = self.hidden_states(input_ids, attention_mask, cache, mode)?;
-        self.lm_head.forward(&h, mode)
+        self.softcap_logits(self.lm_head.forward(&h, mode)?)
+    }
+
+    /// Gemma 2's final-logit soft-capping, `cap * tanh(logits / cap)`, when the config has it.
+    pub fn softcap_logits(&self, logits: Tensor) -> Result<Tensor> {
+        Ok(match self.config.final_softcap {
+            Some(cap) => logits.f_div_scalar(cap)?.f_tanh()?.f_mul_scalar(cap)?,
+            None => logits,
+        })
     }
 
     /// Every linear layer with its module path (the checkpoint key without `.weight`), in
@@ -295,17 +461,7 @@ impl CausalLm {
     pub fn linears(&self) -> Vec<(String, &Linear)> {
         let mut out = Vec::new();
         for (i, l) in self.model.layers.iter().enumerate() {
-            let a = &l.self_attn;
-            let m = &l.mlp;
-            for (name, lin) in [
-                ("self_attn.q_proj", &a.q_proj),
-                ("self_attn.k_proj", &a.k_proj),
-                ("self_attn.v_proj", &a.v_proj),
-                ("self_attn.o_proj", &a.o_proj),
-                ("mlp.gate_proj", &m.gate_proj),
-                ("mlp.up_proj", &m.up_proj),
-                ("mlp.down_proj", &m.down_proj),
-            ] {
+            for (name, lin) in l.linears() {
                 out.push((format!("model.layers.{i}.{name}"), lin));
             }
         }
@@ -317,17 +473,7 @@ impl CausalLm {
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
         let mut out = Vec::new();
         for (i, l) in self.model.layers.iter_mut().enumerate() {
-            let a = &mut l.self_attn;
-            let m = &mut l.mlp;
-            for (name, lin) in [
-                ("self_attn.q_proj", &mut a.q_proj),
-                ("self_attn.k_proj", &mut a.k_proj),
-                ("self_attn.v_proj", &mut a.v_proj),
-                ("self_attn.o_proj", &mut a.o_proj),
-                ("mlp.gate_proj", &mut m.gate_proj),
-                ("mlp.up_proj", &mut m.up_proj),
-                ("mlp.down_proj", &mut m.down_proj),
-            ] {
+            for (name, lin) in l.linears_mut() {
                 out.push((format!("model.layers.{i}.{name}"), lin));
             }
         }
@@ -343,25 +489,10 @@ impl CausalLm {
             self.model.embed_tokens.to_dense()?,
         )];
         for (i, l) in self.model.layers.iter().enumerate() {
-            let p = format!("model.layers.{i}");
-            out.push((
-                format!("{p}.input_layernorm.weight"),
-                l.input_layernorm.weight.shallow_clone(),
-            ));
-            out.push((
-                format!("{p}.post_attention_layernorm.weight"),
-                l.post_attention_layernorm.weight.shallow_clone(),
-            ));
-            if let Some(n) = &l.self_attn.q_norm {
+            for (name, norm) in l.norms() {
                 out.push((
-                    format!("{p}.self_attn.q_norm.weight"),
-                    n.weight.shallow_clone(),
-                ));
-            }
-            if let Some(n) = &l.self_attn.k_norm {
-                out.push((
-                    format!("{p}.self_attn.k_norm.weight"),
-                    n.weight.shallow_clone(),
+                    format!("model.layers.{i}.{name}.weight"),
+                    norm.weight.shallow_clone(),
                 ));
             }
         }
@@ -428,13 +559,8 @@ impl CausalLm {
         };
         add(&self.model.norm.weight);
         for l in &self.model.layers {
-            add(&l.input_layernorm.weight);
-            add(&l.post_attention_layernorm.weight);
-            for n in [&l.self_attn.q_norm, &l.self_attn.k_norm]
-                .into_iter()
-                .flatten()
-            {
-                add(&n.weight);
+            for (_, norm) in l.norms() {
+                add(&norm.weight);
             }
         }
         for (_, lin) in self.linears() {
@@ -444,4 +570,11 @@ impl CausalLm {
         }
         total
     }
+}
+
+/// The attention masks of one forward: full layers' and sliding layers' (None: plain causal).
+#[derive(Default)]
+struct Masks {
+    full: Option<Tensor>,
+    sliding: Option<Tensor>,
 }

@@ -1,5 +1,5 @@
-//! Llama-family decoders loaded from Hugging Face checkpoints or GGUF files, with LoRA slots on
-//! every linear.
+//! The decoders (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3, Phi-3) loaded from Hugging Face
+//! checkpoints or GGUF files, with LoRA slots on every linear.
 pub mod attention;
 pub mod cache;
 pub mod checkpoint;
@@ -12,6 +12,8 @@ pub mod mask;
 pub mod mlp;
 pub mod norm;
 pub mod rope;
+#[cfg(test)]
+mod tests;
 pub mod weights;
 
 pub use cache::KvCache;

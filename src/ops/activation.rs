@@ -1,4 +1,5 @@
-//! The MLP activations: SwiGLU, `silu(gate) * up` (Llama, Mistral, Qwen).
+//! The MLP activations: SwiGLU, `silu(gate) * up` (Llama, Mistral, Qwen, Phi-3), and GeGLU with
+//! the tanh approximation, `gelu_tanh(gate) * up` (Gemma).
 use super::{path, Path, When};
 use crate::error::Result;
 use tch::Tensor;
@@ -10,6 +11,11 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         Path::Fused => Ok(crate::ffi::swiglu(gate, up)?),
         Path::Composite => Ok(gate.f_silu()?.f_mul(up)?),
     }
+}
+
+/// `gelu(gate, approximate="tanh") * up`, as transformers' `gelu_pytorch_tanh`.
+pub fn gelu_tanh_glu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    Ok(gate.f_gelu("tanh")?.f_mul(up)?)
 }
 
 #[cfg(test)]

@@ -13,60 +13,159 @@ const BLOCKED_MAX_LEN: i64 = 512;
 /// blocks of 64 were the fastest of 32 to 256 (BENCHMARKS.md, "attention block size").
 const BLOCK: i64 = 64;
 
-/// Causal attention of `q` `[B, H, T, D]` over `k`, `v` `[B, KV, T, D]` (the same positions),
-/// scaled by `1 / sqrt(D)`. Training on CPU in float32 up to [`BLOCKED_MAX_LEN`] positions runs
-/// the blocked kernel, which skips the products the mask hides (libtorch's CPU flash attention
-/// computes them); everything else runs libtorch's `scaled_dot_product_attention`.
-pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, gqa: bool) -> Result<Tensor> {
+/// How one attention forms its scores: the query scale (`None`: `1 / sqrt(D)`), Gemma 2's
+/// soft-capping `cap * tanh(s / cap)`, and whether keys are grouped (`KV < H`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Scores {
+    pub scale: Option<f64>,
+    pub softcap: Option<f64>,
+    pub gqa: bool,
+}
+
+/// Causal attention of `q` `[B, H, T, D]` over `k`, `v` `[B, KV, T, D]` (the same positions).
+/// Training on CPU in float32 up to [`BLOCKED_MAX_LEN`] positions runs the blocked kernel, which
+/// skips the products the mask hides (libtorch's CPU flash attention computes them); everything
+/// else runs libtorch's `scaled_dot_product_attention`, or with soft-capping [`eager_attention`].
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, s: Scores) -> Result<Tensor> {
+    if s.softcap.is_some() {
+        return eager_attention(q, k, v, None, true, s);
+    }
     let (t, d) = (q.size()[2], q.size()[3]);
     let fits = t <= BLOCKED_MAX_LEN && k.size()[2] == t;
     if fits && path(&[q, k, v], When::Training)? == Path::Fused {
-        return Ok(blocked(q, k, v, 1.0 / (d as f64).sqrt(), BLOCK)?);
+        let scale = s.scale.unwrap_or(1.0 / (d as f64).sqrt());
+        return Ok(blocked(q, k, v, scale, BLOCK)?);
     }
     Ok(Tensor::f_scaled_dot_product_attention::<&Tensor>(
-        q, k, v, None, 0.0, true, None, gqa,
+        q, k, v, None, 0.0, true, s.scale, s.gqa,
     )?)
 }
 
 /// Attention under `mask` (boolean, broadcastable to `[B, H, T, S]`, true = attend) or plain
-/// causal (`is_causal`) or full; libtorch's `scaled_dot_product_attention` (no fused kernel).
+/// causal (`is_causal`) or full; libtorch's `scaled_dot_product_attention` (no fused kernel), or
+/// with soft-capping [`eager_attention`].
 pub fn masked_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     mask: Option<&Tensor>,
     is_causal: bool,
-    gqa: bool,
+    s: Scores,
 ) -> Result<Tensor> {
+    if s.softcap.is_some() {
+        return eager_attention(q, k, v, mask, is_causal, s);
+    }
     Ok(Tensor::f_scaled_dot_product_attention(
-        q, k, v, mask, 0.0, is_causal, None, gqa,
+        q, k, v, mask, 0.0, is_causal, s.scale, s.gqa,
     )?)
 }
 
+/// Attention written out as transformers' `eager_attention_forward` (the only one of its paths
+/// that soft-caps): keys repeated per group, `q k^T * scale`, soft-capped, plus a mask of 0 and
+/// the dtype's lowest value, softmax in float32, times `v`. Without `mask`, `is_causal` masks
+/// keys after each query (queries aligned to the last keys).
+pub fn eager_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    is_causal: bool,
+    s: Scores,
+) -> Result<Tensor> {
+    let (h, d) = (q.size()[1], q.size()[3]);
+    let kind = q.f_kind()?;
+    let repeat = |x: &Tensor| -> Result<Tensor> {
+        let [b, kv, n, dd] = x.size()[..] else {
+            return Ok(x.shallow_clone());
+        };
+        if kv == h {
+            return Ok(x.shallow_clone());
+        }
+        Ok(x.f_unsqueeze(2)?
+            .f_expand([b, kv, h / kv, n, dd], false)?
+            .f_reshape([b, h, n, dd])?)
+    };
+    let (k, v) = (repeat(k)?, repeat(v)?);
+    let scale = s.scale.unwrap_or(1.0 / (d as f64).sqrt());
+    let mut scores = q.f_matmul(&k.f_transpose(2, 3)?)?.f_mul_scalar(scale)?;
+    if let Some(cap) = s.softcap {
+        scores = scores.f_div_scalar(cap)?.f_tanh()?.f_mul_scalar(cap)?;
+    }
+    let causal;
+    let mask = match mask {
+        Some(m) => Some(m),
+        None if is_causal => {
+            let (t, n) = (q.size()[2], k.size()[2]);
+            causal = causal_mask(n - t, t, None, q.device())?;
+            Some(&causal)
+        }
+        None => None,
+    };
+    if let Some(m) = mask {
+        let zero = Tensor::f_zeros([], (kind, q.device()))?;
+        let lowest = Tensor::f_full([], lowest_of(kind), (kind, q.device()))?;
+        scores = scores.f_add(&zero.f_where_self(m, &lowest)?)?;
+    }
+    // transformers' softmax runs in float32 (float64 stays float64: the tests' exact reference).
+    let softmax_kind = match kind {
+        tch::Kind::Double => tch::Kind::Double,
+        _ => tch::Kind::Float,
+    };
+    let probs = scores.f_softmax(-1, softmax_kind)?.f_to_kind(kind)?;
+    Ok(probs.f_matmul(&v)?)
+}
+
+/// The causal mask of `t` queries after `past` earlier keys, `[1, 1, t, past + t]` (true =
+/// attend): key `j` is seen by query `i` when `j <= i` and, with a `window`, `i - j < window`
+/// (transformers' sliding window: the query itself and the `window - 1` keys before it).
+pub fn causal_mask(past: i64, t: i64, window: Option<i64>, device: tch::Device) -> Result<Tensor> {
+    let q = Tensor::f_arange_start(past, past + t, (tch::Kind::Int64, device))?.f_unsqueeze(1)?;
+    let k = Tensor::f_arange(past + t, (tch::Kind::Int64, device))?.f_unsqueeze(0)?;
+    let mut mask = k.f_le_tensor(&q)?;
+    if let Some(w) = window {
+        mask = mask.f_logical_and(&k.f_gt_tensor(&q.f_sub_scalar(w)?)?)?;
+    }
+    Ok(mask.f_unsqueeze(0)?.f_unsqueeze(0)?)
+}
+
+/// `torch.finfo(kind).min`.
+fn lowest_of(kind: tch::Kind) -> f64 {
+    match kind {
+        tch::Kind::Half => -65504.0,
+        tch::Kind::BFloat16 => -3.3895313892515355e38,
+        tch::Kind::Double => f64::MIN,
+        _ => f32::MIN as f64,
+    }
+}
+
 /// Causal attention within each run of `lengths` consecutive positions (the examples of one packed
-/// row): one libtorch attention per example, split and concatenated so each backward is one op.
-/// Not the blocked kernel: on the short examples of a packed row it saves nothing (BENCHMARKS.md,
+/// row): one attention per example, split and concatenated so each backward is one op; with a
+/// `window`, a run at least that long attends to its last `window` positions only. Not the
+/// blocked kernel: on the short examples of a packed row it saves nothing (BENCHMARKS.md,
 /// "packed rows").
 pub fn segment_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     lengths: &[i64],
-    gqa: bool,
+    window: Option<i64>,
+    s: Scores,
 ) -> Result<Tensor> {
     let (qs, ks, vs) = (
         q.f_split_with_sizes(lengths, 2)?,
         k.f_split_with_sizes(lengths, 2)?,
         v.f_split_with_sizes(lengths, 2)?,
     );
-    let outs = qs
-        .iter()
-        .zip(&ks)
-        .zip(&vs)
-        .map(|((q, k), v)| {
-            Tensor::f_scaled_dot_product_attention::<&Tensor>(q, k, v, None, 0.0, true, None, gqa)
-        })
-        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let mut outs = Vec::with_capacity(lengths.len());
+    for (((q, k), v), &len) in qs.iter().zip(&ks).zip(&vs).zip(lengths) {
+        outs.push(match window.filter(|&w| len >= w) {
+            Some(w) => {
+                let mask = causal_mask(0, len, Some(w), q.device())?;
+                masked_attention(q, k, v, Some(&mask), false, s)?
+            }
+            None => masked_attention(q, k, v, None, true, s)?,
+        });
+    }
     Ok(Tensor::f_cat(&outs, 2)?)
 }
 
@@ -88,6 +187,13 @@ mod tests {
     use super::*;
     use crate::testing::{max_diff, with_grads};
     use tch::{Device, Kind};
+
+    fn gqa(gqa: bool) -> Scores {
+        Scores {
+            gqa,
+            ..Scores::default()
+        }
+    }
 
     /// [`with_grads`] for the attention's three inputs.
     fn run(
@@ -154,13 +260,13 @@ mod tests {
             }
             // The op gives the same results, blocked (grad) or not (no grad).
             let dispatched = run(
-                |q, k, v| causal_attention(q, k, v, h != kv).unwrap(),
+                |q, k, v| causal_attention(q, k, v, gqa(h != kv)).unwrap(),
                 &q,
                 &k,
                 &v,
                 &up,
             );
-            let plain = tch::no_grad(|| causal_attention(&q, &k, &v, h != kv).unwrap());
+            let plain = tch::no_grad(|| causal_attention(&q, &k, &v, gqa(h != kv)).unwrap());
             assert!(max_diff(&dispatched[0], &reference[0]) < 1e-4);
             assert!(max_diff(&plain, &reference[0]) < 1e-4);
             // With gradients it took the blocked op, without them libtorch's: bit for bit.
@@ -295,10 +401,11 @@ mod tests {
             Tensor::randn([1, 2, 9, 8], opts),
             Tensor::randn([1, 2, 9, 8], opts),
         );
-        let got = segment_attention(&q, &k, &v, &[4, 5], true).unwrap();
+        let got = segment_attention(&q, &k, &v, &[4, 5], None, gqa(true)).unwrap();
         for (start, len) in [(0, 4), (4, 5)] {
             let part = |t: &Tensor| t.narrow(2, start, len);
-            let want = masked_attention(&part(&q), &part(&k), &part(&v), None, true, true).unwrap();
+            let want =
+                masked_attention(&part(&q), &part(&k), &part(&v), None, true, gqa(true)).unwrap();
             assert!(got.narrow(2, start, len).equal(&want), "segment at {start}");
         }
     }

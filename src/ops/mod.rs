@@ -23,13 +23,15 @@ pub mod norm;
 pub mod quant;
 pub mod rotary;
 
-pub use activation::swiglu;
-pub use attention::{causal_attention, masked_attention, segment_attention};
+pub use activation::{gelu_tanh_glu, swiglu};
+pub use attention::{
+    causal_attention, eager_attention, masked_attention, segment_attention, Scores,
+};
 pub use checkpoint::checkpoint;
 pub use cross_entropy::cross_entropy_;
 pub use head::{head_input_grad, head_logits};
 pub use linear::{frozen_linear, lora_linear};
-pub use norm::rms_norm;
+pub use norm::{rms_norm, rms_norm_f32_scale};
 pub use rotary::rotary;
 
 /// Which implementation of an op runs.

@@ -1,5 +1,6 @@
-//! RMSNorm as transformers' `LlamaRMSNorm` computes it: `weight * (x / sqrt(mean(x^2) + eps))`,
-//! normalised in float32 and cast back before the weight.
+//! RMSNorm as transformers computes it: `LlamaRMSNorm`'s `weight * (x / sqrt(mean(x^2) + eps))`,
+//! normalised in float32 and cast back before the weight, and Gemma's, whose float32 scale
+//! (`1 + weight`) multiplies before the cast.
 use super::{path, Path, When};
 use crate::error::Result;
 use tch::{Kind, Tensor};
@@ -13,13 +14,27 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     }
 }
 
-/// The forward from libtorch ops, as transformers writes it.
-fn composite(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let kind = x.f_kind()?;
+/// Gemma's RMSNorm of `x` `[..., H]`: `(x / sqrt(mean(x^2) + eps)) * scale` in float32, cast back
+/// to `x`'s dtype; `scale` `[H]` is the float32 `1 + weight`. In float32 this is [`rms_norm`]'s
+/// formula, so training on CPU takes the same fused kernel.
+pub fn rms_norm_f32_scale(x: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
+    match path(&[x, scale], When::Training)? {
+        Path::Fused => Ok(crate::ffi::rms_norm(x, scale, eps)?),
+        Path::Composite => Ok(normalized(x, eps)?.f_mul(scale)?.f_to_kind(x.f_kind()?)?),
+    }
+}
+
+/// `x / sqrt(mean(x^2) + eps)` in float32.
+fn normalized(x: &Tensor, eps: f64) -> Result<Tensor> {
     let x32 = x.f_to_kind(Kind::Float)?;
     let var = x32.f_square()?.f_mean_dim(-1, true, Kind::Float)?;
-    let normed = x32.f_mul(&var.f_add_scalar(eps)?.f_rsqrt()?)?;
-    Ok(weight.f_mul(&normed.f_to_kind(kind)?)?)
+    Ok(x32.f_mul(&var.f_add_scalar(eps)?.f_rsqrt()?)?)
+}
+
+/// The forward from libtorch ops, as transformers writes it.
+fn composite(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let normed = normalized(x, eps)?;
+    Ok(weight.f_mul(&normed.f_to_kind(x.f_kind()?)?)?)
 }
 
 #[cfg(test)]

@@ -94,9 +94,13 @@ pub fn causal_lm_loss(
     // Whether the head's adapter takes part; without one the head's backward is done here.
     let adapted = head.lora.is_some() && !head.merged && mode.enabled;
     let losses = if !adapted || backward.is_none() {
-        manual_head_loss(head, adapted, &rows, &targets, chunk, mode, backward)?
+        let softcap = lm.config.final_softcap;
+        manual_head_loss(
+            head, adapted, softcap, &rows, &targets, chunk, mode, backward,
+        )?
     } else {
-        autograd_head_loss(head, &rows, &targets, chunk, mode, backward.unwrap_or(1.0))?
+        let logits = |x: &Tensor| lm.softcap_logits(head.forward(x, mode)?);
+        autograd_head_loss(&logits, &rows, &targets, chunk, backward.unwrap_or(1.0))?
     };
     let token_losses = Tensor::f_cat(&losses, 0)?;
     // One read of a device value per batch (a sync on CUDA), however many chunks.
@@ -111,10 +115,13 @@ pub fn causal_lm_loss(
 /// The token losses of `rows` against `targets`, chunk by chunk, with the head's backward done by
 /// hand: autograd stops at `rows`, and with `backward = Some(scale)` the gradient reaching `rows`
 /// (`(softmax - onehot) * scale @ W`) is handed to autograd once for all chunks. `adapted`: the
-/// head's adapter takes part in the logits (only without a backward).
+/// head's adapter takes part in the logits (only without a backward). `softcap`: Gemma 2's
+/// `cap * tanh(z / cap)` on the logits, whose derivative `1 - (y / cap)^2` the gradient takes.
+#[allow(clippy::too_many_arguments)]
 fn manual_head_loss(
     head: &Linear,
     adapted: bool,
+    softcap: Option<f64>,
     rows: &Tensor,
     targets: &Tensor,
     chunk: i64,
@@ -133,7 +140,19 @@ fn manual_head_loss(
             _ => head.forward(&x, mode),
         })?;
         let mut logits = logits.f_to_kind(Kind::Float)?;
+        // The capped logits' derivative by the raw ones, `1 - (y / cap)^2`.
+        let mut capped_slope = None;
+        if let Some(cap) = softcap {
+            logits = logits.f_div_scalar(cap)?.f_tanh()?.f_mul_scalar(cap)?;
+            if backward.is_some() {
+                let ratio = logits.f_div_scalar(cap)?;
+                capped_slope = Some(ratio.f_square()?.f_neg()?.f_add_scalar(1.0)?);
+            }
+        }
         losses.push(ops::cross_entropy_(&mut logits, &tgt, backward)?);
+        if let Some(slope) = capped_slope {
+            logits = logits.f_mul(&slope)?;
+        }
         if backward.is_some() {
             // `logits` now holds the gradient (softmax - onehot) * scale.
             let g = logits.f_to_kind(head.weight.kind())?;
@@ -152,13 +171,12 @@ fn manual_head_loss(
 }
 
 /// The token losses of `rows` against `targets` through a head whose adapter trains: autograd
-/// through the (still chunked) head, back-propagating `scale * sum`.
+/// through the (still chunked) head `logits_of`, back-propagating `scale * sum`.
 fn autograd_head_loss(
-    head: &Linear,
+    logits_of: &dyn Fn(&Tensor) -> Result<Tensor>,
     rows: &Tensor,
     targets: &Tensor,
     chunk: i64,
-    mode: LoraMode,
     scale: f64,
 ) -> Result<Vec<Tensor>> {
     let n = rows.size()[0];
@@ -168,7 +186,7 @@ fn autograd_head_loss(
         let len = chunk.min(n - start);
         let x = rows.f_narrow(0, start, len)?;
         let tgt = targets.f_narrow(0, start, len)?;
-        let logits = head.forward(&x, mode)?.f_to_kind(Kind::Float)?;
+        let logits = logits_of(&x)?.f_to_kind(Kind::Float)?;
         let loss = logits.f_cross_entropy_loss::<&Tensor>(
             &tgt,
             None,

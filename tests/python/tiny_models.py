@@ -10,7 +10,12 @@ from typing import Any
 
 import torch
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "llama3-scaled", "llama-untied"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "llama3-scaled", "llama-untied", "gemma2", "gemma3", "phi3", "phi3-longrope"]
+#: The families added by issue 22 (their own test file, tests/python/test_families.py, covers what
+#: the shared tests do not): each has a sliding window of WINDOW positions, so the shared tests'
+#: sequences (up to 19 tokens) cross it.
+NEW_FAMILIES = ["gemma2", "gemma3", "phi3", "phi3-longrope"]
+WINDOW = 6
 
 
 def tiny_config(family: str, **overrides: Any) -> Any:
@@ -49,6 +54,37 @@ def tiny_config(family: str, **overrides: Any) -> Any:
         cfg = tf.Qwen2Config(**common)
     elif family == "qwen3":
         cfg = tf.Qwen3Config(**{**common, "head_dim": 16})
+    elif family == "gemma2":
+        # Caps low enough to bite on the random weights' scores and logits.
+        cfg = tf.Gemma2Config(
+            **common, head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW,
+            attn_logit_softcapping=2.0, final_logit_softcapping=4.0, hidden_activation="gelu_pytorch_tanh",
+        )
+    elif family == "gemma3":
+        cfg = tf.Gemma3TextConfig(
+            **{**common, "num_hidden_layers": 3}, head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
+        )
+        cfg.architectures = ["Gemma3ForCausalLM"]
+    elif family == "phi3":
+        cfg = tf.Phi3Config(**{**common, "tie_word_embeddings": False}, sliding_window=WINDOW, pad_token_id=0,
+                            eos_token_id=1, bos_token_id=2)
+    elif family == "phi3-longrope":
+        # Past 12 positions the long factors apply (the shared tests' 19-token rows switch).
+        half = 4
+        cfg = tf.Phi3Config(
+            **{**common, "tie_word_embeddings": False, "max_position_embeddings": 48},
+            original_max_position_embeddings=12, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+            rope_scaling={
+                "rope_type": "longrope",
+                "short_factor": [1.0 + 0.1 * i for i in range(half)],
+                "long_factor": [1.5 + 0.5 * i for i in range(half)],
+            },
+        )
     else:
         raise ValueError(family)
     for k, v in overrides.items():
