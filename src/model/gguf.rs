@@ -1,7 +1,7 @@
 //! A GGUF file (llama.cpp, Ollama) as a model checkpoint: the `config.json` keys from its
-//! `<arch>.*` metadata ([`meta`]), checkpoint keys from llama.cpp's tensor names
+//! `<arch>.*` metadata (`meta`), checkpoint keys from llama.cpp's tensor names
 //! (`blk.0.attn_q.weight` → `model.layers.0.self_attn.q_proj.weight`, one table per architecture
-//! in [`arch`]), llama.cpp's q/k row permutation of Llama weights and its `1 + w` Gemma norms
+//! in `arch`), llama.cpp's q/k row permutation of Llama weights and its `1 + w` Gemma norms
 //! undone, and the frozen matrices kept in their stored block format unless asked otherwise.
 mod arch;
 mod meta;
