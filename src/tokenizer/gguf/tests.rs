@@ -629,3 +629,92 @@ fn bad_metadata_is_a_tokenizer_error_naming_the_key() {
         }
     }
 }
+
+/// Gemma 3's chat template, as google/gemma-3-270m-it's `tokenizer_config.json` has it (the
+/// packaged GGUF has no `tokenizer.chat_template`).
+const GEMMA3_TEMPLATE: &str = include_str!("gemma3_chat_template.jinja");
+
+/// Texts that exercise Gemma's vocabulary: its turn markers, runs of spaces and new lines (tokens
+/// of their own), digits (one token each), code.
+const GEMMA_TEXTS: &[&str] = &[
+    "<start_of_turn>user\nHi there<end_of_turn>\n<start_of_turn>model\n",
+    "x<start_of_turn>y<end_of_turn>z<bos><eos><pad><mask><unk>",
+    "<start_of_image><end_of_image>",
+    "a  b   c    d\n\n\ne\t\tf \n \n",
+    "                                 many spaces",
+    "def f(x):\n    return [i ** 2 for i in range(x)]  # squares\n",
+    "2024-12-01 3.14159 1,000,000 0x1F",
+    "Ünïcödé ﬁ ﬂ ligatures, combining e\u{301}, ZWJ 👨‍👩‍👧, RTL שלום مرحبا",
+    "\u{feff}BOM and \u{a0}nbsp and \u{2003}em space",
+];
+
+fn gemma_chats() -> Vec<Value> {
+    vec![
+        json!([{"role": "user", "content": "What is the capital of France?"}]),
+        json!([
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "  What is 2+2?  "},
+            {"role": "assistant", "content": "4."},
+            {"role": "user", "content": "And 3+3?\n"}
+        ]),
+        json!([
+            {"role": "user", "content": "Hej!"},
+            {"role": "assistant", "content": "Hej 🤗"}
+        ]),
+    ]
+}
+
+#[test]
+fn gemma3_270m_gguf_matches_transformers() {
+    let Some(path) = crate::testing::gemma3_gguf() else {
+        return;
+    };
+    let file = crate::gguf::GgufFile::open(&path).unwrap_or_else(|e| panic!("{e}"));
+    let data = GgufTokenizerData::read(&file).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(data.architecture.as_deref(), Some("gemma3"));
+    assert_eq!(data.tokens.len(), 262144);
+    assert!(
+        data.chat_template.is_none(),
+        "the packaged file has a chat template now"
+    );
+    let tok = build(&data);
+    assert!(tok.apply_chat_template(&[], true).is_err());
+
+    // transformers' tokenizer of the file's own tokenizer metadata, written back with the chat
+    // template added (one load of transformers' tokenizer: it derives 500k merges in Python).
+    let mut with_template = data.clone();
+    with_template.chat_template = Some(GEMMA3_TEMPLATE.to_owned());
+    let mut texts: Vec<String> = TEXTS
+        .iter()
+        .chain(GEMMA_TEXTS)
+        .map(|s| (*s).to_owned())
+        .collect();
+    texts.extend(random_texts(150));
+    let ids = id_lists(262144);
+    let chats = gemma_chats();
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let r = reference(&json!({
+        "write": json_of(&with_template), "dir": dir.path(), "texts": texts, "id_lists": ids,
+        "chats": chats,
+    }));
+    assert_eq!(
+        json_of(&from_meta(&r["meta"])),
+        json_of(&with_template),
+        "gguf-py read back other metadata"
+    );
+    assert_matches(&tok, &r, &texts, &ids);
+    assert_eq!(
+        (tok.bos_token(), tok.eos_token(), tok.pad_token()),
+        (Some("<bos>"), Some("<eos>"), Some("<pad>"))
+    );
+    let tok = build(&with_template);
+    let rendered = r["chats"].as_array().cloned().unwrap_or_default();
+    assert_eq!(
+        rendered.len(),
+        chats.len(),
+        "transformers rendered no chats"
+    );
+    for (chat, expected) in chats.iter().zip(&rendered) {
+        assert_chat(&tok, &json!({ "chat": expected }), chat);
+    }
+}
