@@ -157,3 +157,46 @@ def test_default_model_module_prints_the_assembled_file(gguf_path: Path) -> None
     assert "Gemma Terms of Use" in (gguf_path.parent / "LICENSE-NOTE.txt").read_text()
     bad = subprocess.run([sys.executable, "-m", "loratch.default_model", "gemma9"], capture_output=True, text=True)
     assert bad.returncode != 0 and "usage" in bad.stderr
+
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Zaragoza is a city in", "1, 2, 3, 5, 8,"]
+
+
+@pytest.fixture(scope="module")
+def models(gguf_path: Path) -> Any:
+    """loratch's model of the file (its blocks kept quantized) and transformers' (dequantized to
+    float32 on load) with its tokenizer."""
+    import transformers as tf
+
+    loratch.torch_hf_load_model_lora("gemma3-real", gguf_path)
+    hf = tf.AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype="float32")
+    tok = tf.AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    yield hf.eval(), tok
+    loratch.torch_hf_unload("gemma3-real")
+
+
+def test_real_model_logits_equal_transformers_to_rounding(models: Any) -> None:
+    """The same decoded weights and the same ops, except that loratch decodes the tied
+    262144 x 640 head in chunks (its own matmul shapes): equal to float32 rounding, bounded by
+    transformers' own float32 error (measured against its float64 copy) times the slack."""
+    import torch
+    from helpers import assert_within_rounding, float32_errors, logits_of
+
+    hf, tok = models
+    ids = tok(PROMPTS[0], return_tensors="pt").input_ids
+    ref, err = float32_errors(hf, lambda m: logits_of(m, ids))
+    with torch.no_grad():
+        got = loratch.torch_hf_forward("gemma3-real", ids)
+    assert_within_rounding(got, ref["logits"], err["logits"], "Gemma-3-270M logits")
+
+
+def test_real_model_greedy_generation_equals_transformers(models: Any) -> None:
+    import torch
+
+    hf, tok = models
+    for prompt in PROMPTS:
+        ids = tok(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            want = hf.generate(ids, max_new_tokens=16, do_sample=False)[0, ids.shape[1]:].tolist()
+        got = loratch.torch_hf_generate("gemma3-real", ids[0].tolist(), 16, greedy=True)
+        assert got == want, (prompt, tok.decode(got), tok.decode(want))
