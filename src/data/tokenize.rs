@@ -14,7 +14,8 @@
 //!   otherwise (a token straddles the boundary) every boundary is placed with the character
 //!   offsets of the full encoding instead: a token is trained when it overlaps a span, so a
 //!   token straddling the start (e.g. `" hello"` after a prompt ending in `": "`) is trained.
-//!   Without a chat template the conversation is rendered as `"{role}: {content}\n"` a message,
+//!   Without a chat template the conversation is rendered as `"{role}: {content}\n"` a message
+//!   (after the BOS token when the tokenizer opens encodings with one, as Gemma's does),
 //!   with the EOS token after each assistant content, and the generation prompt is
 //!   `"assistant: "` (this format takes the offset path: the trained tokens of a turn are
 //!   `" {content}{eos}"`). With `train_on_inputs` every token is trained.
@@ -123,6 +124,13 @@ fn render(tokenizer: &Tokenizer, messages: &[Message], generation_prompt: bool) 
     }
     let eos = tokenizer.eos_token().unwrap_or("");
     let mut text = String::new();
+    // The plain text is encoded without special tokens, so a tokenizer that opens every encoding
+    // with BOS (Gemma, Llama 2) gets it written out, as chat templates do.
+    if let (Some(bos), Some(bos_id)) = (tokenizer.bos_token(), tokenizer.bos_token_id()) {
+        if tokenizer.encode("", true)? == [bos_id] {
+            text.push_str(bos);
+        }
+    }
     for m in messages {
         text.push_str(&m.role);
         text.push_str(": ");
@@ -314,6 +322,28 @@ mod tests {
         assert_eq!(
             tok.decode(&trained(&e), false).unwrap(),
             " hello there<|im_end|>"
+        );
+    }
+
+    /// Gemma's tokenizer opens every encoding with `<bos>` (and its GGUF has no chat template):
+    /// the plain format starts with it too, and only the assistant's content and EOS train.
+    #[test]
+    fn plain_format_keeps_a_tokenizers_bos() {
+        let Some(path) = crate::testing::gemma3_gguf() else {
+            return;
+        };
+        let tok = Tokenizer::for_model(&path).unwrap();
+        assert!(tok.chat_template().is_none());
+        let bos = tok.bos_token_id().unwrap() as i64;
+        let msgs = vec![Message::user("hi"), Message::assistant("hello there")];
+        let e = tokenize(&Record::Chat(msgs), &tok, 64, false)
+            .unwrap()
+            .unwrap();
+        assert_eq!(e.input_ids[0], bos);
+        assert_eq!(e.input_ids.iter().filter(|&&t| t == bos).count(), 1);
+        assert_eq!(
+            tok.decode(&trained(&e), false).unwrap(),
+            " hello there<eos>"
         );
     }
 
