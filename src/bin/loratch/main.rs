@@ -218,9 +218,12 @@ fn merge(
     let gguf = match (is_gguf_path(&out), gguf_type) {
         (true, t) => {
             let name = t.as_deref().unwrap_or("f16");
-            Some(loratch::quant::QType::from_name(name).ok_or_else(|| {
+            let types = loratch::llamacpp::model::TYPES;
+            let ty = loratch::quant::QType::from_name(name).filter(|t| types.contains(t));
+            Some(ty.ok_or_else(|| {
                 loratch::Error::Config(format!(
-                    "--type {name:?}: expected one of f32, f16, bf16, q8_0, q4_0"
+                    "--type {name:?}: expected one of {}",
+                    types.map(|t| t.name()).join(", ")
                 ))
             })?)
         }
