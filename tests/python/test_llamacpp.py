@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers import assert_within_rounding, hf_model, max_diff, randomize_adapters, run_cli
+from helpers import assert_within_rounding, float32_errors, hf_model, max_diff, peft_logits, randomize_adapters, run_cli
 
 import loratch
 from loratch.default_model import default_model_dir, gguf_path
@@ -241,6 +241,42 @@ def test_merged_gguf_from_a_gguf_base(smol: Smol, binary: Path, tmp_path: Path) 
     finally:
         loratch.torch_hf_unload("llcpp-q")
     assert_within_rounding(llama_logits(out, ids), want, smol.errors[0]["merged"], "GGUF base merged")
+
+
+@pytest.mark.parametrize("family", ["llama", "llama-untied", "mistral", "qwen2", "qwen3"])
+def test_every_family_runs_in_llama_cpp(family: str, tiny_model: Any, binary: Path, tmp_path: Path) -> None:
+    """Each exported architecture, tiny and random (SmolLM2's tokenizer): llama.cpp's logits of the
+    base GGUF with the adapter GGUF, and of the merged GGUF, equal loratch's to float32 rounding.
+    The untied Llama also adapts its output head."""
+    from peft import PeftModel
+    from tiny_models import TOKENIZER_FILES, tokenizer_source
+
+    d = tmp_path / "model"
+    shutil.copytree(tiny_model(family, 8, vocab_size=49152), d)
+    for f in TOKENIZER_FILES:
+        if (tokenizer_source() / f).is_file():
+            shutil.copy(tokenizer_source() / f, d / f)
+    targets = TARGETS + (["lm_head"] if family == "llama-untied" else [])
+    loratch.torch_hf_load_model_lora("fam", d)
+    try:
+        loratch.torch_hf_lora_init("fam", 4, 8.0, targets)
+        loratch.torch_hf_lora_save("fam", tmp_path / "zero")
+        randomize_adapters("fam", 0.1, seed=1)
+        loratch.torch_hf_lora_save("fam", tmp_path / "ad")
+        loratch.torch_hf_lora_save("fam", tmp_path / "ad.gguf")
+        ids = torch.randint(0, 49152, (1, 12), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            ours = loratch.torch_hf_forward("fam", ids)[0]
+    finally:
+        loratch.torch_hf_unload("fam")
+    _, err = float32_errors(PeftModel.from_pretrained(hf_model(d), tmp_path / "ad"), lambda m: peft_logits(m, ids))
+    for adapter, out in [("zero", "base.gguf"), ("ad", "merged.gguf")]:
+        r = run_cli(binary, "merge", "--model", d, "--adapter", tmp_path / adapter, "--out", tmp_path / out, "--type", "f32")
+        assert r.returncode == 0, r.stderr
+    tol = max(err["logits"], err["merged"])
+    assert_within_rounding(llama_logits(tmp_path / "merged.gguf", ids[0].tolist()), ours, tol, f"{family} merged")
+    got = llama_logits(tmp_path / "base.gguf", ids[0].tolist(), tmp_path / "ad.gguf")
+    assert_within_rounding(got, ours, tol, f"{family} base + adapter")
 
 
 # --- bad input: a typed error before anything is written -------------------------------------------

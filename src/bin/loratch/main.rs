@@ -218,7 +218,7 @@ fn merge(
     let gguf = match (is_gguf_path(&out), gguf_type) {
         (true, t) => {
             let name = t.as_deref().unwrap_or("f16");
-            let types = loratch::llamacpp::model::TYPES;
+            let types = loratch::model::llamacpp::MERGED_TYPES;
             let ty = loratch::quant::QType::from_name(name).filter(|t| types.contains(t));
             Some(ty.ok_or_else(|| {
                 loratch::Error::Config(format!(
@@ -241,7 +241,7 @@ fn merge(
     let mut model = LoadedModel::load(&model_dir, &opts)?;
     loratch::hf::peft::load(&mut model, &adapter)?;
     match gguf {
-        Some(ty) => loratch::llamacpp::save_merged(&model, &out, ty)?,
+        Some(ty) => loratch::model::llamacpp::save_merged(&model.lm, &model.path, &out, ty)?,
         None => loratch::hf::export::save_merged(&model, &out)?,
     }
     if let Some(q) = model.lm.quantization() {
@@ -267,7 +267,7 @@ fn export(model_dir: PathBuf, adapter: PathBuf, out: PathBuf) -> loratch::Result
     }
     let mut model = LoadedModel::load(&model_dir, &LoadOptions::parse(&LoadConfig::default())?)?;
     loratch::hf::peft::load(&mut model, &adapter)?;
-    loratch::llamacpp::save_adapter(&model, &out)?;
+    loratch::model::llamacpp::save_adapter(&model.lm, &model.path, &out)?;
     println!("{}", out.display());
     Ok(())
 }

@@ -12,7 +12,7 @@
 use super::{arch_spec, permute_rows, to_f32_vec, ArchSpec};
 use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, GgufWriter, Value};
-use crate::hf::LoadedModel;
+use crate::model::CausalLm;
 use crate::quant::QType;
 use crate::tokenizer::source::is_gguf;
 use std::path::Path;
@@ -30,22 +30,18 @@ struct Pair {
     b: Tensor,
 }
 
-/// Writes the adapters of `model` to `path` as a llama.cpp LoRA GGUF, atomically. Refused
-/// before anything is written ([`Error::Config`]): no LoRA, an architecture llama.cpp lacks, a
-/// LoRA on a tied output head (llama.cpp's converter refuses those), a module with no llama.cpp
-/// tensor, or scalings that no single alpha reproduces.
-pub fn save_adapter(model: &LoadedModel, path: &Path) -> Result<()> {
-    let config = &model.lm.config;
+/// Writes the adapters of `lm` (loaded from `source`, a directory or a GGUF) to `path` as a
+/// llama.cpp LoRA GGUF, atomically. Refused before anything is written ([`Error::Config`]): no
+/// adapters, an architecture llama.cpp lacks, a GGUF source of another architecture, a LoRA on a
+/// tied output head (llama.cpp's converter refuses those), a module with no llama.cpp tensor, or
+/// scalings that no single alpha reproduces.
+pub fn save_adapter(lm: &CausalLm, source: &Path, path: &Path) -> Result<()> {
+    let config = &lm.config;
     let spec = arch_spec(config.architecture)?;
-    if model.lora.is_none() {
-        return Err(Error::State(
-            "LoRA is not initialised: nothing to save".into(),
-        ));
-    }
-    check_gguf_base(model, spec)?;
+    check_gguf_base(source, spec)?;
     let mut pairs = Vec::new();
     let mut alphas: Vec<(String, f64)> = Vec::new();
-    for (module, lin) in model.lm.linears() {
+    for (module, lin) in lm.linears() {
         let Some(ad) = &lin.lora else { continue };
         let key = format!("{module}.weight");
         if module == "lm_head" && config.tie_word_embeddings {
@@ -117,11 +113,11 @@ fn common_alpha(alphas: &[(String, f64)]) -> Result<f64> {
 }
 
 /// A GGUF base must be of the architecture the adapter names (llama.cpp refuses a mismatch).
-fn check_gguf_base(model: &LoadedModel, spec: &ArchSpec) -> Result<()> {
-    if !is_gguf(&model.path) {
+fn check_gguf_base(source: &Path, spec: &ArchSpec) -> Result<()> {
+    if !is_gguf(source) {
         return Ok(());
     }
-    let file = GgufFile::open(&model.path)?;
+    let file = GgufFile::open(source)?;
     let arch = file.get_str("general.architecture")?.unwrap_or_default();
     if arch != spec.name {
         return Err(refuse(format!(

@@ -13,8 +13,7 @@
 use super::{arch_spec, permute_rows, to_f32_vec, tokenizer, ArchSpec};
 use crate::error::{Error, Result};
 use crate::gguf::{GgufWriter, Value};
-use crate::hf::LoadedModel;
-use crate::model::ModelConfig;
+use crate::model::{CausalLm, ModelConfig};
 use crate::quant::{self, QType};
 use std::path::Path;
 
@@ -38,19 +37,20 @@ fn file_type(ty: QType) -> u32 {
     }
 }
 
-/// Writes `model` (adapters merged in float32, the model itself unchanged) to `path` as a
-/// llama.cpp model GGUF with matrices of type `ty`, atomically. Refused before anything is
+/// Writes `lm` (loaded from `source`, a directory or a GGUF, whose tokenizer it takes; adapters
+/// merged in float32, the model itself unchanged) to `path` as a llama.cpp model GGUF with
+/// matrices of type `ty`, atomically. Refused before anything is
 /// written: a type outside [`TYPES`], an architecture llama.cpp lacks, Llama 3.1 rope scaling
 /// (llama.cpp needs a `rope_freqs` tensor loratch does not write yet), a weight with no
 /// llama.cpp tensor, or a tokenizer that cannot be written for llama.cpp.
-pub fn save_merged(model: &LoadedModel, path: &Path, ty: QType) -> Result<()> {
+pub fn save_merged(lm: &CausalLm, source: &Path, path: &Path, ty: QType) -> Result<()> {
     if !TYPES.contains(&ty) {
         return Err(Error::Config(format!(
             "a merged GGUF is written as one of {}, not {ty}",
             TYPES.map(QType::name).join(", ")
         )));
     }
-    let config = &model.lm.config;
+    let config = &lm.config;
     let spec = arch_spec(config.architecture)?;
     if config.rope_scaling.is_some() {
         return Err(Error::Config(
@@ -71,7 +71,7 @@ pub fn save_merged(model: &LoadedModel, path: &Path, ty: QType) -> Result<()> {
     }
     w.set("general.file_type", Value::U32(file_type(ty)))?;
     w.set("general.quantization_version", Value::U32(2))?;
-    for (k, v) in tokenizer::metadata(&model.path, config.vocab_size)? {
+    for (k, v) in tokenizer::metadata(source, config.vocab_size)? {
         w.set(&k, v)?;
     }
     let head = if config.tie_word_embeddings {
@@ -79,7 +79,7 @@ pub fn save_merged(model: &LoadedModel, path: &Path, ty: QType) -> Result<()> {
     } else {
         "output.weight"
     };
-    for (key, t) in model.lm.merged_state_dict()? {
+    for (key, t) in lm.merged_state_dict()? {
         let name = spec.tensor_name(&key).ok_or_else(|| {
             Error::Config(format!(
                 "cannot export to llama.cpp: weight {key} has no tensor in llama.cpp's {} \

@@ -1,5 +1,5 @@
 //! Export to llama.cpp (and Ollama, which runs its files): LoRA adapters as llama.cpp's adapter
-//! GGUFs ([`adapter`]) and models with their adapters merged as model GGUFs ([`model`]), laid out
+//! GGUFs ([`adapter`]) and models with their adapters merged as model GGUFs ([`merged`]), laid out
 //! as llama.cpp's own converters (`convert_lora_to_gguf.py`, `convert_hf_to_gguf.py`) write them:
 //! llama.cpp's tensor names, its q/k row order for Llama-family weights, `<arch>.*`
 //! hyper-parameters and `tokenizer.*` metadata ([`tokenizer`]).
@@ -8,16 +8,16 @@
 //! for it, whether q/k rows are permuted, and the names of its per-layer tensors. Every check
 //! runs before anything is written; an export that cannot be exact is refused with an error
 //! that says why, and no file is left behind.
+use super::{Architecture, ModelConfig};
 use crate::error::{Error, Result};
-use crate::model::{Architecture, ModelConfig};
 use tch::Tensor;
 
 pub mod adapter;
-pub mod model;
+pub mod merged;
 pub mod tokenizer;
 
 pub use adapter::save_adapter;
-pub use model::save_merged;
+pub use merged::{save_merged, TYPES as MERGED_TYPES};
 
 /// How one architecture is written for llama.cpp.
 #[derive(Debug)]
