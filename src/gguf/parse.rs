@@ -13,7 +13,7 @@ pub(super) type PResult<T> = std::result::Result<T, String>;
 const MAX_DIMS: u32 = 4;
 /// Nested metadata arrays deeper than this are refused (each level costs only 12 bytes, so a
 /// small file could otherwise exhaust the stack).
-const MAX_DEPTH: usize = 8;
+pub(super) const MAX_DEPTH: usize = 8;
 /// `general.alignment` when absent (`GGUF_DEFAULT_ALIGNMENT`).
 const DEFAULT_ALIGNMENT: u64 = 32;
 /// Smallest encodings, to bound counts by the bytes left: a key/value pair (empty key, u32

@@ -28,10 +28,12 @@ pub enum Layout {
     Safetensors,
     /// A legacy `torch.save` file (`.pt`, `.pth`, `.bin`).
     Torch,
+    /// A llama.cpp LoRA adapter (`.gguf`; written only, see [`crate::model::llamacpp::adapter`]).
+    Gguf,
 }
 
 impl Layout {
-    /// By extension: `.safetensors`, `.pt`/`.pth`/`.bin`, anything else a directory.
+    /// By extension: `.safetensors`, `.pt`/`.pth`/`.bin`, `.gguf`, anything else a directory.
     pub fn of(path: &Path) -> Self {
         match path
             .extension()
@@ -41,6 +43,7 @@ impl Layout {
         {
             Some("safetensors") => Self::Safetensors,
             Some("pt" | "pth" | "bin") => Self::Torch,
+            Some("gguf") => Self::Gguf,
             _ => Self::Directory,
         }
     }
@@ -86,6 +89,7 @@ pub fn save(model: &LoadedModel, path: &Path) -> Result<()> {
         }
         // The legacy `torch.save` layout holds tensors only (no config), as PEFT's adapter_model.bin.
         Layout::Torch => crate::io::torch_pickle::write_state_dict(path, &tensors),
+        Layout::Gguf => crate::model::llamacpp::save_adapter(&model.lm, &model.path, path),
     }
 }
 
@@ -121,6 +125,11 @@ fn read(path: &Path) -> Result<AdapterFile> {
             .map_err(|e| Error::adapter(p, format!("malformed adapter config: {e}")))
     };
     match Layout::of(path) {
+        Layout::Gguf => Err(Error::adapter(
+            path,
+            "a llama.cpp adapter GGUF is an export format: loratch writes it but loads adapters \
+             from PEFT directories, .safetensors and .pt files",
+        )),
         Layout::Directory => {
             let cfg_path = path.join(CONFIG_FILE);
             let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;

@@ -29,6 +29,16 @@ pub fn remove_temp_files(dir: &Path) -> Result<()> {
 
 /// Replaces `path` with `bytes` atomically (temp file + fsync + rename + directory fsync).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |w| w.write_all(bytes).map_err(|e| Error::io(path, e)))
+}
+
+/// As [`write_atomic`], the contents streamed by `fill` into a buffered writer, for files too
+/// large to assemble in memory first. When `fill` fails, the temporary file is removed and
+/// `path` is left as it was.
+pub fn write_atomic_with(
+    path: &Path,
+    fill: impl FnOnce(&mut dyn Write) -> Result<()>,
+) -> Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -41,9 +51,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .tempfile_in(dir)
         .map_err(|e| Error::io(dir, e))?;
     // Through the File: NamedTempFile's own errors would name the temporary file.
-    tmp.as_file_mut()
-        .write_all(bytes)
-        .map_err(|e| Error::io(path, e))?;
+    let mut w = std::io::BufWriter::new(tmp.as_file_mut());
+    fill(&mut w)?;
+    w.flush().map_err(|e| Error::io(path, e))?;
+    drop(w);
     tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
     // On failure the NamedTempFile is dropped and removed; the target is untouched.
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
@@ -82,6 +93,20 @@ mod tests {
         write_atomic(&p, b"one").unwrap();
         write_atomic(&p, b"two").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_failed_fill_leaves_the_target_and_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f.bin");
+        write_atomic(&p, b"one").unwrap();
+        let err = write_atomic_with(&p, |w| {
+            w.write_all(b"half").unwrap();
+            Err(Error::State("stopped".into()))
+        });
+        assert!(matches!(err, Err(Error::State(_))));
+        assert_eq!(std::fs::read(&p).unwrap(), b"one");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 

@@ -7,6 +7,7 @@ pub mod config;
 pub mod gguf;
 pub mod linear;
 pub mod llama;
+pub mod llamacpp;
 pub mod loader;
 pub mod mask;
 pub mod mlp;

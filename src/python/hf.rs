@@ -204,7 +204,7 @@ fn torch_hf_memory_report<'py>(py: Python<'py>, model_name: &str) -> PyResult<Bo
 
 /// Saves the adapters in PEFT's format: a directory (`adapter_config.json` +
 /// `adapter_model.safetensors`) for a path without extension, or one `.safetensors` file with the
-/// config in its metadata. Writes are atomic.
+/// config in its metadata; or, for `.gguf`, as a llama.cpp LoRA adapter. Writes are atomic.
 #[pyfunction]
 fn torch_hf_lora_save(py: Python<'_>, model_name: &str, path: PathBuf) -> PyResult<()> {
     let entry = registry::get(model_name)?;

@@ -1,5 +1,5 @@
-//! The `loratch` command line: training, merging, text generation (with optional adapters) and
-//! runtime info, running on libtorch alone (no Python).
+//! The `loratch` command line: training, merging, export to llama.cpp, text generation (with
+//! optional adapters) and runtime info, running on libtorch alone (no Python).
 use clap::{Parser, Subcommand};
 use loratch::hf::generate::{generate, GenerateOptions};
 use loratch::hf::{LoadConfig, LoadOptions, LoadedModel};
@@ -45,8 +45,9 @@ enum Command {
         #[arg(long)]
         matmul_peak: bool,
     },
-    /// Fold adapters into a model and write it as a Hugging Face directory (float: a quantized
-    /// base is decoded, then the adapters' delta added).
+    /// Fold adapters into a model and write it as a Hugging Face directory, or as a GGUF that
+    /// llama.cpp runs alone when --out ends in .gguf (a quantized base is decoded, then the
+    /// adapters' delta added in float32).
     Merge {
         /// The base model: a Hugging Face directory or a .gguf file.
         #[arg(long)]
@@ -54,12 +55,28 @@ enum Command {
         /// Adapters: a PEFT directory, a .safetensors or a .pt file.
         #[arg(long)]
         adapter: PathBuf,
-        /// Output directory (must not exist or be empty).
+        /// Output: a directory (must not exist or be empty), or a .gguf file.
         #[arg(long)]
         out: PathBuf,
-        /// "float32", "bfloat16" or "float16".
+        /// "float32", "bfloat16" or "float16" (the model's dtype while merging).
         #[arg(long, default_value = "float32")]
         dtype: String,
+        /// For a .gguf output: the matrices' type, "f32", "f16", "bf16", "q8_0" or "q4_0".
+        #[arg(long = "type", value_name = "TYPE")]
+        gguf_type: Option<String>,
+    },
+    /// Write adapters as a llama.cpp LoRA adapter GGUF, to run with the base model's GGUF
+    /// (`llama-cli -m base.gguf --lora adapter.gguf`).
+    Export {
+        /// The base model the adapters were trained on: a Hugging Face directory or a .gguf file.
+        #[arg(long)]
+        model: PathBuf,
+        /// Adapters: a PEFT directory, a .safetensors or a .pt file.
+        #[arg(long)]
+        adapter: PathBuf,
+        /// The adapter GGUF to write (ending in .gguf).
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Generate text from a model, optionally with LoRA adapters.
     Generate {
@@ -184,21 +201,73 @@ fn run_generate(
     Ok(())
 }
 
-fn merge(model_dir: PathBuf, adapter: PathBuf, out: PathBuf, dtype: String) -> loratch::Result<()> {
+fn is_gguf_path(p: &std::path::Path) -> bool {
+    p.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
+fn merge(
+    model_dir: PathBuf,
+    adapter: PathBuf,
+    out: PathBuf,
+    dtype: String,
+    gguf_type: Option<String>,
+) -> loratch::Result<()> {
+    // Every argument is checked before the (slow) load.
+    let gguf = match (is_gguf_path(&out), gguf_type) {
+        (true, t) => {
+            let name = t.as_deref().unwrap_or("f16");
+            let types = loratch::model::llamacpp::MERGED_TYPES;
+            let ty = loratch::quant::QType::from_name(name).filter(|t| types.contains(t));
+            Some(ty.ok_or_else(|| {
+                loratch::Error::Config(format!(
+                    "--type {name:?}: expected one of {}",
+                    types.map(|t| t.name()).join(", ")
+                ))
+            })?)
+        }
+        (false, Some(_)) => {
+            return Err(loratch::Error::Config(
+                "--type applies to a .gguf output only".into(),
+            ))
+        }
+        (false, None) => None,
+    };
     let opts = LoadOptions::parse(&LoadConfig {
         dtype,
         ..LoadConfig::default()
     })?;
     let mut model = LoadedModel::load(&model_dir, &opts)?;
     loratch::hf::peft::load(&mut model, &adapter)?;
-    loratch::hf::export::save_merged(&model, &out)?;
+    match gguf {
+        Some(ty) => loratch::model::llamacpp::save_merged(&model.lm, &model.path, &out, ty)?,
+        None => loratch::hf::export::save_merged(&model, &out)?,
+    }
     if let Some(q) = model.lm.quantization() {
+        let stored = match gguf {
+            Some(ty) => format!("stored as {ty}"),
+            None => format!("float ({})", loratch::device::dtype_name(model.lm.kind())),
+        };
         eprintln!(
-            "note: the base was quantized ({q}); the merged model is float ({}): the decoded \
-             base plus the adapters' delta",
-            loratch::device::dtype_name(model.lm.kind())
+            "note: the base was quantized ({q}); the merged model is {stored}: the decoded base \
+             plus the adapters' delta"
         );
     }
+    println!("{}", out.display());
+    Ok(())
+}
+
+fn export(model_dir: PathBuf, adapter: PathBuf, out: PathBuf) -> loratch::Result<()> {
+    if !is_gguf_path(&out) {
+        return Err(loratch::Error::Config(format!(
+            "--out {}: a llama.cpp adapter is a .gguf file",
+            out.display()
+        )));
+    }
+    let mut model = LoadedModel::load(&model_dir, &LoadOptions::parse(&LoadConfig::default())?)?;
+    loratch::hf::peft::load(&mut model, &adapter)?;
+    loratch::model::llamacpp::save_adapter(&model.lm, &model.path, &out)?;
     println!("{}", out.display());
     Ok(())
 }
@@ -270,7 +339,13 @@ fn main() -> ExitCode {
             adapter,
             out,
             dtype,
-        } => merge(model, adapter, out, dtype),
+            gguf_type,
+        } => merge(model, adapter, out, dtype, gguf_type),
+        Command::Export {
+            model,
+            adapter,
+            out,
+        } => export(model, adapter, out),
         Command::Generate {
             model,
             adapter,
