@@ -52,7 +52,7 @@ pub fn save_merged(lm: &CausalLm, source: &Path, path: &Path, ty: QType) -> Resu
     }
     let config = &lm.config;
     let spec = arch_spec(config.architecture)?;
-    if config.rope_scaling.is_some() {
+    if config.rope.scaling.is_some() {
         return Err(Error::Config(
             "cannot export to llama.cpp: rope_scaling \"llama3\" (Llama 3.1+) needs llama.cpp's \
              rope_freqs tensor, which loratch does not write yet"
@@ -142,7 +142,7 @@ fn hyper_parameters(spec: &ArchSpec, config: &ModelConfig) -> Result<Vec<(String
     }
     out.push((
         format!("{}.rope.freq_base", spec.name),
-        Value::F32(c.rope_theta as f32),
+        Value::F32(c.rope.theta as f32),
     ));
     out.push((
         format!("{}.attention.layer_norm_rms_epsilon", spec.name),
