@@ -6,11 +6,11 @@ per layer, q/k norms, sliding-window layers, the tied head.
 
 Tolerances, from measurement (llama-cpp-python 0.3.36, 2 threads, f32 KV cache):
 - The Q4_K_M base: llama.cpp quantizes the activations of each Q4_K/Q6_K matmul to 8 bits, which
-  loratch (the same weights decoded to float32) does not. Measured: |llama.cpp - loratch| up to
-  2.7 on logits up to ~30 (correlation >= 0.9995), the top token agreeing on ~80% of positions
-  (near-ties flip), the adapter's change correlating with loratch's at >= 0.99. Bounds: twice the
-  measured difference, the top token where loratch's lead exceeds twice that, correlation of the
-  change > 0.98.
+  loratch (the same weights decoded to float32) does not. Measured on the three prompts:
+  |llama.cpp - loratch| 1.2 to 2.7 without the adapter and 2.4 to 4.1 with it (logits up to ~30;
+  correlation >= 0.9985 and >= 0.993), the adapter's change correlating with loratch's at 0.989
+  to 0.996. Bounds: 8 (twice the largest), correlation > 0.985 (logits) and > 0.97 (the change),
+  the top token where loratch's lead exceeds twice the bound (near-ties flip).
 - The merged f32 file: held by loratch to 1.3e-4 of the merged model (the file is the merged
   float32 weights, norms stored + 1), llama.cpp differs by up to 0.045 (logits up to ~74,
   correlation > 0.9999997). Not float32 rounding as for SmolLM2: ggml's CPU GELU (Gemma's
@@ -102,7 +102,7 @@ def corr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 #: max |llama.cpp - loratch| (about twice the measured): activations quantized for the Q4_K_M
 #: base's matmuls, ggml's f16 GELU table (f32), f16 activations (f16, against the file's weights).
-BOUND = {"q4_k_m": 6.0, "f32": 0.1, "f16": 0.12}
+BOUND = {"q4_k_m": 8.0, "f32": 0.1, "f16": 0.12}
 
 
 def assert_clear_argmax_agrees(theirs: torch.Tensor, ours: torch.Tensor, bound: float, what: str) -> None:
@@ -119,13 +119,13 @@ def test_adapter_gguf_over_the_q4_k_m_base(gemma: Gemma) -> None:
     for ids, ours_base, ours in zip(gemma.prompts, gemma.plain, gemma.adapted):
         theirs_base = llama_logits(gemma.base, ids)
         theirs = llama_logits(gemma.base, ids, gemma.out / "adapter.gguf")
+        change, our_change = theirs - theirs_base, ours - ours_base
         for got, want, what in [(theirs_base, ours_base, "base"), (theirs, ours, "base + adapter")]:
             assert max_diff(got, want) <= bound, f"{what}: max |llama.cpp - loratch| {max_diff(got, want):.3f}"
-            assert corr(got, want) > 0.999, f"{what}: correlation {corr(got, want):.5f}"
+            assert corr(got, want) > 0.985, f"{what}: correlation {corr(got, want):.5f}"
             assert_clear_argmax_agrees(got, want, bound, what)
-        change, our_change = theirs - theirs_base, ours - ours_base
         assert max_diff(our_change, torch.zeros_like(our_change)) > 1.0, "the adapter changes the logits"
-        assert corr(change, our_change) > 0.98, f"correlation of the adapter's change {corr(change, our_change):.4f}"
+        assert corr(change, our_change) > 0.97, f"correlation of the adapter's change {corr(change, our_change):.4f}"
 
 
 @pytest.mark.slow
