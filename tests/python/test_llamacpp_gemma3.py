@@ -59,7 +59,7 @@ class Gemma:
     base: Path
     out: Path
     prompts: list[list[int]]
-    eos: int
+    eos: int | None
     plain: list[torch.Tensor] = field(default_factory=list)
     adapted: list[torch.Tensor] = field(default_factory=list)
     merged: dict[str, Path] = field(default_factory=dict)
