@@ -13,9 +13,12 @@
 use super::{arch_spec, permute_rows, to_f32_vec, tokenizer, ArchSpec};
 use crate::error::{Error, Result};
 use crate::gguf::{GgufWriter, Value};
+use crate::model::config::LayerType;
+use crate::model::gguf::GgufArch;
 use crate::model::{CausalLm, ModelConfig};
 use crate::quant::{self, QType};
 use std::path::Path;
+use tch::Kind;
 
 /// The tensor types a merged GGUF can be written in.
 pub const TYPES: [QType; 5] = [
@@ -40,9 +43,10 @@ fn file_type(ty: QType) -> u32 {
 /// Writes `lm` (loaded from `source`, a directory or a GGUF, whose tokenizer it takes; adapters
 /// merged in float32, the model itself unchanged) to `path` as a llama.cpp model GGUF with
 /// matrices of type `ty`, atomically. Refused before anything is
-/// written: a type outside [`TYPES`], an architecture llama.cpp lacks, Llama 3.1 rope scaling
-/// (llama.cpp needs a `rope_freqs` tensor loratch does not write yet), a weight with no
-/// llama.cpp tensor, or a tokenizer that cannot be written for llama.cpp.
+/// written: a type outside [`TYPES`], an architecture llama.cpp lacks, rope scaling (Llama 3.1's
+/// needs a `rope_freqs` tensor loratch does not write yet), a Gemma 3 whose attention layout
+/// llama.cpp's fixed one does not match, a weight with no llama.cpp tensor, or a tokenizer that
+/// cannot be written for llama.cpp.
 pub fn save_merged(lm: &CausalLm, source: &Path, path: &Path, ty: QType) -> Result<()> {
     if !TYPES.contains(&ty) {
         return Err(Error::Config(format!(
@@ -52,12 +56,20 @@ pub fn save_merged(lm: &CausalLm, source: &Path, path: &Path, ty: QType) -> Resu
     }
     let config = &lm.config;
     let spec = arch_spec(config.architecture)?;
-    if config.rope.scaling.is_some() {
-        return Err(Error::Config(
+    if let Some(scaling) = &config.rope.scaling {
+        return Err(Error::Config(if scaling.rope_type == "llama3" {
             "cannot export to llama.cpp: rope_scaling \"llama3\" (Llama 3.1+) needs llama.cpp's \
              rope_freqs tensor, which loratch does not write yet"
-                .into(),
-        ));
+                .into()
+        } else {
+            format!(
+                "cannot export to llama.cpp: rope_scaling {:?} is not written for llama.cpp yet",
+                scaling.rope_type
+            )
+        }));
+    }
+    if spec.gguf == GgufArch::Gemma3 {
+        check_gemma3(config)?;
     }
     let mut w = GgufWriter::new();
     let s = |x: &str| Value::String(x.to_string());
@@ -89,6 +101,10 @@ pub fn save_merged(lm: &CausalLm, source: &Path, path: &Path, ty: QType) -> Resu
         })?;
         let t = match spec.permuted_heads(&key, config) {
             Some(heads) => permute_rows(&t, heads)?,
+            None => t,
+        };
+        let t = match spec.stored_offset(&name) {
+            Some(offset) => t.f_to_kind(Kind::Float)?.f_add_scalar(f64::from(offset))?,
             None => t,
         };
         let shape = t.size();
@@ -148,5 +164,59 @@ fn hyper_parameters(spec: &ArchSpec, config: &ModelConfig) -> Result<Vec<(String
         format!("{}.attention.layer_norm_rms_epsilon", spec.name),
         Value::F32(c.rms_norm_eps as f32),
     ));
+    if let Some(window) = c.sliding_window.filter(|_| spec.gguf == GgufArch::Gemma3) {
+        out.push((
+            format!("{}.attention.sliding_window", spec.name),
+            u32_of("sliding_window", window)?,
+        ));
+    }
     Ok(out)
+}
+
+/// llama.cpp's Gemma 3 fixes what the config states (`llama_model::load_hparams`): every sixth
+/// layer is full attention and the others slide, sliding layers rotate with base 10000 unscaled,
+/// and queries scale by `1 / sqrt(head_dim)` (by `1 / sqrt(hidden_size / heads)` for the 62-layer
+/// 27B). A config that differs would run as another model there, so it is refused.
+fn check_gemma3(c: &ModelConfig) -> Result<()> {
+    let refuse = |what: String| {
+        Err(Error::Config(format!(
+            "cannot export to llama.cpp: its gemma3 architecture fixes {what}"
+        )))
+    };
+    let pattern = (0..c.layer_types.len()).map(|i| {
+        if i % 6 == 5 {
+            LayerType::Full
+        } else {
+            LayerType::Sliding
+        }
+    });
+    if c.sliding_window.is_none() || !c.layer_types.iter().copied().eq(pattern) {
+        return refuse(format!(
+            "the layer pattern (five sliding layers, then one full), this config has {:?} with \
+             window {:?}",
+            c.layer_types, c.sliding_window
+        ));
+    }
+    let local = c.rope_sliding.as_ref().unwrap_or(&c.rope);
+    if local.theta != 10000.0 || local.scaling.is_some() {
+        return refuse(format!(
+            "the sliding layers' rope base at 10000 unscaled, this config has {} ({:?})",
+            local.theta,
+            local.scaling.as_ref().map(|s| &s.rope_type)
+        ));
+    }
+    let per_head = if c.num_hidden_layers == 62 {
+        c.hidden_size / c.num_attention_heads
+    } else {
+        c.head_dim
+    };
+    let want = 1.0 / (per_head as f64).sqrt();
+    let have = c.attn_scale.unwrap_or(1.0 / (c.head_dim as f64).sqrt());
+    if (have - want).abs() > 1e-6 * want {
+        return refuse(format!(
+            "the query scale at {want} (1/sqrt({per_head})), this config has {have} \
+             (query_pre_attn_scalar)"
+        ));
+    }
+    Ok(())
 }

@@ -5,9 +5,11 @@
 //! hyper-parameters and `tokenizer.*` metadata ([`tokenizer`]).
 //!
 //! What differs between architectures is one [`ArchSpec`] entry in [`ARCHS`]: llama.cpp's name
-//! for it, whether q/k rows are permuted, and the names of its per-layer tensors. Every check
+//! for it, whether q/k rows are permuted, and its GGUF layout (tensor names and Gemma's norms
+//! stored as `1 + weight`, from `model::gguf`'s tables, read the other way). Every check
 //! runs before anything is written; an export that cannot be exact is refused with an error
 //! that says why, and no file is left behind.
+use super::gguf::{llama_cpp_name, GgufArch};
 use super::{Architecture, ModelConfig};
 use crate::error::{Error, Result};
 use tch::Tensor;
@@ -28,51 +30,43 @@ pub struct ArchSpec {
     pub name: &'static str,
     /// llama.cpp's converter permutes the q/k projection rows (Llama's interleaved RoPE).
     pub permute_qk: bool,
-    /// Per-layer module paths (after `model.layers.N.`) and llama.cpp's names (after `blk.N.`).
-    pub layer_names: &'static [(&'static str, &'static str)],
+    /// The GGUF layout: tensor names and what llama.cpp adds to a tensor when storing it.
+    pub gguf: GgufArch,
 }
 
-/// The per-layer names of Llama, Mistral, Qwen2 and Qwen3.
-const LLAMA_LAYER_NAMES: &[(&str, &str)] = &[
-    ("input_layernorm", "attn_norm"),
-    ("post_attention_layernorm", "ffn_norm"),
-    ("self_attn.q_proj", "attn_q"),
-    ("self_attn.k_proj", "attn_k"),
-    ("self_attn.v_proj", "attn_v"),
-    ("self_attn.o_proj", "attn_output"),
-    ("self_attn.q_norm", "attn_q_norm"),
-    ("self_attn.k_norm", "attn_k_norm"),
-    ("mlp.gate_proj", "ffn_gate"),
-    ("mlp.up_proj", "ffn_up"),
-    ("mlp.down_proj", "ffn_down"),
-];
-
 /// The architectures loratch exports, as llama.cpp's converter writes them (Mistral is
-/// `LlamaModel` there: architecture "llama", rows permuted).
+/// `LlamaModel` there: architecture "llama", rows permuted; Gemma 3 is `Gemma3Model`, rows as
+/// they are, norms stored as `1 + weight`).
 pub const ARCHS: &[ArchSpec] = &[
     ArchSpec {
         arch: Architecture::Llama,
         name: "llama",
         permute_qk: true,
-        layer_names: LLAMA_LAYER_NAMES,
+        gguf: GgufArch::Llama,
     },
     ArchSpec {
         arch: Architecture::Mistral,
         name: "llama",
         permute_qk: true,
-        layer_names: LLAMA_LAYER_NAMES,
+        gguf: GgufArch::Llama,
     },
     ArchSpec {
         arch: Architecture::Qwen2,
         name: "qwen2",
         permute_qk: false,
-        layer_names: LLAMA_LAYER_NAMES,
+        gguf: GgufArch::Qwen2,
     },
     ArchSpec {
         arch: Architecture::Qwen3,
         name: "qwen3",
         permute_qk: false,
-        layer_names: LLAMA_LAYER_NAMES,
+        gguf: GgufArch::Qwen3,
+    },
+    ArchSpec {
+        arch: Architecture::Gemma3,
+        name: "gemma3",
+        permute_qk: false,
+        gguf: GgufArch::Gemma3,
     },
 ];
 
@@ -98,23 +92,14 @@ fn find_spec(specs: &'static [ArchSpec], arch: Architecture) -> Result<&'static 
 impl ArchSpec {
     /// llama.cpp's tensor name of checkpoint key `key` (`model.layers.3.self_attn.q_proj.weight`
     /// → `blk.3.attn_q.weight`), `None` when llama.cpp has no such tensor.
-    // The inverse of `model::gguf`'s name map, kept here until that module exposes one.
     pub fn tensor_name(&self, key: &str) -> Option<String> {
-        match key {
-            "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
-            "model.norm.weight" => return Some("output_norm.weight".into()),
-            "lm_head.weight" => return Some("output.weight".into()),
-            _ => {}
-        }
-        let rest = key.strip_prefix("model.layers.")?;
-        let (layer, rest) = rest.split_once('.')?;
-        let layer: u64 = layer.parse().ok()?;
-        let (module, param) = rest.rsplit_once('.')?;
-        if !matches!(param, "weight" | "bias") {
-            return None;
-        }
-        let (_, short) = self.layer_names.iter().find(|(hf, _)| *hf == module)?;
-        Some(format!("blk.{layer}.{short}.{param}"))
+        llama_cpp_name(self.gguf, key)
+    }
+
+    /// What llama.cpp's converter adds to tensor `name` (llama.cpp's name) when it stores it: 1
+    /// for Gemma's norms, which scale by `1 + weight` (the checkpoint holds `weight`).
+    pub fn stored_offset(&self, name: &str) -> Option<f32> {
+        self.gguf.stored_offset(name)
     }
 
     /// The head count whose rows llama.cpp permutes in the tensor of checkpoint key `key`
@@ -191,6 +176,15 @@ mod tests {
         for (hf, ours) in cases {
             assert_eq!(s.tensor_name(hf).as_deref(), Some(ours), "{hf}");
         }
+        let g = arch_spec(Architecture::Gemma3).unwrap();
+        assert_eq!(
+            g.tensor_name("model.layers.2.pre_feedforward_layernorm.weight")
+                .as_deref(),
+            Some("blk.2.ffn_norm.weight")
+        );
+        assert_eq!(g.stored_offset("blk.2.ffn_norm.weight"), Some(1.0));
+        assert_eq!(g.stored_offset("blk.2.attn_q.weight"), None);
+        assert_eq!(s.stored_offset("blk.2.ffn_norm.weight"), None);
         for none in [
             "model.layers.0.mlp.fused_proj.weight",
             "model.layers.x.self_attn.q_proj.weight",
@@ -209,6 +203,9 @@ mod tests {
         );
         for s in ARCHS {
             assert_eq!(arch_spec(s.arch).unwrap().name, s.name);
+            // llama.cpp's name and row order are those of the GGUF layout loratch reads.
+            assert_eq!(s.gguf.name(), s.name);
+            assert_eq!(s.gguf.permuted(), s.permute_qk);
         }
     }
 
