@@ -30,9 +30,11 @@ mod tests {
 
     type Fused = fn(&Tensor, &Tensor) -> std::result::Result<Tensor, tch::TchError>;
     type Op = fn(&Tensor, &Tensor) -> Result<Tensor>;
+    /// A fused activation's name, its kernel, its op, and libtorch's activation of the gate.
+    type Case = (&'static str, Fused, Op, fn(&Tensor) -> Tensor);
 
     /// Each fused activation beside its op and libtorch's composite.
-    fn activations() -> [(&'static str, Fused, Op, fn(&Tensor) -> Tensor); 2] {
+    fn activations() -> [Case; 2] {
         [
             ("swiglu", crate::ffi::swiglu, swiglu, |g| g.silu()),
             (
