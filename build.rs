@@ -1,6 +1,6 @@
 //! Build script: link libtorch so CUDA stays visible, give every artifact an rpath to the torch
 //! libraries, and compile the small C++ bridge (csrc/: tensor hand-over, the optimizer's helpers,
-//! fused LoRA linear, blocked causal attention, fused RMSNorm, rotary embedding, SwiGLU,
+//! fused LoRA linear, blocked causal attention, fused RMSNorm, rotary embedding, SwiGLU, GeGLU,
 //! cross-entropy, the quantized linear and the activation-checkpointing node).
 use std::path::PathBuf;
 
@@ -17,6 +17,7 @@ fn main() {
         "csrc/rms_norm.cpp",
         "csrc/rotary.cpp",
         "csrc/swiglu.cpp",
+        "csrc/gelu_glu.cpp",
         "csrc/cross_entropy.cpp",
         "csrc/quant_linear.cpp",
         "csrc/checkpoint.cpp",
@@ -83,6 +84,7 @@ fn main() {
         .file("csrc/rms_norm.cpp")
         .file("csrc/rotary.cpp")
         .file("csrc/swiglu.cpp")
+        .file("csrc/gelu_glu.cpp")
         .file("csrc/cross_entropy.cpp")
         .file("csrc/quant_linear.cpp")
         .file("csrc/checkpoint.cpp")

@@ -217,6 +217,8 @@ def main() -> None:
     ap.add_argument("--no-rust", action="store_true", help="skip `cargo bench --bench lora_linear`")
     ap.add_argument("--train-rounds", type=int, default=3, help="fixed-length training runs per side")
     ap.add_argument("--real-rounds", type=int, default=2, help="real-data training runs per side (minutes each)")
+    ap.add_argument("--gemma3-rounds", type=int, default=3,
+                    help="Gemma-3-270M fixed-length runs per side (0: skip; alone: train_bench.py --only gemma3)")
     ap.add_argument("--memory-sizes", default="135m,1b,3b,8b",
                     help="the memory table's model sizes (benches/memory_table.py; ~1 h for all); '' to skip")
     ap.add_argument("--memory-only", default=None, help="a regex: only the memory-table rows whose id it matches")
@@ -245,6 +247,12 @@ def main() -> None:
 
         with tempfile.TemporaryDirectory() as work:
             body += bench_training(model_dir, Path(work), peak, args.train_rounds, args.real_rounds)
+    if args.gemma3_rounds > 0:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from train_bench import bench_gemma3
+
+        with tempfile.TemporaryDirectory() as work:
+            body += bench_gemma3(Path(work), args.gemma3_rounds)
     if args.memory_sizes:
         from memory_table import bench_memory_table
 

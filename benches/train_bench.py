@@ -7,8 +7,14 @@ runs alternate (loratch, PEFT, loratch, PEFT, ...), and medians are reported.
 2. Real data: 256 FAQ examples, batch 8, max 256 tokens, one pass; loratch packs, PEFT pads
    dynamically: examples/s and the held-out loss each reaches.
 4. Peak RSS of each run (VmHWM, read by the run itself over its training phase).
+5. Gemma-3-270M fixed-length step: the real model from its Q4_K_M GGUF, decoded to float32 on both
+   sides (loratch `quantize = "none"`, transformers `gguf_file=`), batch 1 x 256, r=16 alpha=32 on
+   all 7 projections, AdamW + clip 1.0: tokens/s and ratio, with the same process-level settings on
+   both sides (threads, oneMKL's kernels, malloc's thresholds). Alone:
+   `python benches/train_bench.py --only gemma3 [--rounds 3]` (prints the table).
 
-`python benches/train_bench.py --worker peft-fixed|peft-real ...` is the PEFT side (internal).
+`python benches/train_bench.py --worker peft-fixed|peft-real|peft-gemma3 ...` is the PEFT side
+(internal).
 """
 
 from __future__ import annotations
@@ -84,7 +90,10 @@ def fixed_text() -> str:
 # --- loratch side --------------------------------------------------------------------------------
 
 
-def loratch_config(model: Path, data: Path, out: Path, val: Path | None, training: dict[str, Any]) -> Path:
+def loratch_config(
+    model: Path, data: Path, out: Path, val: Path | None, training: dict[str, Any], top: dict[str, Any] | None = None
+) -> Path:
+    """A `loratch train` TOML; `top`: more top-level keys (e.g. `quantize`)."""
     lines = [
         f"model = {json.dumps(str(model))}",
         f"data = {json.dumps(str(data))}",
@@ -93,6 +102,7 @@ def loratch_config(model: Path, data: Path, out: Path, val: Path | None, trainin
     ]
     if val is not None:
         lines.append(f"validation_data = {json.dumps(str(val))}")
+    lines += [f"{k} = {json.dumps(v)}" for k, v in (top or {}).items()]
     lines += ["[lora]", "rank = 16", "alpha = 32", f"target_modules = {json.dumps(ALL7)}", "dropout = 0.0", "[training]"]
     lines += [f"{k} = {json.dumps(v)}" for k, v in training.items()]
     path = out.with_suffix(".toml")
@@ -104,15 +114,15 @@ def loratch_metrics(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
 
 
-def loratch_fixed(model: Path, work: Path, tag: str) -> tuple[float, float]:
-    """(median seconds per step, peak RSS)."""
+def loratch_fixed(model: Path, work: Path, tag: str, top: dict[str, Any] | None = None) -> tuple[float, float]:
+    """(median seconds per step, peak RSS). `top`: more top-level config keys."""
     data = work / "fixed.jsonl"
     out = work / f"loratch-fixed-{tag}"
     cfg = loratch_config(model, data, out, None, {
         "max_steps": FIXED_STEPS + 1, "batch_size": 1, "gradient_accumulation_steps": 1, "max_seq_length": SEQ,
         "learning_rate": LR, "max_grad_norm": 1.0, "logging_steps": 1, "save_steps": 0, "eval_steps": 0,
         "scheduler_type": "constant", "train_on_inputs": True, "packing": False,
-    })
+    }, top)
     run([str(binary()), "train", "--config", str(cfg)])
     metrics = loratch_metrics(out)
     rss = max(r["peak_rss_bytes"] for r in metrics if "peak_rss_bytes" in r)
@@ -149,13 +159,15 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def peft_model(model_dir: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Any:
+def peft_model(model_dir: Path, dtype: torch.dtype = torch.float32, device: str = "cpu", gguf_file: str | None = None) -> Any:
     """PEFT on transformers, r=16 alpha=32 on all 7 projections, in training mode. PEFT keeps the
-    adapters in float32 whatever `dtype` is (autocast_adapter_dtype)."""
+    adapters in float32 whatever `dtype` is (autocast_adapter_dtype). `gguf_file`: load that GGUF
+    of `model_dir` (transformers decodes it to `dtype`)."""
     import transformers as tf
     from peft import LoraConfig, get_peft_model
 
-    base = tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    gguf = {"gguf_file": gguf_file} if gguf_file is not None else {}
+    base = tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **gguf).to(device)
     cfg = LoraConfig(r=16, lora_alpha=32, target_modules=ALL7, lora_dropout=0.0, task_type="CAUSAL_LM")
     model = get_peft_model(base, cfg)
     model.train()
@@ -190,6 +202,25 @@ def worker_peft_fixed(model_dir: Path, work: Path) -> None:
     assert ids.shape[1] == SEQ
     times = peft_steps(peft_model(model_dir), ids, FIXED_STEPS + 1, "cpu")
     print(json.dumps({"step_s": statistics.median(times[1:]), "peak": peak_rss()}))
+
+
+def worker_peft_gemma3(gguf: Path, work: Path) -> None:
+    """PEFT's side of the Gemma-3-270M row: the GGUF decoded to float32 by transformers; the ids
+    loratch trains on (its tokenizer of the same file, with BOS, as its text records get), so the
+    first step's loss is the same number on both sides."""
+    from loratch import torch_hf_tokenizer_load
+
+    tok = torch_hf_tokenizer_load(gguf)
+    ids = torch.tensor([tok.encode(fixed_text(), add_special_tokens=True)[:SEQ]])
+    assert ids.shape[1] == SEQ
+    model = peft_model(gguf.parent, gguf_file=gguf.name)
+    with torch.no_grad():
+        first_loss = float(model(input_ids=ids, labels=ids).loss)
+    times = peft_steps(model, ids, FIXED_STEPS + 1, "cpu")
+    print(json.dumps({
+        "step_s": statistics.median(times[1:]), "steps": times[1:], "peak": peak_rss(), "loss": first_loss,
+        "attention": model.base_model.model.config._attn_implementation, "threads": torch.get_num_threads(),
+    }))
 
 
 def encode_chat(tok: Any, record: dict[str, str]) -> tuple[list[int], list[int]]:
@@ -274,7 +305,7 @@ def worker_peft_real(model_dir: Path, work: Path) -> None:
     print(json.dumps(peft_real_pass(model_dir, work, peak_rss)))
 
 
-def peft_run(kind: str, model: Path, work: Path, env: dict[str, str] | None = None) -> tuple[dict[str, float], float]:
+def peft_run(kind: str, model: Path, work: Path, env: dict[str, str] | None = None) -> tuple[dict[str, Any], float]:
     out = run([sys.executable, __file__, "--worker", kind, "--model", str(model), "--work", str(work)], env)
     res = json.loads(out.strip().splitlines()[-1])
     return res, float(res["peak"])
@@ -305,6 +336,77 @@ def mkl_shim(work: Path) -> Path | None:
 def binary_matmul_gflops() -> float:
     """The `loratch` binary's own fp32 matmul throughput (its oneMKL dispatch), 1024^3, best of 10."""
     return float(json.loads(run([str(binary()), "info", "--json", "--matmul-peak"]))["matmul_gflops"])
+
+
+# --- Gemma-3-270M -------------------------------------------------------------------------------
+
+# The malloc thresholds the `loratch` binary sets with mallopt (src/runtime.rs, keep_freed_memory),
+# given to PEFT's process through glibc's tunables.
+MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=2147483648"
+
+
+def bench_gemma3(work: Path, rounds: int) -> list[str]:
+    """The Gemma-3-270M fixed-length table: loratch's trainer against PEFT, both in float32 from
+    the same GGUF, with the same threads, oneMKL kernels and malloc thresholds."""
+    from loratch.default_model import gemma3_gguf
+
+    title = f"## Gemma-3-270M training step, fixed length (fp32, 1 x {SEQ} tokens, r=16 a=32 all 7, AdamW + clip 1.0)"
+    try:
+        gguf = gemma3_gguf()
+    except FileNotFoundError as e:  # not installed: `make bench` goes on without the table
+        return [title, "", f"Not measured: {e}", ""]
+    write_jsonl(work / "fixed.jsonl", [{"text": fixed_text()}])
+    shim = mkl_shim(work)
+    env = {"GLIBC_TUNABLES": MALLOC_TUNABLES, **({"LD_PRELOAD": str(shim)} if shim is not None else {})}
+    info = json.loads(run([str(binary()), "info", "--json"]))
+    steps: dict[str, list[float]] = {"loratch": [], "peft": []}
+    rss: dict[str, list[float]] = {"loratch": [], "peft": []}
+    losses: dict[str, float] = {}
+    peft: dict[str, Any] = {}
+    loads = [os.getloadavg()[0]]  # the machine's 1-minute load before and after each run, for the text
+    for r in range(rounds):
+        s, m = loratch_fixed(gguf, work, f"gemma3-{r}", {"quantize": "none"})
+        loads.append(os.getloadavg()[0])
+        steps["loratch"].append(s)
+        rss["loratch"].append(m)
+        losses["loratch"] = loratch_metrics(work / f"loratch-fixed-gemma3-{r}")[0]["loss"]
+        peft, m = peft_run("peft-gemma3", gguf, work, env)
+        print(f"PEFT Gemma-3-270M run {r}: steps {[round(t, 3) for t in peft['steps']]} s", flush=True)
+        steps["peft"].append(peft["step_s"])
+        rss["peft"].append(m)
+        losses["peft"] = peft["loss"]
+        loads.append(os.getloadavg()[0])
+    med = {k: statistics.median(v) for k, v in steps.items()}
+    tps = {k: SEQ / v for k, v in med.items()}
+    gib = 1 << 30
+    by_features, own = "AVX2/AVX-512 by CPU features", "oneMKL's own choice"
+    ours = f"{by_features} (the binary answers the vendor check)" if info.get("mkl_dispatch_forced") else own
+    theirs = f"{by_features} (`LD_PRELOAD` of the same answer)" if shim is not None else own
+    return [
+        title,
+        "",
+        f"The real model from its Q4_K_M GGUF (`{gguf.name}`), decoded to float32 on both sides: loratch's trainer "
+        f"with `quantize = \"none\"`, PEFT on transformers' `from_pretrained(dir, gguf_file=...)`, so both run "
+        f"float32 matmuls on equal weights (first-step loss {losses['loratch']:.4f} and {losses['peft']:.4f}). "
+        f"{rounds} alternated runs per side, each its own process; {FIXED_STEPS} timed steps per run after one "
+        f"warm-up step; the machine's 1-minute load average read between runs: {min(loads):.1f} to {max(loads):.1f} "
+        f"(on {os.cpu_count()} cores). At 256 tokens Gemma 3's sliding window (512) never binds.",
+        "",
+        "| | median s/step | tokens/s | ratio to PEFT | peak RSS GiB |",
+        "|---|---|---|---|---|",
+        f"| loratch | {med['loratch']:.3f} | {tps['loratch']:.0f} | {tps['loratch'] / tps['peft']:.2f}x | "
+        f"{statistics.median(rss['loratch']) / gib:.2f} |",
+        f"| PEFT + transformers | {med['peft']:.3f} | {tps['peft']:.0f} | 1.00 | {statistics.median(rss['peft']) / gib:.2f} |",
+        "",
+        "| process-level setting | loratch | PEFT + transformers |",
+        "|---|---|---|",
+        f"| torch threads | {info['threads']} | {peft['threads']} |",
+        f"| oneMKL GEMM kernels | {ours} | {theirs} |",
+        "| malloc | mmap threshold 1 GiB, trim threshold 2 GiB (`mallopt`) | the same (`GLIBC_TUNABLES`) |",
+        f"| attention | loratch's blocked causal kernel | `{peft['attention']}` |",
+        "| loss | chunked head, fused cross-entropy | transformers' `labels=` loss |",
+        "",
+    ]
 
 
 # --- the report ----------------------------------------------------------------------------------
@@ -433,12 +535,23 @@ def _param_counts(model_dir: Path) -> dict[str, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--worker", choices=["peft-fixed", "peft-real"], required=True)
-    parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--work", type=Path, required=True)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=["gemma3"], help="run this table alone and print it")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per side of the table run by --only")
+    parser.add_argument("--worker", choices=["peft-fixed", "peft-real", "peft-gemma3"], help=argparse.SUPPRESS)
+    parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    {"peft-fixed": worker_peft_fixed, "peft-real": worker_peft_real}[args.worker](args.model, args.work)
+    if args.worker is not None:
+        workers = {"peft-fixed": worker_peft_fixed, "peft-real": worker_peft_real, "peft-gemma3": worker_peft_gemma3}
+        workers[args.worker](args.model, args.work)
+    elif args.only == "gemma3":
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as work:
+            print("\n".join(bench_gemma3(Path(work), args.rounds)))
+    else:
+        parser.error("give --only (or run `make bench`)")
 
 
 if __name__ == "__main__":

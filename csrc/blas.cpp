@@ -66,10 +66,10 @@ Matrix matrix_of(const at::Tensor& x) {
 extern "C" {
 
 // Writes a new at::Tensor* holding `a @ b` (`a` [m, k], `b` [k, n]) to `*out`. On CPU in float32
-// with a row split (blas.h), each thread computes its rows single-threaded; otherwise the threads
-// share each product (at::mm). Either way in blocks of at most `block_columns` columns (0: all at
-// once; other devices: at once). No autograd. Returns nullptr, or the error message
-// (free it with loratch_free_string).
+// with a row split (blas.h), each thread computes its rows single-threaded; else, with a column
+// split, its blocks of columns; otherwise the threads share each product (at::mm). Either way in
+// blocks of at most `block_columns` columns (0: all at once; other devices: at once). No autograd.
+// Returns nullptr, or the error message (free it with loratch_free_string).
 char* loratch_mm_rows(const void* a_in, const void* b_in, int64_t block_columns, void** out) {
   return loratch_guard("unknown C++ exception in a row-split product", [&] {
     const at::Tensor& a = *static_cast<const at::Tensor*>(a_in);
@@ -79,8 +79,11 @@ char* loratch_mm_rows(const void* a_in, const void* b_in, int64_t block_columns,
                 b.sizes());
     c10::AutoGradMode no_grad(false);
     const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
-    const int64_t threads = loratch::row_split_threads(a, m);
-    if (threads == 0 || !b.is_cpu() || b.scalar_type() != at::kFloat) {
+    const int64_t row_threads = loratch::row_split_threads(a, m);
+    const int64_t column_threads =
+        row_threads == 0 ? loratch::column_split_threads(a, m, n, block_columns) : 0;
+    const bool split = row_threads > 0 || column_threads > 0;
+    if (!split || !b.is_cpu() || b.scalar_type() != at::kFloat) {
       if (block_columns <= 0 || n <= block_columns || !a.is_cpu()) {
         *out = new at::Tensor(at::mm(a, b));
         return;
@@ -98,14 +101,29 @@ char* loratch_mm_rows(const void* a_in, const void* b_in, int64_t block_columns,
     const loratch::Matrix am = loratch::matrix_of(ar), bm = loratch::matrix_of(br);
     at::Tensor c = at::empty({m, n}, a.options());
     float* cp = c.data_ptr<float>();
-    const int64_t block = block_columns > 0 ? block_columns : std::max<int64_t>(n, 1);
-    loratch::per_thread_rows(m, threads, [&](int64_t, int64_t s, int64_t rows) {
-      for (int64_t start = 0; start < n; start += block) {
-        const int64_t len = std::min(block, n - start);
+    // Columns [first, end) of rows [s, s + rows), block by block.
+    const auto columns = [&](int64_t s, int64_t rows, int64_t first, int64_t end, int64_t block) {
+      for (int64_t start = first; start < end; start += block) {
+        const int64_t len = std::min(block, end - start);
         loratch::product(rows, len, k, 1.0f, am.rows_from(s), bm.cols_from(start), 0.0f,
                          cp + s * n + start, n);
       }
-    });
+    };
+    if (row_threads > 0) {
+      const int64_t block = block_columns > 0 ? block_columns : std::max<int64_t>(n, 1);
+      loratch::per_thread_rows(m, row_threads, [&](int64_t, int64_t s, int64_t rows) {
+        columns(s, rows, 0, n, block);
+      });
+    } else {
+      const int64_t block =
+          block_columns > 0 ? block_columns : (n + column_threads - 1) / column_threads;
+      // The blocks are dealt out as rows are: equal shares of whole blocks.
+      loratch::per_thread_rows((n + block - 1) / block, column_threads,
+                               [&](int64_t, int64_t first, int64_t count) {
+                                 columns(0, m, first * block,
+                                         std::min(n, (first + count) * block), block);
+                               });
+    }
     *out = new at::Tensor(std::move(c));
   });
 }

@@ -69,6 +69,23 @@ inline int64_t row_split_threads(const at::Tensor& x, int64_t m) {
   return x.is_cpu() && x.scalar_type() == at::kFloat && fits ? threads : 0;
 }
 
+// Column splits: a product with too few rows for a row split but many columns (the output head's
+// row chunks of a large vocabulary: 64 rows of 262144 logits) deals whole blocks of its columns out
+// to the threads instead, each thread running its blocks' products single-threaded over all rows.
+// Left to oneMKL, each small block's product would be shared by the threads, one fork and join per
+// block. The threads for the `n` columns, in blocks of `block` (0: one block per thread), of a
+// product over CPU float32 `x` with `m` rows, or 0 when a row split fits (or nothing does): at
+// least one block and kMinRowsPerThread columns per thread.
+inline int64_t column_split_threads(const at::Tensor& x, int64_t m, int64_t n, int64_t block) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t blocks = block > 0 ? (n + block - 1) / block : threads;
+  const bool fits = threads >= 2 && threads <= kMaxSplitThreads && m > 0 &&
+                    n >= threads * kMinRowsPerThread && blocks >= threads;
+  return x.is_cpu() && x.scalar_type() == at::kFloat && fits && row_split_threads(x, m) == 0
+             ? threads
+             : 0;
+}
+
 // Runs `body(thread, first_row, rows)` for each of `threads` equal shares of `m` rows, in
 // parallel; with m >= threads * kMinRowsPerThread every thread has rows. The shares match the
 // halves at::parallel_for gives the fused ops' row loops on 2 threads.

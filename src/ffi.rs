@@ -79,6 +79,11 @@ extern "C" {
         up: *const c_void,
         out: *mut *mut c_void,
     ) -> *mut std::ffi::c_char;
+    fn loratch_gelu_tanh_glu(
+        gate: *const c_void,
+        up: *const c_void,
+        out: *mut *mut c_void,
+    ) -> *mut std::ffi::c_char;
     fn loratch_cross_entropy(
         logits: *mut c_void,
         targets: *const c_void,
@@ -257,8 +262,9 @@ pub fn frozen_linear(
 
 /// `a @ b` for `a` `[m, k]` and `b` `[k, n]`, without autograd (csrc/blas.cpp). On CPU in float32
 /// with 2 to 4 threads and at least 64 rows per thread, the rows are dealt out to the threads and
-/// each computes its rows single-threaded; otherwise libtorch's `mm`. On CPU in blocks of at most
-/// `block_columns` columns (0: all at once).
+/// each computes its rows single-threaded; with fewer rows, whole blocks of columns are (at least
+/// one block and 64 columns per thread; without `block_columns`, one block per thread); otherwise
+/// libtorch's `mm`. On CPU in blocks of at most `block_columns` columns (0: all at once).
 pub fn mm_rows(a: &Tensor, b: &Tensor, block_columns: i64) -> Result<Tensor, tch::TchError> {
     let ptr = |t: &Tensor| t.as_ptr() as *const c_void;
     // SAFETY: both pointers are live at::Tensor* borrowed for the call.
@@ -297,6 +303,14 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor, tch::TchError> {
     let ptr = |t: &Tensor| t.as_ptr() as *const c_void;
     // SAFETY: both pointers are live at::Tensor* borrowed for the call.
     new_tensor(|out| unsafe { loratch_swiglu(ptr(gate), ptr(up), out) })
+}
+
+/// `gelu(gate, approximate="tanh") * up` as one autograd node (csrc/gelu_glu.cpp): equal shapes,
+/// float32 on CPU.
+pub fn gelu_tanh_glu(gate: &Tensor, up: &Tensor) -> Result<Tensor, tch::TchError> {
+    let ptr = |t: &Tensor| t.as_ptr() as *const c_void;
+    // SAFETY: both pointers are live at::Tensor* borrowed for the call.
+    new_tensor(|out| unsafe { loratch_gelu_tanh_glu(ptr(gate), ptr(up), out) })
 }
 
 /// The softmax cross-entropy of each row of `logits` `[rows, vocab]` (float32, contiguous, CPU)

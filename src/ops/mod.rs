@@ -1,12 +1,12 @@
 //! The tensor ops that have a fused CPU kernel (csrc/, through [`crate::ffi`]) beside a composite
-//! path of libtorch ops: RMSNorm, the rotary embedding, SwiGLU, causal attention, the LoRA and
-//! frozen linears, the output head and the cross-entropy. Model and loss code call these functions
-//! and never the FFI; each one picks its path through [`path`], the one decision, plus only its own
-//! shape limits (written beside it).
+//! path of libtorch ops: RMSNorm, the rotary embedding, SwiGLU and GeGLU, causal attention, the
+//! LoRA and frozen linears, the output head and the cross-entropy. Model and loss code call these
+//! functions and never the FFI; each one picks its path through [`path`], the one decision, plus
+//! only its own shape limits (written beside it).
 //!
-//! Inside a fused kernel, how its rows are dealt out to the threads (2 to 4 threads, at least 64
-//! rows each) is the kernel's own schedule, not a choice of path: its results do not depend on it
-//! beyond float rounding.
+//! Inside a fused kernel, how its rows (or a head product's blocks of columns) are dealt out to the
+//! threads (2 to 4 threads, at least 64 rows or columns each) is the kernel's own schedule, not a
+//! choice of path: its results do not depend on it beyond float rounding.
 //!
 //! [`checkpoint`] (activation checkpointing) is not a kernel of its own but a node around any
 //! function of one tensor (a decoder layer) that recomputes it in the backward.
