@@ -39,6 +39,10 @@ pub enum Error {
     /// template failed to compile or render.
     #[error("tokenizer error: {0}")]
     Tokenizer(String),
+    /// A model named by Hub id (`owner/name`) is not a local path and not in the local Hugging
+    /// Face cache; the message says where it looked and how to fill the cache.
+    #[error("model {id}: {msg}")]
+    HubCache { id: String, msg: String },
     /// A file system operation failed.
     #[error("{path}: {source}")]
     Io {

@@ -71,8 +71,13 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
-    /// Loads `path`: a Hugging Face directory (config.json + safetensors weights) or a GGUF file.
+    /// Loads `path`: a Hugging Face directory (config.json + safetensors weights), a GGUF file,
+    /// or a Hub id in the local cache ([`crate::hf::hub_cache::resolve`]; `path` is then the
+    /// snapshot directory).
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self> {
+        // A Hub id (`owner/name[@rev]`) that is not a path: its snapshot in the local cache.
+        let resolved = crate::hf::hub_cache::resolve(path)?;
+        let path = resolved.as_path();
         let lm = if path.is_file() {
             let ck = GgufCheckpoint::open(path)?;
             let config = ck.config()?;

@@ -1,6 +1,7 @@
 //! Core [`Error`]s become typed Python exceptions: the classes live in `loratch/errors.py`
 //! (so they can also subclass the matching built-ins) and are reached through typed handles;
-//! I/O errors become `FileNotFoundError`, `PermissionError` or `OSError`.
+//! I/O errors become `FileNotFoundError`, `PermissionError` or `OSError`, a Hub id missing from
+//! the local cache `FileNotFoundError`.
 use crate::error::Error;
 use pyo3::exceptions::{PyFileExistsError, PyFileNotFoundError, PyOSError, PyPermissionError};
 use pyo3::prelude::*;
@@ -54,6 +55,8 @@ impl From<Error> for PyErr {
             Error::NonFinite(_) => NonFiniteError::new_err(msg),
             Error::Torch(_) => TorchError::new_err(msg),
             Error::Tokenizer(_) => TokenizerError::new_err(msg),
+            // A model that is not there, like a missing model directory.
+            Error::HubCache { .. } => PyFileNotFoundError::new_err(msg),
             Error::Io { source, .. } => match source.kind() {
                 std::io::ErrorKind::NotFound => PyFileNotFoundError::new_err(msg),
                 std::io::ErrorKind::PermissionDenied => PyPermissionError::new_err(msg),

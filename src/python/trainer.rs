@@ -91,7 +91,18 @@ fn _train(
     resume: Option<PathBuf>,
     dist: Option<Py<PyAny>>,
 ) -> PyResult<Py<PyDict>> {
-    let config = TrainConfig::from_json_str(config_json)?;
+    let parsed = TrainConfig::from_json(config_json)?;
+    // Other tools' key names were mapped: say so, as the CLI's `note:` lines do.
+    let category = py.get_type::<pyo3::exceptions::PyUserWarning>();
+    for note in &parsed.notes {
+        PyErr::warn(
+            py,
+            &category,
+            &std::ffi::CString::new(format!("note: {note}"))?,
+            1,
+        )?;
+    }
+    let config = parsed.config;
     let (rank, world) = match &dist {
         Some(d) => {
             let d = d.bind(py);

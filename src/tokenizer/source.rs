@@ -65,9 +65,12 @@ impl GgufTokenizerData {
 
 impl Tokenizer {
     /// The tokenizer of a model path: a GGUF file's metadata, a Hugging Face directory
-    /// ([`Tokenizer::from_dir`]), or a `tokenizer.json` ([`Tokenizer::from_file`]).
+    /// ([`Tokenizer::from_dir`]), a `tokenizer.json` ([`Tokenizer::from_file`]), or a Hub id in
+    /// the local cache ([`crate::hf::hub_cache::resolve`]).
     pub fn for_model(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
+        // A Hub id (`owner/name[@rev]`) that is not a path: its snapshot in the local cache.
+        let resolved = crate::hf::hub_cache::resolve(path.as_ref())?;
+        let path = resolved.as_path();
         if path.is_dir() {
             Self::from_dir(path)
         } else if is_gguf(path) {

@@ -24,14 +24,19 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Fine-tune LoRA adapters as a TOML config says (see README "Training").
+    /// Fine-tune LoRA adapters as a TOML or YAML config says (see README "Training").
     Train {
-        /// The TOML configuration.
+        /// The configuration: TOML, or YAML when it ends in .yaml/.yml.
         #[arg(long)]
         config: PathBuf,
-        /// Override a config value: `section.key=value` (TOML syntax), repeatable.
+        /// Override a config value: `key=value` or `section.key=value` (TOML syntax; other
+        /// tools' key names accepted as in the file), repeatable.
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
+        /// Overrides as bare arguments, as `--set` takes them (`loratch train --config c.yaml
+        /// learning_rate=1e-4 lora.rank=8`).
+        #[arg(value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
         /// Resume from a checkpoint directory, or from the newest checkpoint of an output dir.
         #[arg(long)]
         resume: Option<PathBuf>,
@@ -49,7 +54,8 @@ enum Command {
     /// llama.cpp runs alone when --out ends in .gguf (a quantized base is decoded, then the
     /// adapters' delta added in float32).
     Merge {
-        /// The base model: a Hugging Face directory or a .gguf file.
+        /// The base model: a Hugging Face directory, a .gguf file, or a Hub id
+        /// (owner/name[@revision]) in the local Hugging Face cache.
         #[arg(long)]
         model: PathBuf,
         /// Adapters: a PEFT directory, a .safetensors or a .pt file.
@@ -68,7 +74,8 @@ enum Command {
     /// Write adapters as a llama.cpp LoRA adapter GGUF, to run with the base model's GGUF
     /// (`llama-cli -m base.gguf --lora adapter.gguf`).
     Export {
-        /// The base model the adapters were trained on: a Hugging Face directory or a .gguf file.
+        /// The base model the adapters were trained on: a Hugging Face directory, a .gguf file,
+        /// or a Hub id (owner/name[@revision]) in the local Hugging Face cache.
         #[arg(long)]
         model: PathBuf,
         /// Adapters: a PEFT directory, a .safetensors or a .pt file.
@@ -80,7 +87,8 @@ enum Command {
     },
     /// Generate text from a model, optionally with LoRA adapters.
     Generate {
-        /// A Hugging Face directory (config.json, model.safetensors, tokenizer.json) or a .gguf file.
+        /// A Hugging Face directory (config.json, model.safetensors, tokenizer.json), a .gguf file,
+        /// or a Hub id (owner/name[@revision]) in the local Hugging Face cache.
         #[arg(long)]
         model: PathBuf,
         /// Adapters: a PEFT directory, a .safetensors or a .pt file.
@@ -286,7 +294,11 @@ impl loratch::train::Hooks for CtrlC {
 const INTERRUPTED: u8 = 130;
 
 fn run_train(config: PathBuf, set: Vec<String>, resume: Option<PathBuf>) -> loratch::Result<bool> {
-    let cfg = loratch::train::TrainConfig::from_toml_file(&config, &set)?;
+    let parsed = loratch::train::TrainConfig::read(&config, &set)?;
+    for note in &parsed.notes {
+        eprintln!("note: {note}");
+    }
+    let cfg = parsed.config;
     let flag = Arc::new(AtomicBool::new(false));
     let handler_flag = flag.clone();
     ctrlc::set_handler(move || {
@@ -326,9 +338,17 @@ fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Train {
             config,
-            set,
+            mut set,
+            overrides,
             resume,
-        } => match run_train(config, set, resume) {
+        } => match run_train(
+            config,
+            {
+                set.extend(overrides);
+                set
+            },
+            resume,
+        ) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::from(INTERRUPTED),
             Err(e) => Err(e),

@@ -1,6 +1,7 @@
-//! The steps of a run's setup, each on its own: prepare the output directory (lock, clean up,
-//! refuse or delete an earlier run's checkpoints), load the data, load the model and add the
-//! adapters, plan the steps, build the optimizer and schedule, resume from a checkpoint.
+//! The steps of a run's setup, each on its own: check the data files, prepare the output
+//! directory (lock, clean up, refuse or delete an earlier run's checkpoints), load the data,
+//! plan the steps and the schedule (so every config error comes before the model loads), load
+//! the model and add the adapters, build the optimizer, resume from a checkpoint.
 use std::fs;
 use std::path::Path;
 
@@ -13,6 +14,7 @@ use crate::data::loader::mix;
 use crate::data::{self, DataLoader, LoaderConfig, Position};
 use crate::device::{parse_device, parse_dtype};
 use crate::error::{Error, Result};
+use crate::hf::hub_cache;
 use crate::hf::loaded::{LoadOptions, LoadedModel};
 use crate::hf::peft;
 use crate::lora::LoraSpec;
@@ -78,9 +80,9 @@ fn prepare_output_dir(
 }
 
 /// Tokenizes the training data (and the validation data, or splits it off) into loaders.
-fn load_data(config: &TrainConfig) -> Result<Data> {
+fn load_data(config: &TrainConfig, model_path: &Path) -> Result<Data> {
     let t = &config.training;
-    let tokenizer = Tokenizer::for_model(&config.model)?;
+    let tokenizer = Tokenizer::for_model(model_path)?;
     let pad_id = data::pad_id(&tokenizer)?;
     let train_set = data::load_examples(
         &config.data,
@@ -136,8 +138,13 @@ fn load_data(config: &TrainConfig) -> Result<Data> {
 
 /// Loads the model, checks that the data's token ids fit its vocabulary, and adds freshly
 /// initialised adapters (float32 whatever the model's dtype), in training mode.
-fn load_model(config: &TrainConfig, options: &LoadOptions, data: &Data) -> Result<LoadedModel> {
-    let mut model = LoadedModel::load(&config.model, options)?;
+fn load_model(
+    config: &TrainConfig,
+    model_path: &Path,
+    options: &LoadOptions,
+    data: &Data,
+) -> Result<LoadedModel> {
+    let mut model = LoadedModel::load(model_path, options)?;
     let vocab = model.lm.config.vocab_size;
     let max_id = data
         .loader
@@ -183,36 +190,43 @@ fn plan_steps(config: &TrainConfig, loader: &mut DataLoader, world: usize) -> Re
     })
 }
 
-/// The learning-rate schedule over `total_steps` and AdamW over the model's adapters.
-fn optimizer_and_schedule(
-    config: &TrainConfig,
-    model: &LoadedModel,
-    total_steps: u64,
-) -> Result<(AdamW, Schedule)> {
+/// The learning-rate schedule over `total_steps` (before the model loads, so its errors and
+/// the warm-up warning come first). A warm-up as long as the run is clamped, with a warning.
+fn schedule(config: &TrainConfig, total_steps: u64, rank: usize) -> Result<Schedule> {
     let t = &config.training;
-    let kind_name = ScheduleKind::from_name(&t.scheduler_type)?;
-    let warmup = if kind_name.has_warmup() {
-        t.warmup_steps
-    } else {
-        0
-    };
-    let schedule = Schedule::new(ScheduleConfig {
-        kind: kind_name,
+    let (warmup, warning) = config.warmup_for(total_steps)?;
+    if let (Some(w), 0) = (warning, rank) {
+        eprintln!("warning: {w}");
+    }
+    Schedule::new(ScheduleConfig {
+        kind: ScheduleKind::from_name(&t.scheduler_type)?,
         initial_lr: t.learning_rate,
         min_lr: t.min_lr,
         total_steps,
         warmup_steps: warmup,
         ..Default::default()
-    })?;
-    let optimizer = AdamW::new(
+    })
+}
+
+/// AdamW over the model's adapters, at the schedule's first rate.
+fn optimizer(config: &TrainConfig, model: &LoadedModel, schedule: &Schedule) -> Result<AdamW> {
+    AdamW::new(
         model.parameters()?,
         AdamWConfig {
             lr: schedule.lr(0),
-            weight_decay: t.weight_decay,
+            weight_decay: config.training.weight_decay,
             ..Default::default()
         },
-    )?;
-    Ok((optimizer, schedule))
+    )
+}
+
+/// The data files exist (checked before anything is loaded, so a missing file is reported
+/// before a model error).
+fn check_data_files(config: &TrainConfig) -> Result<()> {
+    for path in std::iter::once(&config.data).chain(config.validation_data.as_ref()) {
+        fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    }
+    Ok(())
 }
 
 /// The progress bar: drawn on rank 0's stderr, hidden elsewhere.
@@ -246,12 +260,16 @@ impl<'a> Run<'a> {
             kind: parse_dtype(&t.dtype)?,
             quantize: Quantize::parse(config.quantize.as_deref())?,
         };
+        // Every error the config and the data files can cause comes before the model loads.
+        check_data_files(config)?;
         let lock = prepare_output_dir(config, rank, resume.is_some())?;
         let resume = resume.map(checkpoint::resolve).transpose()?;
-        let mut data = load_data(config)?;
-        let model = load_model(config, &options, &data)?;
+        let model_path = hub_cache::resolve(&config.model)?;
+        let mut data = load_data(config, &model_path)?;
         let total_steps = plan_steps(config, &mut data.loader, world)?;
-        let (optimizer, schedule) = optimizer_and_schedule(config, &model, total_steps)?;
+        let schedule = schedule(config, total_steps, rank)?;
+        let model = load_model(config, &model_path, &options, &data)?;
+        let optimizer = optimizer(config, &model, &schedule)?;
         let state = TrainerState {
             global_step: 0,
             epoch: 0,

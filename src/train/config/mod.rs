@@ -1,22 +1,78 @@
-//! The trainer's configuration: a TOML file (`loratch train --config`) or a Python dict
-//! (`loratch.train`), the same structure either way. Unknown keys are errors, so a typo never
-//! passes silently; `--set section.key=value` overrides apply before validation.
+//! The trainer's configuration: a TOML or YAML file (`loratch train --config`) or a Python dict
+//! (`loratch.train`), one schema whichever: each is read into one value tree, the aliases of
+//! other tools' key names and the `key=value` overrides applied (see [`aliases`], [`tree`]),
+//! then these serde structs. Unknown keys are errors, so a typo never passes silently.
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::data::loader::Packing;
 use crate::error::{Error, Result};
-use crate::io::json::{kind_name, Words};
 use crate::lora::targets::Targets;
 use crate::train::schedule::ScheduleKind;
+
+pub mod aliases;
+pub mod tree;
+
+pub use tree::Format;
+
+/// The top-level keys of [`TrainConfig`] (a test checks each list against its struct).
+pub const TOP_KEYS: [&str; 9] = [
+    "model",
+    "quantize",
+    "data",
+    "validation_data",
+    "validation_split",
+    "output_dir",
+    "seed",
+    "lora",
+    "training",
+];
+
+/// The keys of [`LoraSection`].
+pub const LORA_KEYS: [&str; 5] = ["rank", "alpha", "target_modules", "dropout", "use_rslora"];
+
+/// The keys of [`TrainingSection`].
+pub const TRAINING_KEYS: [&str; 22] = [
+    "learning_rate",
+    "weight_decay",
+    "num_epochs",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "max_seq_length",
+    "logging_steps",
+    "save_steps",
+    "eval_steps",
+    "warmup_steps",
+    "warmup_ratio",
+    "max_grad_norm",
+    "scheduler_type",
+    "min_lr",
+    "device",
+    "max_steps",
+    "packing",
+    "train_on_inputs",
+    "dtype",
+    "max_nonfinite_steps",
+    "overwrite_output_dir",
+    "gradient_checkpointing",
+];
+
+/// A configuration and the notes its aliases produced (`"lora_alpha" is loratch's [lora]
+/// alpha`), for the caller to show.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Parsed {
+    pub config: TrainConfig,
+    pub notes: Vec<String>,
+}
 
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
-    /// The model: a Hugging Face directory (config.json, safetensors, tokenizer.json) or a GGUF
-    /// file.
+    /// The model: a Hugging Face directory (config.json, safetensors, tokenizer.json), a GGUF
+    /// file, or a Hub id (`owner/name`, `owner/name@revision`) found in the local Hugging Face
+    /// cache (see [`crate::hf::hub_cache`]).
     pub model: PathBuf,
     /// How the frozen base is held: absent = as stored, "none" = float, "q8_0" / "q4_0" / "nf4" =
     /// quantized on load (see [`crate::model::Quantize`]).
@@ -86,6 +142,9 @@ pub struct TrainingSection {
     /// Evaluate every this many optimizer steps (0 = only at the start and the end).
     pub eval_steps: u64,
     pub warmup_steps: u64,
+    /// The warm-up as a fraction of the run's optimizer steps (Hugging Face's `warmup_ratio`:
+    /// `ceil(ratio * total_steps)`); exclusive with `warmup_steps`.
+    pub warmup_ratio: f64,
     /// Clip the gradient norm to this (0 = no clipping; the norm is still logged).
     pub max_grad_norm: f64,
     pub scheduler_type: String,
@@ -125,6 +184,7 @@ impl Default for TrainingSection {
             save_steps: 100,
             eval_steps: 50,
             warmup_steps: 0,
+            warmup_ratio: 0.0,
             max_grad_norm: 1.0,
             scheduler_type: "linear_warmup_cosine".into(),
             min_lr: 1e-6,
@@ -148,60 +208,103 @@ fn default_seed() -> u64 {
     42
 }
 
-fn config_error(source: &str, e: impl std::fmt::Display) -> Error {
-    Error::Config(format!("{source}: {e}"))
-}
-
 /// A deserialisation error with the path of the key it is about (`training.batch_size: ...`).
 fn keyed_error<E: std::fmt::Display>(source: &str, e: serde_path_to_error::Error<E>) -> Error {
     let path = e.path().to_string();
     if path == "." {
-        config_error(source, e.inner())
+        Error::Config(format!("{source}: {}", e.inner()))
     } else {
         Error::Config(format!("{source}: {path}: {}", e.inner()))
     }
 }
 
 impl TrainConfig {
-    /// Reads a TOML file and applies `overrides` (`section.key=value`, the value in TOML syntax;
-    /// a bare word is taken as a string).
+    /// Reads a TOML, YAML (`.yaml`/`.yml`) or JSON (`.json`) file and applies `overrides`
+    /// (`key=value` or `section.key=value`, the value in TOML syntax; a bare word is a string).
+    pub fn read(path: &Path, overrides: &[String]) -> Result<Parsed> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::parse(
+            &text,
+            Format::from_path(path),
+            overrides,
+            &path.display().to_string(),
+        )
+    }
+
+    /// As [`read`](Self::read) from text in `format`; `source` names it in errors.
+    pub fn parse(text: &str, format: Format, overrides: &[String], source: &str) -> Result<Parsed> {
+        Self::from_tree(tree::parse(text, format, source)?, overrides, source)
+    }
+
+    /// From a value tree: aliases and `overrides` applied, then deserialised and validated.
+    /// Errors name the key (`training.batch_size`).
+    pub fn from_tree(
+        value: serde_json::Value,
+        overrides: &[String],
+        source: &str,
+    ) -> Result<Parsed> {
+        let (value, notes) = tree::normalize(value, overrides, source)?;
+        let config: Self =
+            serde_path_to_error::deserialize(value).map_err(|e| keyed_error(source, e))?;
+        config.validate()?;
+        Ok(Parsed { config, notes })
+    }
+
+    /// A TOML file, as [`read`](Self::read) does (whatever the extension), notes dropped.
     pub fn from_toml_file(path: &Path, overrides: &[String]) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         Self::from_toml_str(&text, overrides, &path.display().to_string())
     }
 
-    /// As [`from_toml_file`](Self::from_toml_file) from TOML text; `source` names it in errors.
+    /// From TOML text, notes dropped; `source` names it in errors.
     pub fn from_toml_str(text: &str, overrides: &[String], source: &str) -> Result<Self> {
-        let mut table: toml::Table = toml::from_str(text).map_err(|e| config_error(source, e))?;
-        for o in overrides {
-            apply_override(&mut table, o)?;
-        }
-        let config: Self = serde_path_to_error::deserialize(toml::Value::Table(table))
-            .map_err(|e| keyed_error(source, e))?;
-        config.validate()?;
-        Ok(config)
+        Ok(Self::parse(text, Format::Toml, overrides, source)?.config)
     }
 
-    /// From JSON text (what `loratch.train(dict)` passes). Errors name the key
-    /// (`training.batch_size`), never a line and column of text the caller did not write.
+    /// From JSON text (what `loratch.train(dict)` passes), with the aliases' notes. Errors name
+    /// the key (`training.batch_size`), never a line and column of text the caller did not write.
+    pub fn from_json(text: &str) -> Result<Parsed> {
+        let value = tree::parse(text, Format::Json, "training config")?;
+        Self::from_tree(value, &[], "training config")
+    }
+
+    /// As [`from_json`](Self::from_json), notes dropped.
     pub fn from_json_str(text: &str) -> Result<Self> {
-        let value: serde_json::Value =
-            serde_json::from_str(text).map_err(|e| config_error("training config", e))?;
-        if !value.is_object() {
-            return Err(Error::Config(format!(
-                "training config: expected a table of keys, got {}",
-                kind_name(&value, Words::Toml)
-            )));
-        }
-        let config: Self = serde_path_to_error::deserialize(value)
-            .map_err(|e| keyed_error("training config", e))?;
-        config.validate()?;
-        Ok(config)
+        Ok(Self::from_json(text)?.config)
     }
 
     /// The configuration as JSON (saved in every checkpoint).
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The warm-up of a run of `total_steps` optimizer steps (0 for schedules without one), and
+    /// a warning when the configured one is as long as the run or longer: it is then clamped to
+    /// a tenth of the run, so a guide's `warmup_steps = 100` on a small dataset still trains
+    /// (the schedule needs the warm-up to end before the run does).
+    pub fn warmup_for(&self, total_steps: u64) -> Result<(u64, Option<String>)> {
+        let t = &self.training;
+        if !ScheduleKind::from_name(&t.scheduler_type)?.has_warmup() {
+            return Ok((0, None));
+        }
+        let (asked, what) = if t.warmup_ratio > 0.0 {
+            let steps = (t.warmup_ratio * total_steps as f64).ceil() as u64;
+            let what = format!("warmup_ratio = {} ({steps} steps)", t.warmup_ratio);
+            (steps, what)
+        } else {
+            (t.warmup_steps, format!("warmup_steps = {}", t.warmup_steps))
+        };
+        if asked < total_steps {
+            return Ok((asked, None));
+        }
+        let clamped = total_steps / 10;
+        Ok((
+            clamped,
+            Some(format!(
+                "the warm-up ({what}) is as long as the run ({total_steps} optimizer steps) or \
+                 longer; warming up over {clamped} steps instead (a tenth of the run)"
+            )),
+        ))
     }
 
     /// The adapters' targets.
@@ -268,6 +371,19 @@ impl TrainConfig {
         if t.max_steps == Some(0) || (t.max_steps.is_none() && t.num_epochs == 0) {
             return bad("nothing to train: training.num_epochs or training.max_steps is 0".into());
         }
+        if !(0.0..1.0).contains(&t.warmup_ratio) {
+            return bad(format!(
+                "training.warmup_ratio must be in [0, 1), got {}",
+                t.warmup_ratio
+            ));
+        }
+        if t.warmup_ratio > 0.0 && t.warmup_steps > 0 {
+            return bad(format!(
+                "training.warmup_steps = {} and training.warmup_ratio = {} both set the warm-up; \
+                 keep one",
+                t.warmup_steps, t.warmup_ratio
+            ));
+        }
         ScheduleKind::from_name(&t.scheduler_type)?;
         crate::device::parse_device(&t.device)?;
         crate::device::parse_dtype(&t.dtype)?;
@@ -276,112 +392,5 @@ impl TrainConfig {
     }
 }
 
-/// Sets `section.key` (or a top-level `key`) in `table` from `assignment` = `path=value`.
-fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
-    let (path, raw) = assignment.split_once('=').ok_or_else(|| {
-        Error::Config(format!("--set {assignment:?}: expected section.key=value"))
-    })?;
-    let path = path.trim();
-    let raw = raw.trim();
-    // TOML syntax (numbers, booleans, quoted strings, arrays); otherwise a bare string.
-    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
-        .ok()
-        .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
-    let keys: Vec<&str> = path.split('.').collect();
-    if keys.iter().any(|k| k.is_empty()) || keys.len() > 2 {
-        return Err(Error::Config(format!(
-            "--set {assignment:?}: the key must be `key` or `section.key`"
-        )));
-    }
-    let mut target = table;
-    for section in &keys[..keys.len() - 1] {
-        let entry = target
-            .entry(section.to_string())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        target = entry.as_table_mut().ok_or_else(|| {
-            Error::Config(format!("--set {assignment:?}: {section} is not a section"))
-        })?;
-    }
-    target.insert(keys[keys.len() - 1].to_string(), value);
-    Ok(())
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const BASE: &str = "model = \"m\"\ndata = \"d.jsonl\"\noutput_dir = \"out\"\n";
-
-    #[test]
-    fn defaults_follow_the_spec() {
-        let c = TrainConfig::from_toml_str(BASE, &[], "t").unwrap();
-        assert_eq!(c.training.learning_rate, 2e-4);
-        assert_eq!(c.training.gradient_accumulation_steps, 4);
-        assert_eq!(c.training.scheduler_type, "linear_warmup_cosine");
-        assert_eq!(c.lora.rank, 16);
-        assert_eq!(c.seed, 42);
-    }
-
-    #[test]
-    fn unknown_keys_are_errors() {
-        for text in [
-            format!("{BASE}learning_rat = 1.0\n"),
-            format!("{BASE}[training]\nlearning_rat = 1.0\n"),
-            format!("{BASE}[lora]\nrnak = 4\n"),
-            format!("{BASE}[optimizer]\nlr = 4\n"),
-        ] {
-            let e = TrainConfig::from_toml_str(&text, &[], "t").unwrap_err();
-            assert!(e.to_string().contains("unknown"), "{e}");
-        }
-        let e = TrainConfig::from_json_str(
-            r#"{"model": "m", "data": "d", "output_dir": "o", "training": {"lr": 1}}"#,
-        )
-        .unwrap_err();
-        assert!(e.to_string().contains("unknown field `lr`"), "{e}");
-    }
-
-    #[test]
-    fn overrides_apply_before_validation() {
-        let c = TrainConfig::from_toml_str(
-            BASE,
-            &[
-                "training.learning_rate=1e-3".into(),
-                "training.packing=false".into(),
-                "lora.target_modules=[\"q_proj\"]".into(),
-                "training.scheduler_type=cosine".into(),
-                "seed=7".into(),
-            ],
-            "t",
-        )
-        .unwrap();
-        assert_eq!(c.training.learning_rate, 1e-3);
-        assert_eq!(c.training.packing, Packing::Off);
-        assert_eq!(c.lora.target_modules, serde_json::json!(["q_proj"]));
-        assert_eq!(c.training.scheduler_type, "cosine");
-        assert_eq!(c.seed, 7);
-        for bad in ["training.nope=1", "training.batch_size=0", "=3", "novalue"] {
-            assert!(
-                TrainConfig::from_toml_str(BASE, &[bad.into()], "t").is_err(),
-                "{bad}"
-            );
-        }
-    }
-
-    #[test]
-    fn invalid_values_are_errors() {
-        for (key, value) in [
-            ("lora.rank", "0"),
-            ("lora.dropout", "1.0"),
-            ("training.learning_rate", "-1.0"),
-            ("training.scheduler_type", "\"warp\""),
-            ("training.device", "\"tpu\""),
-            ("training.dtype", "\"int8\""),
-            ("validation_split", "1.5"),
-            ("training.max_steps", "0"),
-        ] {
-            let e = TrainConfig::from_toml_str(BASE, &[format!("{key}={value}")], "t");
-            assert!(e.is_err(), "{key}={value} was accepted");
-        }
-    }
-}
+mod tests;
