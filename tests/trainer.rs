@@ -749,3 +749,179 @@ fn a_lock_left_by_a_killed_run_does_not_block_the_next_one() {
     assert_eq!(done.global_step, 2);
     assert!(!lock.exists());
 }
+
+/// Adds the model files of `model_dir` to a Hugging Face cache at `cache` as huggingface_hub
+/// lays them out: each file a blob, symlinked from `snapshots/<commit>/`, and `refs/<name>`
+/// holding the commit for each of `refs`.
+fn add_to_hub_cache(cache: &Path, id: &str, commit: &str, refs: &[&str], model_dir: &Path) {
+    let repo = cache.join(format!("models--{}", id.replace('/', "--")));
+    let snapshot = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(repo.join("blobs")).unwrap();
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    for (i, entry) in std::fs::read_dir(model_dir).unwrap().enumerate() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        let is_model_file =
+            name.ends_with(".json") || name.ends_with(".safetensors") || name.ends_with(".jinja");
+        if !path.is_file() || !is_model_file {
+            continue;
+        }
+        // Blobs are named by a digest of their content; any unique name does here.
+        let blob = format!("{commit}{i:04}");
+        std::fs::copy(&path, repo.join("blobs").join(&blob)).unwrap();
+        std::os::unix::fs::symlink(format!("../../blobs/{blob}"), snapshot.join(&name)).unwrap();
+    }
+    for r in refs {
+        std::fs::write(repo.join("refs").join(r), commit).unwrap();
+    }
+}
+
+#[test]
+fn hub_ids_load_from_the_local_cache_at_a_revision() {
+    use loratch::hf::hub_cache;
+    let _rng = rng_lock();
+    let (a, b, cache) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    tiny_model(a.path(), 21);
+    tiny_model(b.path(), 22);
+    let (ca, cb) = ("a1".repeat(20), "b2".repeat(20));
+    add_to_hub_cache(cache.path(), "org/tiny", &ca, &["main"], a.path());
+    add_to_hub_cache(cache.path(), "org/tiny", &cb, &["v2"], b.path());
+    // Only this test reads the variable (a model given by an existing path never does).
+    std::env::set_var("HF_HUB_CACHE", cache.path());
+    let opts = LoadOptions {
+        device: Device::Cpu,
+        kind: Kind::Float,
+        quantize: loratch::model::Quantize::Stored,
+    };
+    let ids = Tensor::from_slice(&[1i64, 500, 1000, 42, 7]).view([1, 5]);
+    let logits = |spec: &str| {
+        LoadedModel::load(Path::new(spec), &opts)
+            .unwrap()
+            .forward(&ids, None)
+            .unwrap()
+    };
+    let a_dir = a.path().to_str().unwrap();
+    let b_dir = b.path().to_str().unwrap();
+    assert!(logits("org/tiny").equal(&logits(a_dir)));
+    assert!(logits("org/tiny@main").equal(&logits(a_dir)));
+    assert!(logits("org/tiny@v2").equal(&logits(b_dir)));
+    assert!(logits(&format!("org/tiny@{cb}")).equal(&logits(b_dir)));
+    assert!(!logits("org/tiny@v2").equal(&logits(a_dir)));
+    let repo = cache.path().join("models--org--tiny");
+    assert_eq!(
+        hub_cache::resolve(Path::new("org/tiny")).unwrap(),
+        repo.join("snapshots").join(&ca)
+    );
+    assert_eq!(
+        hub_cache::resolve_revision(Path::new("org/tiny"), Some("v2")).unwrap(),
+        repo.join("snapshots").join(&cb)
+    );
+    loratch::tokenizer::Tokenizer::for_model("org/tiny").unwrap();
+
+    let e = LoadedModel::load(Path::new("org/missing"), &opts).unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, loratch::Error::HubCache { .. }), "{msg}");
+    for part in [
+        cache.path().to_str().unwrap(),
+        "HF_HUB_CACHE",
+        "models--org--missing",
+        "`hf download org/missing`",
+        "huggingface-cli download org/missing",
+    ] {
+        assert!(msg.contains(part), "{msg} lacks {part}");
+    }
+    let msg = LoadedModel::load(Path::new("org/tiny@nope"), &opts)
+        .unwrap_err()
+        .to_string();
+    for part in [
+        "refs there: main, v2",
+        &format!("snapshots there: {ca}, {cb}"),
+        "--revision nope",
+    ] {
+        assert!(msg.contains(part), "{msg} lacks {part}");
+    }
+    let e = hub_cache::resolve_revision(Path::new("org/tiny@v2"), Some("main")).unwrap_err();
+    assert!(e.to_string().contains("\"v2\""), "{e}");
+    std::env::remove_var("HF_HUB_CACHE");
+}
+
+#[test]
+fn a_yaml_config_with_other_tools_names_and_a_long_warm_up_trains_with_notes_and_a_warning() {
+    let _rng = rng_lock();
+    let dir = tiny_run_dir(23, 12);
+    let cache = dir.path().join("hub");
+    add_to_hub_cache(&cache, "org/tiny", &"c3".repeat(20), &["main"], dir.path());
+    let out = dir.path().join("out");
+    let yaml = format!(
+        "base_model: org/tiny\ndata: {:?}\noutput_dir: {:?}\nseed: 5\nval_set_size: 0.2\n\
+         r: 4\nlora_alpha: 8\nlora_target_linear: true\nnum_train_epochs: 1\n\
+         per_device_train_batch_size: 2\ngradient_accumulation_steps: 1\n\
+         learning_rate: 3.0e-3\nwarmup_steps: 100\nsequence_len: 64\n",
+        dir.path().join("data.jsonl").display().to_string(),
+        out.display().to_string(),
+    );
+    let cfg = dir.path().join("run.yml");
+    std::fs::write(&cfg, yaml).unwrap();
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_loratch"))
+        .args(["train", "--config"])
+        .arg(&cfg)
+        .args(["logging_steps=1", "--set", "training.eval_steps=0"])
+        .env("HF_HUB_CACHE", &cache)
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{err}");
+    for part in [
+        "note: \"base_model\" is loratch's model\n",
+        "note: \"r\" is loratch's [lora] rank\n",
+        "note: \"num_train_epochs\" is loratch's [training] num_epochs\n",
+        "note: \"learning_rate\" at the top level is loratch's [training] learning_rate\n",
+        "warning: the warm-up (warmup_steps = 100) is as long as the run (",
+    ] {
+        assert!(err.contains(part), "{err} lacks {part}");
+    }
+    // The clamped warm-up: a tenth of the run's steps.
+    let steps = losses(&out).last().unwrap().0;
+    assert!(
+        err.contains(&format!(
+            "({steps} optimizer steps) or longer; warming up over {} steps",
+            steps / 10
+        )),
+        "{err}"
+    );
+    // Every step logged (logging_steps=1, a bare override), the last at the end of the epoch.
+    assert_eq!(losses(&out).len() as u64, steps);
+}
+
+#[test]
+fn config_and_data_errors_come_before_the_model_loads() {
+    let _rng = rng_lock();
+    let dir = tiny_run_dir(24, 12);
+    // Without weights, any error after the model's load would be the missing weights.
+    std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
+    let mut cfg = tiny_config(dir.path(), &dir.path().join("o"), 2);
+    // A schedule error (min_lr above learning_rate): known once the steps are planned.
+    cfg.training.min_lr = 1.0;
+    let e = train(&cfg, None, &mut NoHooks).unwrap_err();
+    assert!(
+        matches!(e, loratch::Error::Config(_)) && e.to_string().contains("min_lr"),
+        "{e}"
+    );
+    // A nonexistent model and a config error: the config error.
+    cfg.training.min_lr = 0.0;
+    cfg.model = dir.path().join("no-such-model");
+    cfg.training.warmup_ratio = 0.5; // with warmup_steps = 1
+    let e = train(&cfg, None, &mut NoHooks).unwrap_err();
+    assert!(e.to_string().contains("both set the warm-up"), "{e}");
+    // A nonexistent model and a missing data file: the data file.
+    cfg.training.warmup_ratio = 0.0;
+    cfg.data = dir.path().join("missing.jsonl");
+    let e = train(&cfg, None, &mut NoHooks).unwrap_err();
+    assert!(e.to_string().contains("missing.jsonl"), "{e}");
+}

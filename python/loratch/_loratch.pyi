@@ -179,10 +179,18 @@ def torch_lora_load_adapters(layer: LoraLinear, path: str | os.PathLike[str]) ->
 # --- HuggingFace LoRA API -------------------------------------------------------------------
 
 def torch_hf_load_model_lora(
-    model_name: str, path: str | os.PathLike[str], config: dict[str, str] | None = None
+    model_name: str,
+    path: str | os.PathLike[str],
+    config: dict[str, str] | None = None,
+    *,
+    revision: str | None = None,
 ) -> str:
     """Load a Hugging Face model directory (config.json + model.safetensors or shards) or a GGUF
     file under ``model_name``, replacing any model of that name (a failed load keeps it).
+    ``path`` may also be a Hub id (``"owner/name"``, or ``"owner/name@revision"``) that is not a
+    local path: its snapshot in the local Hugging Face cache (``HF_HUB_CACHE``, else
+    ``HF_HOME/hub``, else ``~/.cache/huggingface/hub``), never downloaded; ``revision`` (a ref
+    name such as "main", or a commit hash) picks the snapshot.
     ``config``: ``device`` ("cpu", "cuda[:N]", "mps"), ``dtype`` ("float32" default, "bfloat16",
     "float16") and ``quantize`` (absent: as stored; "none": a GGUF decoded to float; "q8_0",
     "q4_0", "nf4": the projections, head and embedding quantized on load, decoded on use).
@@ -192,7 +200,8 @@ def torch_hf_load_model_lora(
     Qwen2ForCausalLM, Qwen3ForCausalLM; GGUF architectures llama, qwen2, qwen3.
 
     Raises:
-        FileNotFoundError: no directory or file, config.json or weights.
+        FileNotFoundError: no directory or file, config.json or weights; a Hub id not in the
+            cache (the message names the cache directory and ``hf download owner/name``).
         ConfigError: malformed config.json, unsupported architecture, unknown config key or
             ``quantize`` name.
         CheckpointError: corrupt or truncated weights or GGUF file, missing or mis-shaped
@@ -350,10 +359,11 @@ class Tokenizer:
         """Render ``messages`` (dicts with "role" and "content") with the model's chat template,
         exactly as transformers' ``apply_chat_template(..., tokenize=False)``."""
 
-def torch_hf_tokenizer_load(path: str | os.PathLike[str]) -> Tokenizer:
+def torch_hf_tokenizer_load(path: str | os.PathLike[str], *, revision: str | None = None) -> Tokenizer:
     """Load a tokenizer from a model directory (``tokenizer.json`` + ``tokenizer_config.json``
-    + chat template), from a ``tokenizer.json`` path, or from a GGUF file's metadata
-    (``tokenizer.ggml.*``, ``tokenizer.chat_template``). Raises FileNotFoundError,
+    + chat template), from a ``tokenizer.json`` path, from a GGUF file's metadata
+    (``tokenizer.ggml.*``, ``tokenizer.chat_template``), or from a Hub id in the local Hugging
+    Face cache (``revision`` as in ``torch_hf_load_model_lora``). Raises FileNotFoundError,
     TokenizerError or CheckpointError (a corrupt GGUF)."""
 
 # --- Optimizer and scheduler -----------------------------------------------------------------

@@ -98,8 +98,12 @@ def train(config: dict[str, Any], *, resume: str | os.PathLike[str] | None = Non
     ``learning_rate, weight_decay, num_epochs, batch_size, gradient_accumulation_steps,
     max_seq_length, logging_steps, save_steps, eval_steps, warmup_steps, max_grad_norm,
     scheduler_type, min_lr, device`` plus ``max_steps, packing, train_on_inputs, dtype,
-    max_nonfinite_steps, overwrite_output_dir, gradient_checkpointing``). Unknown keys raise
-    ``ConfigError``. A fresh run (no ``resume``) into an ``output_dir`` that holds checkpoints
+    max_nonfinite_steps, overwrite_output_dir, gradient_checkpointing, warmup_ratio``). Key names
+    of PEFT, TRL, axolotl, torchtune and mlx-lm configs (``r``, ``lora_alpha``,
+    ``num_train_epochs``, ``per_device_train_batch_size``, a ``learning_rate`` at the top level,
+    ...) are read as loratch's, each with a ``UserWarning`` naming loratch's key (the README's
+    aliases table); ``model`` may be a Hub id in the local Hugging Face cache. Unknown keys raise
+    ``ConfigError`` (with the closest known name). A fresh run (no ``resume``) into an ``output_dir`` that holds checkpoints
     raises ``ConfigError`` unless ``overwrite_output_dir`` is true (then they are deleted). A run
     holds a lock on ``output_dir`` (``.loratch.lock``) until it ends: a second run into it
     meanwhile raises ``StateError`` naming the first's pid.

@@ -3,6 +3,7 @@ use super::args::from_dict;
 use super::tensor::PyTensor;
 use crate::device::parse_dtype;
 use crate::error::Error;
+use crate::hf::hub_cache;
 use crate::hf::registry::{self, lock};
 use crate::hf::{LoadConfig, LoadOptions, LoadedModel};
 use crate::lora::targets::Targets;
@@ -25,18 +26,21 @@ fn with_model<T: Send>(
     Ok(py.detach(move || f(&mut lock(&entry)))?)
 }
 
-/// Loads a Hugging Face model directory under `model_name` (replacing a model of that name).
+/// Loads a Hugging Face model directory, a GGUF file, or a Hub id (`owner/name`, at `revision`)
+/// from the local Hugging Face cache under `model_name` (replacing a model of that name).
 /// `config` keys: `device` ("cpu", "cuda[:N]", "mps"), `dtype` ("float32", "bfloat16",
 /// "float16"). Returns the name.
 #[pyfunction]
-#[pyo3(signature = (model_name, path, config=None))]
+#[pyo3(signature = (model_name, path, config=None, *, revision=None))]
 fn torch_hf_load_model_lora(
     py: Python<'_>,
     model_name: String,
     path: PathBuf,
     config: Option<&Bound<'_, PyDict>>,
+    revision: Option<String>,
 ) -> PyResult<String> {
     let opts = LoadOptions::parse(&from_dict::<LoadConfig>(config, "config")?)?;
+    let path = hub_cache::resolve_revision(&path, revision.as_deref())?;
     let model = py.detach(|| LoadedModel::load(&path, &opts))?;
     registry::insert(&model_name, model);
     Ok(model_name)

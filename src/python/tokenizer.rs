@@ -119,9 +119,16 @@ impl PyTokenizer {
 }
 
 /// Loads `tokenizer.json` (and `tokenizer_config.json`, chat template) from a model directory,
-/// a `tokenizer.json` path, or the metadata of a GGUF file.
+/// a `tokenizer.json` path, the metadata of a GGUF file, or a Hub id (`owner/name`, at
+/// `revision`) in the local Hugging Face cache.
 #[pyfunction]
-fn torch_hf_tokenizer_load(py: Python<'_>, path: PathBuf) -> PyResult<PyTokenizer> {
+#[pyo3(signature = (path, *, revision=None))]
+fn torch_hf_tokenizer_load(
+    py: Python<'_>,
+    path: PathBuf,
+    revision: Option<String>,
+) -> PyResult<PyTokenizer> {
+    let path = crate::hf::hub_cache::resolve_revision(&path, revision.as_deref())?;
     let inner = py.detach(|| Tokenizer::for_model(&path))?;
     Ok(PyTokenizer { inner })
 }
