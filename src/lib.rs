@@ -2,6 +2,7 @@
 //!
 //! The core (everything outside `python`) knows nothing of Python: the `loratch` binary, the Rust
 //! tests and benches use it directly; the PyO3 bindings (feature `python`) are a thin layer over it.
+pub mod advice;
 pub mod data;
 pub mod device;
 pub mod error;

@@ -925,3 +925,23 @@ fn config_and_data_errors_come_before_the_model_loads() {
     let e = train(&cfg, None, &mut NoHooks).unwrap_err();
     assert!(e.to_string().contains("missing.jsonl"), "{e}");
 }
+
+#[test]
+fn resuming_with_another_rank_names_the_config_keys_to_set() {
+    let _rng = rng_lock();
+    let dir = tiny_run_dir(25, 12);
+    let out = dir.path().join("o");
+    let mut cfg = tiny_config(dir.path(), &out, 2);
+    train(&cfg, None, &mut NoHooks).unwrap();
+    cfg.lora.rank = 2;
+    let e = train(&cfg, Some(&out), &mut NoHooks).unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, loratch::Error::Checkpoint { .. }), "{msg}");
+    for part in [
+        "rank: 4 in the checkpoint, 2 in the config",
+        "set lora.rank = 4 in the config (or lora.rank=4 on the command line)",
+    ] {
+        assert!(msg.contains(part), "{msg} lacks {part}");
+    }
+    assert!(!msg.contains("torch_hf"), "{msg}");
+}

@@ -95,8 +95,31 @@ const SHAPES: &str = "expected one of {\"text\"}, {\"prompt\", \"completion\"}, 
 /// Reads the records of a JSON-array or JSONL file.
 pub fn read_records(path: impl AsRef<Path>) -> Result<Vec<Record>> {
     let path = path.as_ref();
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let text = utf8_text(bytes, &path.display().to_string())?;
     parse_records(&text, &path.display().to_string())
+}
+
+/// `bytes` as text, or an [`Error::Input`] naming the line and column of the first byte that is
+/// not UTF-8 (a data file's error names where to look, not only the file).
+fn utf8_text(bytes: Vec<u8>, source: &str) -> Result<String> {
+    String::from_utf8(bytes).map_err(|e| {
+        let bytes = e.as_bytes();
+        let at = e.utf8_error().valid_up_to();
+        let before = &bytes[..at];
+        let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+        let column = at
+            - before
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |i| i + 1)
+            + 1;
+        Error::Input(format!(
+            "{source}:{line}: invalid UTF-8 (byte {:#04x} at byte column {column}); data files \
+             must be UTF-8 text",
+            bytes[at]
+        ))
+    })
 }
 
 /// Parses the records of a JSON-array or JSONL text; `source` names it in errors.
@@ -251,6 +274,30 @@ mod tests {
 
     fn err(text: &str) -> String {
         parse_records(text, "d.jsonl").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn data_errors_name_the_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.jsonl");
+        let mut bytes = b"{\"text\": \"a\"}\n{\"text\": \"caf".to_vec();
+        bytes.extend([0xe9, b'"', b'}', b'\n']);
+        std::fs::write(&path, &bytes).unwrap();
+        let e = read_records(&path).unwrap_err();
+        assert!(matches!(e, Error::Input(_)), "{e}");
+        let want = format!(
+            "{}:2: invalid UTF-8 (byte 0xe9 at byte column 14)",
+            path.display()
+        );
+        assert!(e.to_string().contains(&want), "{e}");
+        // Bad JSON and a wrong shape on line 3 (after a blank line).
+        assert!(err("{\"text\": \"a\"}\n\n{\"text\": \n").contains("d.jsonl:3: invalid JSON"));
+        assert!(
+            err("{\"text\": \"a\"}\n\n{\"txt\": 1}\n").contains("d.jsonl:3: unknown record shape")
+        );
+        assert!(
+            err("{\"text\": \"a\"}\n\n[1]\n").contains("d.jsonl:3: a record must be a JSON object")
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! Tensor keys are PEFT's ([`peft_keys`]), float32 on disk; the config is [`AdapterConfig`].
 //! Unlike PEFT, loading is strict: a missing, unexpected or mis-shaped tensor is an error.
 use super::loaded::LoadedModel;
+use crate::advice::Caller;
 use crate::error::{Error, Result};
 use crate::io::atomic::write_atomic;
 use crate::io::safetensors::{serialize, MappedSafetensors};
@@ -183,6 +184,11 @@ fn read(path: &Path) -> Result<AdapterFile> {
 /// from the file's config; otherwise the file must have the same layout (modules, ranks,
 /// alphas). Every check runs before any tensor is written, so a failed load changes nothing.
 pub fn load(model: &mut LoadedModel, path: &Path) -> Result<()> {
+    load_for(model, path, Caller::Python)
+}
+
+/// As [`load`], with advice in `caller`'s words (the CLI has no `torch_hf_lora_init`).
+pub fn load_for(model: &mut LoadedModel, path: &Path, caller: Caller) -> Result<()> {
     if model.merged {
         return Err(Error::State(
             "the adapters are merged; unmerge before loading others".into(),
@@ -190,7 +196,7 @@ pub fn load(model: &mut LoadedModel, path: &Path) -> Result<()> {
     }
     let file = read(path)?;
     let bad = |m: String| Error::adapter(path, m);
-    let spec = file_spec(&file, model.lora.as_ref(), path)?;
+    let spec = file_spec(&file, model.lora.as_ref(), path, caller)?;
     // Module path -> (in_features, out_features), built once.
     let linears = model.lm.linears();
     let paths: Vec<String> = linears.iter().map(|(p, _)| p.clone()).collect();
@@ -218,11 +224,14 @@ pub fn load(model: &mut LoadedModel, path: &Path) -> Result<()> {
                         (Ok(a), Ok(b)) if a.rank == b.rank && a.alpha == b.alpha && a.use_rslora == b.use_rslora)
                 });
             if !same {
-                return Err(bad(
-                    "the adapter's layout (modules, rank, alpha, use_rslora) disagrees with the LoRA initialised \
-                     on this model; re-initialise with torch_hf_lora_init or load into a fresh model"
-                        .into(),
-                ));
+                let advice = match caller {
+                    Caller::Python => "re-initialise with torch_hf_lora_init or load into a fresh model",
+                    Caller::Cli => "set the config's [lora] rank, alpha, target_modules and use_rslora to the adapter's",
+                };
+                return Err(bad(format!(
+                    "the adapter's layout (modules, rank, alpha, use_rslora) disagrees with the LoRA \
+                     initialised on this model; {advice}"
+                )));
             }
         }
         None => model.init_lora(spec.clone(), Kind::Float)?,
@@ -245,7 +254,12 @@ pub fn load(model: &mut LoadedModel, path: &Path) -> Result<()> {
 
 /// The spec of the adapter in `file` (read from `path`): its config's, or, for a bare `.pt`
 /// file without one, the LoRA already on the model (`current`), which the file must fit.
-fn file_spec(file: &AdapterFile, current: Option<&LoraSpec>, path: &Path) -> Result<LoraSpec> {
+fn file_spec(
+    file: &AdapterFile,
+    current: Option<&LoraSpec>,
+    path: &Path,
+    caller: Caller,
+) -> Result<LoraSpec> {
     match (&file.config, current) {
         (Some((cfg, source)), _) => {
             // target_modules null (PEFT's per-model default): the modules present in the file.
@@ -263,8 +277,16 @@ fn file_spec(file: &AdapterFile, current: Option<&LoraSpec>, path: &Path) -> Res
         (None, Some(current)) => Ok(current.clone()),
         (None, None) => Err(Error::adapter(
             path,
-            "a .pt/.pth/.bin adapter has no config (rank, alpha); initialise LoRA with \
-             torch_hf_lora_init first, or load a PEFT directory / .safetensors file",
+            match caller {
+                Caller::Python => {
+                    "a .pt/.pth/.bin adapter has no config (rank, alpha); initialise LoRA with \
+                     torch_hf_lora_init first, or load a PEFT directory / .safetensors file"
+                }
+                Caller::Cli => {
+                    "a .pt/.pth/.bin adapter has no config (rank, alpha), which --adapter needs: \
+                     give a PEFT directory (adapter_config.json) or a .safetensors adapter"
+                }
+            },
         )),
     }
 }

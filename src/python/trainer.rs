@@ -2,6 +2,7 @@
 //! between steps to deliver signals (Ctrl-C saves a checkpoint, then `KeyboardInterrupt` is
 //! raised) and, under `torch.distributed`, to all-reduce gradients and loss sums.
 use super::tensor::PyTensor;
+use crate::advice::Caller;
 use crate::error::{Error, Result};
 use crate::train::{train, Hooks, TrainConfig};
 use pyo3::prelude::*;
@@ -66,6 +67,10 @@ impl Hooks for PyHooks {
     fn all_reduce_grads(&mut self, grads: &[Tensor]) -> Result<()> {
         let handles: Vec<PyTensor> = grads.iter().map(|g| PyTensor(g.shallow_clone())).collect();
         self.call(|_, d| d.call_method1("all_reduce_grads", (handles,)).map(|_| ()))
+    }
+
+    fn caller(&self) -> Caller {
+        Caller::Python
     }
 
     fn should_stop(&mut self) -> bool {

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
+use crate::advice::Caller;
 use crate::error::{Error, Result};
 use crate::io::safetensors::MappedSafetensors;
 use crate::train::config::{LoraSection, TrainingSection};
@@ -151,7 +152,7 @@ pub fn recover(output_dir: &Path) -> Result<()> {
 
 /// Before a fresh run (no resume) into `output_dir`: the checkpoints of an earlier run there are
 /// deleted when `overwrite`, else they are an error, as a later resume could pick one of them up.
-pub fn prepare_fresh(output_dir: &Path, overwrite: bool) -> Result<()> {
+pub fn prepare_fresh(output_dir: &Path, overwrite: bool, caller: Caller) -> Result<()> {
     let old = list(output_dir)?;
     if old.is_empty() {
         return Ok(());
@@ -168,11 +169,11 @@ pub fn prepare_fresh(output_dir: &Path, overwrite: bool) -> Result<()> {
         .collect();
     Err(Error::Config(format!(
         "output_dir {} already holds checkpoints of an earlier run ({}): continue that run \
-         with --resume {} (resume= in loratch.train), use another output_dir, or set \
-         training.overwrite_output_dir = true to delete them",
+         with {}, use another output_dir, or set {} to delete them",
         output_dir.display(),
         names.join(", "),
-        output_dir.display()
+        caller.resume(output_dir),
+        caller.setting("training", "overwrite_output_dir", "true", "True")
     )))
 }
 
@@ -248,6 +249,13 @@ pub fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
     let text = serde_json::to_vec_pretty(value)
         .map_err(|e| Error::State(format!("cannot serialise {}: {e}", path.display())))?;
     fs::write(path, text).map_err(|e| Error::io(path, e))
+}
+
+/// The `[lora]` section a checkpoint was saved with (from its training info), when it has one.
+pub fn read_lora_config(dir: &Path) -> Option<LoraSection> {
+    let text = fs::read_to_string(dir.join(INFO_FILE)).ok()?;
+    let info: serde_json::Value = serde_json::from_str(&text).ok()?;
+    serde_json::from_value(info.get("lora_config")?.clone()).ok()
 }
 
 /// Reads the trainer state of checkpoint `dir`.
@@ -395,11 +403,20 @@ mod tests {
     fn a_fresh_run_refuses_old_checkpoints_unless_told_to_overwrite() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path();
-        prepare_fresh(&out.join("missing"), false).unwrap();
-        prepare_fresh(out, false).unwrap();
+        prepare_fresh(&out.join("missing"), false, Caller::Cli).unwrap();
+        prepare_fresh(out, false, Caller::Cli).unwrap();
         write(out, 3, |d| write_json(&d.join(STATE_FILE), &state(3))).unwrap();
         fs::write(out.join("notes.txt"), "mine").unwrap();
-        let e = prepare_fresh(out, false).unwrap_err();
+        let py = prepare_fresh(out, false, Caller::Python)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            py.contains("loratch.train(config, resume=")
+                && py.contains("config[\"training\"][\"overwrite_output_dir\"] = True")
+                && !py.contains("--"),
+            "{py}"
+        );
+        let e = prepare_fresh(out, false, Caller::Cli).unwrap_err();
         assert!(matches!(e, Error::Config(_)), "{e}");
         let msg = e.to_string();
         assert!(
@@ -409,7 +426,7 @@ mod tests {
             "{msg}"
         );
         assert_eq!(list(out).unwrap().len(), 1);
-        prepare_fresh(out, true).unwrap();
+        prepare_fresh(out, true, Caller::Cli).unwrap();
         assert!(list(out).unwrap().is_empty());
         assert!(out.join("notes.txt").is_file());
     }

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use indicatif::ProgressBar;
 use tch::{Kind, Tensor};
 
+use crate::advice::Caller;
 use crate::data::{Batch, DataLoader, Position};
 use crate::error::{Error, Result};
 use crate::hf::loaded::LoadedModel;
@@ -59,6 +60,10 @@ pub trait Hooks {
     /// Polled before every optimizer step: true saves a checkpoint and stops the run.
     fn should_stop(&mut self) -> bool {
         false
+    }
+    /// Who runs the trainer, so that advice in messages is in its words (flags or arguments).
+    fn caller(&self) -> Caller {
+        Caller::Cli
     }
     /// Sees (and may replace) the loss of each step before it is checked; tests inject faults
     /// here.
@@ -107,6 +112,8 @@ struct Run<'a> {
     state: TrainerState,
     rank: usize,
     world: usize,
+    /// Whose words advice uses ([`Hooks::caller`]).
+    caller: Caller,
     metrics: Metrics,
     progress: ProgressBar,
     tally: Tally,

@@ -1,6 +1,7 @@
 //! The `loratch` command line: training, merging, export to llama.cpp, text generation (with
 //! optional adapters) and runtime info, running on libtorch alone (no Python).
 use clap::{Parser, Subcommand};
+use loratch::advice::Caller;
 use loratch::hf::generate::{generate, GenerateOptions};
 use loratch::hf::{LoadConfig, LoadOptions, LoadedModel};
 use loratch::tokenizer::{chat::Message, Tokenizer};
@@ -182,7 +183,7 @@ fn run_generate(
     })?;
     let mut model = LoadedModel::load(&model_dir, &opts)?;
     if let Some(path) = adapter {
-        loratch::hf::peft::load(&mut model, &path)?;
+        loratch::hf::peft::load_for(&mut model, &path, Caller::Cli)?;
     }
     let tokenizer = Tokenizer::for_model(&model_dir)?;
     let ids = if raw || tokenizer.chat_template().is_none() {
@@ -247,7 +248,7 @@ fn merge(
         ..LoadConfig::default()
     })?;
     let mut model = LoadedModel::load(&model_dir, &opts)?;
-    loratch::hf::peft::load(&mut model, &adapter)?;
+    loratch::hf::peft::load_for(&mut model, &adapter, Caller::Cli)?;
     match gguf {
         Some(ty) => loratch::model::llamacpp::save_merged(&model.lm, &model.path, &out, ty)?,
         None => loratch::hf::export::save_merged(&model, &out)?,
@@ -274,7 +275,7 @@ fn export(model_dir: PathBuf, adapter: PathBuf, out: PathBuf) -> loratch::Result
         )));
     }
     let mut model = LoadedModel::load(&model_dir, &LoadOptions::parse(&LoadConfig::default())?)?;
-    loratch::hf::peft::load(&mut model, &adapter)?;
+    loratch::hf::peft::load_for(&mut model, &adapter, Caller::Cli)?;
     loratch::model::llamacpp::save_adapter(&model.lm, &model.path, &out)?;
     println!("{}", out.display());
     Ok(())

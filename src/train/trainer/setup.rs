@@ -10,6 +10,7 @@ use tch::Kind;
 
 use super::train_loop::Tally;
 use super::{seed_i64, Hooks, Run, ADAPTER_DIR, METRICS_FILE};
+use crate::advice::Caller;
 use crate::data::loader::mix;
 use crate::data::{self, DataLoader, LoaderConfig, Position};
 use crate::device::{parse_device, parse_dtype};
@@ -52,6 +53,7 @@ fn prepare_output_dir(
     config: &TrainConfig,
     rank: usize,
     resuming: bool,
+    caller: Caller,
 ) -> Result<Option<OutputDirLock>> {
     let out = &config.output_dir;
     let lock = if rank == 0 {
@@ -66,9 +68,9 @@ fn prepare_output_dir(
     if !resuming {
         // With overwrite_output_dir, rank 0 deletes; every rank refuses otherwise.
         if !config.training.overwrite_output_dir {
-            checkpoint::prepare_fresh(out, false)?;
+            checkpoint::prepare_fresh(out, false, caller)?;
         } else if rank == 0 {
-            checkpoint::prepare_fresh(out, true)?;
+            checkpoint::prepare_fresh(out, true, caller)?;
             // The earlier run's final adapter would pass for this run's if this one stops.
             let adapter = out.join(ADAPTER_DIR);
             if adapter.is_dir() {
@@ -229,6 +231,69 @@ fn check_data_files(config: &TrainConfig) -> Result<()> {
     Ok(())
 }
 
+/// The checkpoint's adapters have the config's layout (`[lora]` rank, alpha, target_modules,
+/// use_rslora), or an error saying which keys to set to resume it.
+fn check_lora_layout(config: &TrainConfig, dir: &Path, caller: Caller) -> Result<()> {
+    let Some(saved) = checkpoint::read_lora_config(dir) else {
+        return Ok(());
+    };
+    let ours = &config.lora;
+    let show = |v: serde_json::Value| v.to_string();
+    let py = |v: &serde_json::Value| match v {
+        serde_json::Value::Bool(b) => if *b { "True" } else { "False" }.to_string(),
+        other => other.to_string(),
+    };
+    let pairs = [
+        (
+            "rank",
+            serde_json::json!(saved.rank),
+            serde_json::json!(ours.rank),
+        ),
+        (
+            "alpha",
+            serde_json::json!(saved.alpha),
+            serde_json::json!(ours.alpha),
+        ),
+        (
+            "target_modules",
+            saved.target_modules.clone(),
+            ours.target_modules.clone(),
+        ),
+        (
+            "use_rslora",
+            serde_json::json!(saved.use_rslora),
+            serde_json::json!(ours.use_rslora),
+        ),
+    ];
+    let differ: Vec<_> = pairs.iter().filter(|(_, a, b)| a != b).collect();
+    if differ.is_empty() {
+        return Ok(());
+    }
+    let what: Vec<String> = differ
+        .iter()
+        .map(|(k, a, b)| {
+            format!(
+                "{k}: {} in the checkpoint, {} in the config",
+                show(a.clone()),
+                show(b.clone())
+            )
+        })
+        .collect();
+    let set: Vec<String> = differ
+        .iter()
+        .map(|(k, a, _)| caller.setting("lora", k, &show(a.clone()), &py(a)))
+        .collect();
+    Err(Error::Checkpoint {
+        path: dir.to_path_buf(),
+        msg: format!(
+            "its adapters differ from the config's ({}): to resume, set {}; or start a fresh run \
+             into another output_dir",
+            what.join("; "),
+            set.join(" and ")
+        ),
+    })
+}
+
 /// The progress bar: drawn on rank 0's stderr, hidden elsewhere.
 fn progress_bar(rank: usize, total_steps: u64, position: u64) -> Result<ProgressBar> {
     let progress = if rank == 0 {
@@ -262,7 +327,8 @@ impl<'a> Run<'a> {
         };
         // Every error the config and the data files can cause comes before the model loads.
         check_data_files(config)?;
-        let lock = prepare_output_dir(config, rank, resume.is_some())?;
+        let caller = hooks.caller();
+        let lock = prepare_output_dir(config, rank, resume.is_some(), caller)?;
         let resume = resume.map(checkpoint::resolve).transpose()?;
         let model_path = hub_cache::resolve(&config.model)?;
         let mut data = load_data(config, &model_path)?;
@@ -294,6 +360,7 @@ impl<'a> Run<'a> {
             state,
             rank,
             world,
+            caller,
             metrics: Metrics::disabled(&metrics_path),
             progress: ProgressBar::hidden(),
             tally: Tally::new(),
@@ -333,7 +400,8 @@ impl<'a> Run<'a> {
                 ),
             });
         }
-        peft::load(&mut self.model, dir)?;
+        check_lora_layout(config, dir, self.caller)?;
+        peft::load_for(&mut self.model, dir, self.caller)?;
         self.optimizer
             .load_state(&checkpoint::read_optimizer(dir)?, saved.optimizer_steps)?;
         self.loader.seek(Position {

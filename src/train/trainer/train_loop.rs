@@ -369,9 +369,9 @@ impl Run<'_> {
         let last_checkpoint = self.tally.last_checkpoint.clone();
         if let (true, Some(c)) = (interrupted, &last_checkpoint) {
             self.say(&format!(
-                "interrupted at step {gs}: checkpoint saved to {}; resume with --resume {}",
+                "interrupted at step {gs}: checkpoint saved to {}; resume with {}",
                 c.display(),
-                c.display()
+                self.caller.resume(c)
             ));
         }
         Ok(Outcome {
