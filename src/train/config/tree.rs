@@ -194,7 +194,8 @@ fn unknown_key(source: &str, section: Option<&str>, key: &str) -> Error {
         .filter(|s| *s != section)
         .find(|s| own_keys(*s).contains(&key));
     let hint = if let Some(s) = elsewhere {
-        format!("; it is a {} key", display_key(s, "").trim_end())
+        let place = s.map_or("top-level".to_string(), |s| format!("[{s}]"));
+        format!("; it is a {place} key")
     } else {
         let mut names = own_keys(section);
         names.extend(
