@@ -35,7 +35,12 @@ class TrainResult(TypedDict):
     final_eval_loss: float | None
     last_train_loss: float | None
     adapter_dir: str | None
+    """The final adapter (PEFT layout): ``output_dir`` itself, once the run completed."""
     last_checkpoint: str | None
+    best_checkpoint: str | None
+    """The checkpoint with the lowest validation loss evaluated at its step."""
+    tensorboard_dir: str | None
+    """``output_dir/runs`` with ``report_to = ["tensorboard"]``."""
     metrics_file: str
     plot_file: str | None
     adapter_fingerprint: float
