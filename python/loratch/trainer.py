@@ -103,8 +103,11 @@ def train(config: dict[str, Any], *, resume: str | os.PathLike[str] | None = Non
     ``learning_rate, weight_decay, num_epochs, batch_size, gradient_accumulation_steps,
     max_seq_length, logging_steps, save_steps, eval_steps, warmup_steps, max_grad_norm,
     scheduler_type, min_lr, device`` plus ``max_steps, packing, train_on_inputs, dtype,
-    max_nonfinite_steps, overwrite_output_dir, gradient_checkpointing``). Unknown keys raise
-    ``ConfigError``. A fresh run (no ``resume``) into an ``output_dir`` that holds checkpoints
+    max_nonfinite_steps, overwrite_output_dir, gradient_checkpointing, save_total_limit,
+    load_best_at_end, report_to``). Unknown keys raise ``ConfigError``. The final adapter is
+    written at the root of ``output_dir`` (PEFT layout: ``PeftModel.from_pretrained(base,
+    output_dir)`` loads it); ``report_to=["tensorboard"]`` also writes TensorBoard event files
+    into ``output_dir/runs``. A fresh run (no ``resume``) into an ``output_dir`` that holds checkpoints
     raises ``ConfigError`` unless ``overwrite_output_dir`` is true (then they are deleted). A run
     holds a lock on ``output_dir`` (``.loratch.lock``) until it ends: a second run into it
     meanwhile raises ``StateError`` naming the first's pid.
