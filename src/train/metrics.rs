@@ -410,6 +410,8 @@ mod tests {
         assert_eq!(m.curves().train.len(), 4);
         assert_eq!(m.curves().validation, vec![(0, 3.0), (4, 2.2)]);
         assert_eq!(read_metrics(&path).unwrap().len(), 6);
+        // The records kept (for the checkpoints' log_history) are those of the file.
+        assert_eq!(m.records(), &kept[..]);
         // Fresh: emptied.
         let m = Metrics::open(&path, 0, false, None).unwrap();
         assert!(read_records(&path).unwrap().is_empty() && m.curves() == &Curves::default());
