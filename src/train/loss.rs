@@ -363,8 +363,8 @@ mod vocab_chunk_tests {
         let rows = Tensor::randn([n, h], opts);
         // Half the targets are their row's argmax, so the accuracy count is tested on both kinds.
         let argmax = rows.matmul(&dense.tr()).argmax(-1, false);
-        let mut targets = Tensor::from_slice(&[0i64, 49, 7, 7, 21, 35]);
-        let _ = targets.narrow(0, 0, 3).copy_(&argmax.narrow(0, 0, 3));
+        let targets = Tensor::from_slice(&[0i64, 49, 7, 7, 21, 35]);
+        targets.narrow(0, 0, 3).copy_(&argmax.narrow(0, 0, 3));
         let expected_correct = argmax.eq_tensor(&targets).sum(Kind::Int64).int64_value(&[]);
         assert!(expected_correct >= 3, "{expected_correct}");
         for softcap in [None, Some(3.0)] {
