@@ -103,10 +103,10 @@ def answer(name: str, tokenizer: loratch.Tokenizer, question: str) -> str:
 
 
 def run_in_llama_cpp(name: str, base: Path, adapter: Path, tokenizer: loratch.Tokenizer, question: str) -> str:
-    """Saves the trained adapter as a llama.cpp LoRA GGUF next to the PEFT one and returns the
+    """Saves the trained adapter as a llama.cpp LoRA GGUF beside the PEFT one and returns the
     command that runs base + adapter in llama.cpp; answers `question` through llama-cpp-python
     (greedy) when it is installed. A family loratch cannot export yet is said, not fatal."""
-    gguf_adapter = adapter.parent / "adapter.gguf"
+    gguf_adapter = adapter / "adapter.gguf"
     loratch.torch_hf_load_model_lora(f"{name}-export", base, {"device": "cpu"})
     try:
         loratch.torch_hf_lora_load(f"{name}-export", adapter)
@@ -185,8 +185,8 @@ def main() -> None:
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
     evals = [m["eval_loss"] for m in metrics if "eval_loss" in m]
 
-    # 4. The adapter's answer, and the adapter in PEFT.
-    adapter = out / "adapter"
+    # 4. The adapter's answer, and the adapter in PEFT (the final adapter is output_dir's root).
+    adapter = out
     loratch.torch_hf_lora_load(args.model, adapter)
     after = answer(args.model, tokenizer, question)
     ids = torch.tensor([tokenizer.encode(question)])

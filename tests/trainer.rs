@@ -232,6 +232,51 @@ fn chunked_loss_and_gradients_equal_full_logits_cross_entropy() {
 }
 
 #[test]
+fn token_accuracy_counts_the_argmax_of_full_logits() {
+    let _rng = rng_lock();
+    let dir = tempfile::tempdir().unwrap();
+    tiny_model(dir.path(), 1);
+    let m = model_with_lora(dir.path());
+    let a = example((0..40).map(|i| (i * 977 + 5) % VOCAB).collect(), 10);
+    let b = example((0..23).map(|i| (i * 131 + 7) % VOCAB).collect(), 4);
+    let mut batch = pad_batch(&[&a, &b], 2).unwrap();
+    let logits =
+        m.lm.forward(&batch.input_ids, Some(&batch.attention_mask), None, MODE)
+            .unwrap();
+    let (rows, t) = (batch.labels.size()[0], batch.labels.size()[1]);
+    // predicted[b, t + 1]: the argmax of position t, the prediction for label t + 1.
+    let predicted = Tensor::cat(
+        &[
+            Tensor::full([rows, 1], -1i64, (Kind::Int64, Device::Cpu)),
+            logits.argmax(-1, false).narrow(1, 0, t - 1),
+        ],
+        1,
+    );
+    // A random model predicts no label: make every other target its position's argmax.
+    let every_other = Tensor::arange(t, (Kind::Int64, Device::Cpu))
+        .remainder(2)
+        .eq(0)
+        .unsqueeze(0);
+    let targets = batch.labels.ne(IGNORE_INDEX);
+    let chosen = targets.logical_and(&every_other);
+    batch.labels = predicted.where_self(&chosen, &batch.labels);
+    let expected = predicted
+        .eq_tensor(&batch.labels)
+        .logical_and(&targets)
+        .sum(Kind::Int64)
+        .int64_value(&[]);
+    assert!(expected >= 20, "{expected}");
+    let hidden =
+        m.lm.hidden_states_packed(&batch.input_ids, &batch.position_ids, None, MODE)
+            .unwrap();
+    for backward in [None, Some(1.0)] {
+        let out = causal_lm_loss(&m.lm, &hidden, &batch.labels, MODE, backward).unwrap();
+        assert_eq!(out.n_correct, expected, "backward {backward:?}");
+        assert_eq!(out.n_tokens, batch.n_target_tokens);
+    }
+}
+
+#[test]
 fn packed_rows_give_the_per_example_losses_of_unpacked_rows() {
     let _rng = rng_lock();
     let dir = tempfile::tempdir().unwrap();
@@ -405,6 +450,14 @@ fn adapter_tensors(dir: &Path) -> Vec<(String, Tensor)> {
         .collect()
 }
 
+fn assert_same_tensors(a: &[(String, Tensor)], b: &[(String, Tensor)]) {
+    assert_eq!(a.len(), b.len());
+    for ((na, ta), (nb, tb)) in a.iter().zip(b) {
+        assert_eq!(na, nb);
+        assert!(ta.equal(tb), "{na} differs");
+    }
+}
+
 struct StopAt(u64, u64);
 impl Hooks for StopAt {
     fn should_stop(&mut self) -> bool {
@@ -429,9 +482,16 @@ fn a_run_learns_and_resuming_reproduces_it_exactly() {
     assert!(after < before - 0.1, "held-out loss {before} -> {after}");
     let full_losses = losses(&full_out);
     assert_eq!(full_losses.len(), 8);
+    // The final adapter at the root (PEFT layout), the last checkpoint's.
     for f in ["adapter_config.json", "adapter_model.safetensors"] {
-        assert!(full_out.join("adapter").join(f).is_file());
+        assert!(full_out.join(f).is_file());
     }
+    assert!(!full_out.join("adapter").exists());
+    assert_eq!(full.adapter_dir.as_deref(), Some(full_out.as_path()));
+    assert_same_tensors(
+        &adapter_tensors(&full_out),
+        &adapter_tensors(&full_out.join("checkpoint-8")),
+    );
     assert!(full_out.join("loss.svg").is_file());
     let steps: Vec<u64> = checkpoint::list(&full_out)
         .unwrap()
@@ -468,10 +528,7 @@ fn a_run_learns_and_resuming_reproduces_it_exactly() {
         full_losses,
         "resumed losses differ from the uninterrupted run"
     );
-    let (a, b) = (
-        adapter_tensors(&full_out.join("adapter")),
-        adapter_tensors(&part_out.join("adapter")),
-    );
+    let (a, b) = (adapter_tensors(&full_out), adapter_tensors(&part_out));
     assert_eq!(a.len(), b.len());
     for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
         assert_eq!(na, nb);
@@ -495,7 +552,7 @@ fn padding_free_packing_trains_like_padded_batches() {
         // A per-example limit: the packed row of 4 ~35-token examples is longer.
         cfg.training.max_seq_length = 128;
         train(&cfg, None, &mut NoHooks).unwrap();
-        (losses(&out), adapter_tensors(&out.join("adapter")))
+        (losses(&out), adapter_tensors(&out))
     };
     let (padded_losses, padded) = run(Packing::Off, "padded");
     let (packed_losses, packed) = run(Packing::Examples, "packed");
@@ -537,11 +594,7 @@ fn gradient_checkpointing_trains_exactly_as_without() {
         cfg.training.max_seq_length = 128;
         cfg.training.gradient_checkpointing = checkpointing;
         let outcome = train(&cfg, None, &mut NoHooks).unwrap();
-        (
-            losses(&out),
-            outcome.final_eval_loss,
-            adapter_tensors(&out.join("adapter")),
-        )
+        (losses(&out), outcome.final_eval_loss, adapter_tensors(&out))
     };
     for packing in [Packing::Rows, Packing::Examples, Packing::Off] {
         let (plain_losses, plain_eval, plain) = run(packing, false);
@@ -646,8 +699,10 @@ fn a_fresh_run_into_a_used_output_dir_is_refused_unless_overwrite_is_set() {
         std::fs::write(d.join(checkpoint::STATE_FILE), "{}").map_err(|e| loratch::Error::io(d, e))
     })
     .unwrap();
+    // Its final adapter: in the layout of earlier versions, and at the root.
     std::fs::create_dir_all(out.join("adapter")).unwrap();
     std::fs::write(out.join("adapter").join("stale"), "old run").unwrap();
+    std::fs::write(out.join("adapter_model.safetensors"), "old run").unwrap();
     let cfg = tiny_config(dir.path(), &out, 2);
     let err = train(&cfg, None, &mut NoHooks).unwrap_err();
     let msg = err.to_string();
@@ -663,7 +718,11 @@ fn a_fresh_run_into_a_used_output_dir_is_refused_unless_overwrite_is_set() {
     cfg.training.overwrite_output_dir = true;
     let done = train(&cfg, None, &mut NoHooks).unwrap();
     assert_eq!(done.global_step, 2);
-    assert!(!old.exists() && !out.join("adapter").join("stale").exists());
+    assert!(!old.exists() && !out.join("adapter").exists());
+    assert_same_tensors(
+        &adapter_tensors(&out),
+        &adapter_tensors(&out.join("checkpoint-2")),
+    );
     // A later resume finds this run's checkpoint, not the old run's.
     assert_eq!(checkpoint::resolve(&out).unwrap(), out.join("checkpoint-2"));
 }
@@ -944,4 +1003,119 @@ fn resuming_with_another_rank_names_the_config_keys_to_set() {
         assert!(msg.contains(part), "{msg} lacks {part}");
     }
     assert!(!msg.contains("torch_hf"), "{msg}");
+}
+
+#[test]
+fn outputs_follow_hugging_face_best_checkpoint_rotation_and_tensorboard() {
+    let _rng = rng_lock();
+    let dir = tiny_run_dir(8, 40);
+    let out = dir.path().join("hf");
+    let mut cfg = tiny_config(dir.path(), &out, 8);
+    cfg.training.eval_steps = 2;
+    cfg.training.save_total_limit = Some(2);
+    cfg.training.load_best_at_end = true;
+    cfg.training.report_to = vec!["tensorboard".into()];
+    // The last two updates are skipped (a non-finite loss), so the last checkpoint is no better
+    // than the one before: the best stays the earlier one.
+    struct NanAfter6;
+    impl Hooks for NanAfter6 {
+        fn inspect_loss(&mut self, step: u64, loss: f64) -> f64 {
+            if step >= 6 {
+                f64::NAN
+            } else {
+                loss
+            }
+        }
+    }
+    let done = train(&cfg, None, &mut NanAfter6).unwrap();
+    let records = read_metrics(&out.join("metrics.jsonl")).unwrap();
+    let evals: Vec<(u64, f64)> = records
+        .iter()
+        .filter_map(|r| Some((r["step"].as_u64()?, r.get("eval_loss")?.as_f64()?)))
+        .collect();
+    // Hugging Face's (and TRL's) keys, plus loratch's.
+    for r in &records {
+        let has = |k: &str| r.get(k).is_some();
+        if has("skipped") {
+            continue;
+        }
+        if has("eval_loss") {
+            let acc = r["eval_mean_token_accuracy"].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&acc), "{r}");
+        } else {
+            for k in [
+                "loss",
+                "learning_rate",
+                "grad_norm",
+                "epoch",
+                "tokens_per_s",
+                "rss_bytes",
+            ] {
+                assert!(has(k), "{r} lacks {k}");
+            }
+            assert!(!has("lr"), "{r}");
+            // None with no update in the window (the skipped steps), as the loss.
+            match r["loss"].as_f64() {
+                Some(_) => {
+                    let acc = r["mean_token_accuracy"].as_f64().unwrap();
+                    assert!((0.0..=1.0).contains(&acc), "{r}");
+                }
+                None => assert!(r["mean_token_accuracy"].is_null(), "{r}"),
+            }
+        }
+    }
+    // The best checkpoint: the lowest validation loss among the checkpointed steps (all even).
+    let &(best_step, best_loss) = evals
+        .iter()
+        .filter(|(s, _)| *s > 0)
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .unwrap();
+    let best = out.join(format!("checkpoint-{best_step}"));
+    assert_eq!(done.best_checkpoint.as_deref(), Some(best.as_path()));
+    assert_eq!(best_step, 6, "{evals:?}");
+    assert_eq!(evals.last().unwrap().1, best_loss, "{evals:?}");
+    // save_total_limit = 2: the newest and the best (and the one before the newest when the
+    // best is the newest).
+    let kept: Vec<u64> = checkpoint::list(&out)
+        .unwrap()
+        .iter()
+        .filter_map(|p| checkpoint::step_of(p))
+        .collect();
+    assert_eq!(kept, vec![best_step, 8]);
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("checkpoint-8").join(checkpoint::STATE_FILE)).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["best_checkpoint"], format!("checkpoint-{best_step}"));
+    assert_eq!(state["best_metric"].as_f64(), Some(best_loss));
+    assert_eq!(state["best_global_step"], best_step);
+    assert_eq!(state["best_model_checkpoint"], best.display().to_string());
+    assert_eq!(state["global_step"], 8);
+    assert_eq!(state["max_steps"], 8);
+    assert!(state["epoch"].as_f64().unwrap() > 0.0);
+    // log_history: the metrics file's records as of the save (the final evaluation included).
+    assert_eq!(state["log_history"].as_array().unwrap(), &records);
+    // load_best_at_end: the final adapter at the root is the best checkpoint's.
+    assert_same_tensors(&adapter_tensors(&out), &adapter_tensors(&best));
+    // TensorBoard: one run directory with one event file.
+    let tb = done.tensorboard_dir.unwrap();
+    assert_eq!(tb, out.join("runs"));
+    let runs: Vec<_> = std::fs::read_dir(&tb)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(runs.len(), 1);
+    let files: Vec<_> = std::fs::read_dir(&runs[0])
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1);
+    assert!(files[0].to_string_lossy().contains("events.out.tfevents."));
+
+    // Unknown reporters are refused, before anything loads, with the known ones.
+    let mut bad = tiny_config(dir.path(), &dir.path().join("bad"), 2);
+    bad.training.report_to = vec!["wandb".into()];
+    let e = train(&bad, None, &mut NoHooks).unwrap_err().to_string();
+    assert!(e.contains("wandb") && e.contains("tensorboard"), "{e}");
+    assert!(!dir.path().join("bad").exists());
 }

@@ -35,7 +35,12 @@ class TrainResult(TypedDict):
     final_eval_loss: float | None
     last_train_loss: float | None
     adapter_dir: str | None
+    """The final adapter (PEFT layout): ``output_dir`` itself, once the run completed."""
     last_checkpoint: str | None
+    best_checkpoint: str | None
+    """The checkpoint with the lowest validation loss evaluated at its step."""
+    tensorboard_dir: str | None
+    """``output_dir/runs`` with ``report_to = ["tensorboard"]``."""
     metrics_file: str
     plot_file: str | None
     adapter_fingerprint: float
@@ -98,12 +103,16 @@ def train(config: dict[str, Any], *, resume: str | os.PathLike[str] | None = Non
     ``learning_rate, weight_decay, num_epochs, batch_size, gradient_accumulation_steps,
     max_seq_length, logging_steps, save_steps, eval_steps, warmup_steps, max_grad_norm,
     scheduler_type, min_lr, device`` plus ``max_steps, packing, train_on_inputs, dtype,
-    max_nonfinite_steps, overwrite_output_dir, gradient_checkpointing, warmup_ratio``). Key names
+    max_nonfinite_steps, overwrite_output_dir, gradient_checkpointing, warmup_ratio,
+    save_total_limit, load_best_at_end, report_to``). Key names
     of PEFT, TRL, axolotl, torchtune and mlx-lm configs (``r``, ``lora_alpha``,
     ``num_train_epochs``, ``per_device_train_batch_size``, a ``learning_rate`` at the top level,
     ...) are read as loratch's, each with a ``UserWarning`` naming loratch's key (the README's
     aliases table); ``model`` may be a Hub id in the local Hugging Face cache. Unknown keys raise
-    ``ConfigError`` (with the closest known name). A fresh run (no ``resume``) into an ``output_dir`` that holds checkpoints
+    ``ConfigError`` (with the closest known name). The final adapter is
+    written at the root of ``output_dir`` (PEFT layout: ``PeftModel.from_pretrained(base,
+    output_dir)`` loads it); ``report_to=["tensorboard"]`` also writes TensorBoard event files
+    into ``output_dir/runs``. A fresh run (no ``resume``) into an ``output_dir`` that holds checkpoints
     raises ``ConfigError`` unless ``overwrite_output_dir`` is true (then they are deleted). A run
     holds a lock on ``output_dir`` (``.loratch.lock``) until it ends: a second run into it
     meanwhile raises ``StateError`` naming the first's pid.

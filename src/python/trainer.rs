@@ -139,6 +139,8 @@ fn _train(
     let text = |p: Option<PathBuf>| p.map(|p| p.to_string_lossy().into_owned());
     d.set_item("adapter_dir", text(out.adapter_dir))?;
     d.set_item("last_checkpoint", text(out.last_checkpoint))?;
+    d.set_item("best_checkpoint", text(out.best_checkpoint))?;
+    d.set_item("tensorboard_dir", text(out.tensorboard_dir))?;
     d.set_item("metrics_file", text(Some(out.metrics_file)))?;
     d.set_item("plot_file", text(out.plot_file))?;
     d.set_item("adapter_fingerprint", out.adapter_fingerprint)?;

@@ -1,12 +1,14 @@
 //! Training checkpoints: `output_dir/checkpoint-{step}/` holds the adapters in PEFT layout, the
-//! optimizer state, the trainer state (step, data position, schedule, RNG seed) and the spec's
-//! metadata JSON. A checkpoint is written into a hidden temporary directory, synced, and renamed
-//! into place, so a `checkpoint-*` directory is always complete: a kill or a full disk during a
-//! save leaves the previous checkpoints as they were.
+//! optimizer state, the trainer state (step, data position, schedule, RNG seed, best checkpoint,
+//! with Hugging Face's `trainer_state.json` keys besides) and the spec's metadata JSON. A
+//! checkpoint is written into a hidden temporary directory, synced, and renamed into place, so a
+//! `checkpoint-*` directory is always complete: a kill or a full disk during a save leaves the
+//! previous checkpoints as they were; [`rotate`] keeps their number within `save_total_limit`.
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use tch::Tensor;
 
 use crate::advice::Caller;
@@ -18,7 +20,7 @@ use crate::train::config::{LoraSection, TrainingSection};
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
 /// Optimizer moments (and fp32 masters), safetensors.
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
-/// [`TrainerState`] as JSON.
+/// [`StateFile`] as JSON.
 pub const STATE_FILE: &str = "trainer_state.json";
 /// The spec's metadata: `epoch, global_step, best_loss, current_lr, lora_config,
 /// training_config`.
@@ -29,7 +31,9 @@ pub const INFO_FILE: &str = "training_info.json";
 pub struct TrainerState {
     /// Optimizer steps taken (updates and skipped non-finite steps).
     pub global_step: u64,
-    /// The data position: the epoch of the next batch...
+    /// The data position: the epoch of the next batch (`data_epoch` in the file, where `epoch`
+    /// is Hugging Face's fractional epoch; older files have only this, as `epoch`)...
+    #[serde(rename = "data_epoch")]
     pub epoch: u64,
     /// ...and its index in that epoch.
     pub batch: usize,
@@ -49,6 +53,41 @@ pub struct TrainerState {
     pub tokens_seen: u64,
     /// Processes the run had (resuming with another number changes the data order).
     pub world_size: usize,
+    /// The checkpoint (directory name) with the lowest validation loss evaluated at its step...
+    #[serde(default)]
+    pub best_checkpoint: Option<String>,
+    /// ...and that loss (Hugging Face's `best_metric`).
+    #[serde(default)]
+    pub best_metric: Option<f64>,
+}
+
+/// Hugging Face's `trainer_state.json` keys that [`TrainerState`] lacks, written beside it so
+/// that tools reading Hugging Face's file (`log_history`, `best_model_checkpoint`) read ours;
+/// derived from the run when saved, not read back.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HfState {
+    /// Fractional epoch: the data position after the step.
+    pub epoch: f64,
+    pub max_steps: u64,
+    pub num_train_epochs: u64,
+    pub logging_steps: u64,
+    pub eval_steps: u64,
+    pub save_steps: u64,
+    pub train_batch_size: usize,
+    /// The best checkpoint's path and step.
+    pub best_model_checkpoint: Option<String>,
+    pub best_global_step: Option<u64>,
+    /// The records of `metrics.jsonl` up to this step.
+    pub log_history: Vec<Value>,
+}
+
+/// `trainer_state.json`: [`TrainerState`] and [`HfState`] side by side in one object.
+#[derive(Debug, Serialize)]
+pub struct StateFile<'a> {
+    #[serde(flatten)]
+    pub state: &'a TrainerState,
+    #[serde(flatten)]
+    pub hf: &'a HfState,
 }
 
 /// `training_info.json`: the spec's metadata of a checkpoint, for people and tools (the trainer
@@ -258,14 +297,59 @@ pub fn read_lora_config(dir: &Path) -> Option<LoraSection> {
     serde_json::from_value(info.get("lora_config")?.clone()).ok()
 }
 
-/// Reads the trainer state of checkpoint `dir`.
+/// Reads the trainer state of checkpoint `dir` (Hugging Face's keys are ignored).
 pub fn read_state(dir: &Path) -> Result<TrainerState> {
     let path = dir.join(STATE_FILE);
     let text = fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
+    let invalid = |e: serde_json::Error| Error::Checkpoint {
         path: path.clone(),
         msg: format!("invalid trainer state: {e}"),
-    })
+    };
+    let mut value: Value = serde_json::from_str(&text).map_err(invalid)?;
+    // Files written before Hugging Face's keys hold the data epoch as `epoch`.
+    if let Some(map) = value.as_object_mut() {
+        if !map.contains_key("data_epoch") {
+            if let Some(e) = map.get("epoch").cloned() {
+                map.insert("data_epoch".into(), e);
+            }
+        }
+    }
+    serde_json::from_value(value).map_err(invalid)
+}
+
+/// Keeps at most `limit` checkpoints in `output_dir`, deleting the oldest but never one in
+/// `keep` (the best, the one resumed from) nor the newest; so more than `limit` stay when
+/// those are more. Returns the deleted ones. Each is first renamed to a hidden `.partial`
+/// name, so a kill mid-delete leaves what [`recover`] removes, never a torn checkpoint.
+pub fn rotate(output_dir: &Path, limit: usize, keep: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut all = list(output_dir)?;
+    all.pop(); // the newest
+    let mut excess = (all.len() + 1).saturating_sub(limit);
+    let same = |a: &Path, b: &Path| match (fs::canonicalize(a), fs::canonicalize(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    };
+    let mut deleted = Vec::new();
+    for path in all {
+        if excess == 0 {
+            break;
+        }
+        if keep.iter().any(|k| same(k, &path)) {
+            continue;
+        }
+        let Some(step) = step_of(&path) else {
+            continue;
+        };
+        let hidden = output_dir.join(format!(".checkpoint-{step}.partial"));
+        fs::rename(&path, &hidden).map_err(|e| Error::io(&path, e))?;
+        fs::remove_dir_all(&hidden).map_err(|e| Error::io(&hidden, e))?;
+        deleted.push(path);
+        excess -= 1;
+    }
+    if !deleted.is_empty() {
+        sync_dir(output_dir)?;
+    }
+    Ok(deleted)
 }
 
 /// Reads the optimizer state tensors of checkpoint `dir` (copied out of the file).
@@ -295,7 +379,106 @@ mod tests {
             nonfinite_in_a_row: 0,
             tokens_seen: 99,
             world_size: 1,
+            best_checkpoint: Some("checkpoint-2".into()),
+            best_metric: Some(1.5),
         }
+    }
+
+    fn hf(step: u64) -> HfState {
+        HfState {
+            epoch: 0.75,
+            max_steps: 10,
+            num_train_epochs: 3,
+            logging_steps: 1,
+            eval_steps: 2,
+            save_steps: 2,
+            train_batch_size: 2,
+            best_model_checkpoint: Some("out/checkpoint-2".into()),
+            best_global_step: Some(2),
+            log_history: vec![serde_json::json!({"loss": 2.0, "step": step})],
+        }
+    }
+
+    #[test]
+    fn the_state_file_holds_hugging_face_keys_and_older_files_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = write(dir.path(), 4, |d| {
+            let file = StateFile {
+                state: &state(4),
+                hf: &hf(4),
+            };
+            write_json(&d.join(STATE_FILE), &file)
+        })
+        .unwrap();
+        let v: Value =
+            serde_json::from_str(&fs::read_to_string(c.join(STATE_FILE)).unwrap()).unwrap();
+        for key in [
+            "global_step",
+            "epoch",
+            "max_steps",
+            "log_history",
+            "best_metric",
+            "best_model_checkpoint",
+            "best_global_step",
+            "logging_steps",
+            "eval_steps",
+            "save_steps",
+            "train_batch_size",
+            "num_train_epochs",
+            "data_epoch",
+            "best_checkpoint",
+        ] {
+            assert!(v.get(key).is_some(), "no {key} in {v}");
+        }
+        assert_eq!(v["epoch"], 0.75);
+        assert_eq!(v["log_history"][0]["step"], 4);
+        assert_eq!(read_state(&c).unwrap(), state(4));
+        // A file from before: the data epoch as `epoch`, no best checkpoint.
+        let old = r#"{"global_step":6,"epoch":1,"batch":3,"optimizer_steps":6,
+            "scheduler_type":"cosine","total_steps":10,"seed":1,"best_loss":1.5,
+            "nonfinite_in_a_row":0,"tokens_seen":99,"world_size":1}"#;
+        let c6 = write(dir.path(), 6, |d| {
+            fs::write(d.join(STATE_FILE), old).map_err(|e| Error::io(d, e))
+        })
+        .unwrap();
+        let mut expected = state(6);
+        expected.epoch = 1;
+        expected.best_checkpoint = None;
+        expected.best_metric = None;
+        assert_eq!(read_state(&c6).unwrap(), expected);
+    }
+
+    #[test]
+    fn rotation_keeps_the_newest_the_best_and_the_resumed_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path();
+        let save = |s: u64| write(out, s, |d| write_json(&d.join(STATE_FILE), &state(s))).unwrap();
+        let names = || -> Vec<u64> {
+            list(out)
+                .unwrap()
+                .iter()
+                .filter_map(|p| step_of(p))
+                .collect()
+        };
+        for s in [2, 4, 6] {
+            save(s);
+        }
+        // Limit 2, the best is checkpoint-2: the oldest other one (4) goes.
+        let deleted = rotate(out, 2, &[out.join("checkpoint-2")]).unwrap();
+        assert_eq!(deleted, vec![out.join("checkpoint-4")]);
+        assert_eq!(names(), vec![2, 6]);
+        save(8);
+        // Best 2, resumed from 6 (named through another path), newest 8: none may go.
+        let resumed = out.join(".").join("checkpoint-6");
+        assert!(rotate(out, 1, &[out.join("checkpoint-2"), resumed])
+            .unwrap()
+            .is_empty());
+        assert_eq!(names(), vec![2, 6, 8]);
+        // Nothing protected: down to the newest, oldest first.
+        assert_eq!(rotate(out, 1, &[]).unwrap().len(), 2);
+        assert_eq!(names(), vec![8]);
+        assert!(!out.join(".checkpoint-2.partial").exists());
+        assert!(rotate(out, 3, &[]).unwrap().is_empty());
     }
 
     #[test]

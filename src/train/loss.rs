@@ -30,6 +30,18 @@ pub struct LossSum {
     /// Each target token's loss, float32 `[n_tokens]`, in row-major order of the predicting
     /// positions (detached).
     pub token_losses: Tensor,
+    /// The target tokens whose logits' argmax (the first, as `torch.argmax`) is the label: TRL's
+    /// `mean_token_accuracy` is `n_correct / n_tokens`.
+    pub n_correct: i64,
+}
+
+/// How many of `targets` `[N]` equal the argmax of their row of `logits` `[N, V]`, as an int64
+/// scalar tensor (not read back, so a chunk loop costs no device sync).
+fn count_correct(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    Ok(logits
+        .f_argmax(-1, false)?
+        .f_eq_tensor(targets)?
+        .f_sum(Kind::Int64)?)
 }
 
 /// The flat indices `b * T + t` of the positions that predict a target (`labels[b, t + 1]` is
@@ -83,6 +95,7 @@ pub fn causal_lm_loss(
             sum: 0.0,
             n_tokens: 0,
             token_losses: Tensor::f_zeros([0], float_opts)?,
+            n_correct: 0,
         });
     }
     let vocab = lm.config.vocab_size;
@@ -97,8 +110,8 @@ pub fn causal_lm_loss(
     // Whether the head's adapter takes part; without one the head's backward is done here.
     let adapted = head.lora.is_some() && !head.merged && mode.enabled;
     let softcap = lm.config.final_softcap;
-    let losses = if let (false, Weight::Quantized(q)) = (adapted, &head.weight) {
-        vec![vocab_chunked_loss(
+    let (losses, correct) = if let (false, Weight::Quantized(q)) = (adapted, &head.weight) {
+        let (losses, correct) = vocab_chunked_loss(
             CHUNK_LOGITS,
             q,
             head.bias.as_ref(),
@@ -106,7 +119,8 @@ pub fn causal_lm_loss(
             &rows,
             &targets,
             backward,
-        )?]
+        )?;
+        (vec![losses], correct)
     } else if !adapted || backward.is_none() {
         manual_head_loss(
             head, adapted, softcap, &rows, &targets, chunk, mode, backward,
@@ -116,12 +130,20 @@ pub fn causal_lm_loss(
         autograd_head_loss(&logits, &rows, &targets, chunk, backward.unwrap_or(1.0))?
     };
     let token_losses = Tensor::f_cat(&losses, 0)?;
-    // One read of a device value per batch (a sync on CUDA), however many chunks.
-    let sum = token_losses.f_sum(Kind::Double)?.f_double_value(&[])?;
+    // One read of device values per batch (a sync on CUDA), however many chunks.
+    let both = Tensor::f_stack(
+        &[
+            token_losses.f_sum(Kind::Double)?,
+            correct.f_to_kind(Kind::Double)?,
+        ],
+        0,
+    )?;
+    let both = Vec::<f64>::try_from(&both.f_to_device(Device::Cpu)?)?;
     Ok(LossSum {
-        sum,
+        sum: both[0],
         n_tokens: n,
         token_losses,
+        n_correct: both[1] as i64,
     })
 }
 
@@ -140,10 +162,11 @@ fn manual_head_loss(
     chunk: i64,
     mode: LoraMode,
     backward: Option<f64>,
-) -> Result<Vec<Tensor>> {
+) -> Result<(Vec<Tensor>, Tensor)> {
     let n = rows.size()[0];
     let detached = rows.f_detach()?;
     let (mut losses, mut grads) = (Vec::new(), Vec::new());
+    let mut correct = Tensor::f_zeros([], (Kind::Int64, rows.device()))?;
     for start in (0..n).step_by(chunk as usize) {
         let len = chunk.min(n - start);
         let x = detached.f_narrow(0, start, len)?;
@@ -162,6 +185,8 @@ fn manual_head_loss(
                 capped_slope = Some(ratio.f_square()?.f_neg()?.f_add_scalar(1.0)?);
             }
         }
+        // Before the loss: it overwrites the logits with their gradient.
+        correct = correct.f_add(&count_correct(&logits, &tgt)?)?;
         losses.push(ops::cross_entropy_(&mut logits, &tgt, backward)?);
         if let Some(slope) = capped_slope {
             logits = logits.f_mul(&slope)?;
@@ -180,7 +205,7 @@ fn manual_head_loss(
         // d(sum(rows * grad)) / d(rows) = grad: hands the head's gradient to autograd.
         rows.f_mul(&grad)?.f_sum(rows.f_kind()?)?.f_backward()?;
     }
-    Ok(losses)
+    Ok((losses, correct))
 }
 
 /// The token losses of `rows` `[N, H]` against `targets` through a frozen quantized head: the
@@ -190,7 +215,8 @@ fn manual_head_loss(
 /// scale` per chunk (through the soft-cap's derivative `1 - (y / cap)^2` when `softcap`) and
 /// accumulates its product with the chunk's rows: the gradient reaching `rows`, handed to
 /// autograd as in [`manual_head_loss`]. On a 262144-token head (Gemma) decoding the whole head
-/// for each chunk of 64 token rows took most of a training step.
+/// for each chunk of 64 token rows took most of a training step. Also returns how many targets
+/// are their row's argmax (the first pass keeps each row's first maximal column).
 fn vocab_chunked_loss(
     chunk_logits_max: i64,
     q: &QWeight,
@@ -199,7 +225,7 @@ fn vocab_chunked_loss(
     rows: &Tensor,
     targets: &Tensor,
     backward: Option<f64>,
-) -> Result<Tensor> {
+) -> Result<(Tensor, Tensor)> {
     let [vocab, _] = q.size();
     let n = rows.size()[0];
     let step = (chunk_logits_max / n.max(1)).clamp(1, vocab);
@@ -229,10 +255,15 @@ fn vocab_chunked_loss(
     let mut max = Tensor::f_full([n], f64::NEG_INFINITY, float)?;
     let mut sum = Tensor::f_zeros([n], float)?;
     let mut target_logit = Tensor::f_zeros([n], float)?;
+    let mut argmax = Tensor::f_zeros([n], (Kind::Int64, x.device()))?;
     for v0 in (0..vocab).step_by(step as usize) {
         let len = step.min(vocab - v0);
         let (y, _) = chunk_logits(v0, len)?;
-        let new_max = max.f_maximum(&y.f_amax([1], false)?)?;
+        let (chunk_max, chunk_arg) = y.f_max_dim(1, false)?;
+        // Strictly greater: on a tie the earlier chunk's column stays, as torch.argmax.
+        let better = chunk_max.f_gt_tensor(&max)?;
+        argmax = argmax.f_where_self(&better.f_logical_not()?, &chunk_arg.f_add_scalar(v0)?)?;
+        let new_max = max.f_maximum(&chunk_max)?;
         let shifted = y.f_sub(&new_max.f_unsqueeze(1)?)?.f_exp()?;
         sum = sum
             .f_mul(&max.f_sub(&new_max)?.f_exp()?)?
@@ -244,8 +275,11 @@ fn vocab_chunked_loss(
     }
     let lse = max.f_add(&sum.f_log()?)?;
     let losses = lse.f_sub(&target_logit)?;
+    let correct = argmax
+        .f_eq_tensor(&targets.f_to_device(x.device())?)?
+        .f_sum(Kind::Int64)?;
     let Some(scale) = backward.filter(|_| rows.requires_grad()) else {
-        return Ok(losses);
+        return Ok((losses, correct));
     };
     let mut grad = Tensor::f_zeros_like(&x)?;
     for v0 in (0..vocab).step_by(step as usize) {
@@ -265,7 +299,7 @@ fn vocab_chunked_loss(
     }
     // d(sum(rows * grad)) / d(rows) = grad: hands the head's gradient to autograd.
     rows.f_mul(&grad)?.f_sum(rows.f_kind()?)?.f_backward()?;
-    Ok(losses)
+    Ok((losses, correct))
 }
 
 /// The token losses of `rows` against `targets` through a head whose adapter trains: autograd
@@ -276,15 +310,17 @@ fn autograd_head_loss(
     targets: &Tensor,
     chunk: i64,
     scale: f64,
-) -> Result<Vec<Tensor>> {
+) -> Result<(Vec<Tensor>, Tensor)> {
     let n = rows.size()[0];
     let mut losses = Vec::new();
     let mut total: Option<Tensor> = None;
+    let mut correct = Tensor::f_zeros([], (Kind::Int64, rows.device()))?;
     for start in (0..n).step_by(chunk as usize) {
         let len = chunk.min(n - start);
         let x = rows.f_narrow(0, start, len)?;
         let tgt = targets.f_narrow(0, start, len)?;
         let logits = logits_of(&x)?.f_to_kind(Kind::Float)?;
+        correct = correct.f_add(&tch::no_grad(|| count_correct(&logits, &tgt))?)?;
         let loss = logits.f_cross_entropy_loss::<&Tensor>(
             &tgt,
             None,
@@ -302,7 +338,7 @@ fn autograd_head_loss(
     if let Some(t) = total {
         t.f_mul_scalar(scale)?.f_backward()?;
     }
-    Ok(losses)
+    Ok((losses, correct))
 }
 
 #[cfg(test)]
@@ -325,7 +361,12 @@ mod vocab_chunk_tests {
         let q = QWeight::quantize(&w, QType::Q8_0).unwrap();
         let dense = q.dequantize(Kind::Float).unwrap();
         let rows = Tensor::randn([n, h], opts);
+        // Half the targets are their row's argmax, so the accuracy count is tested on both kinds.
+        let argmax = rows.matmul(&dense.tr()).argmax(-1, false);
         let targets = Tensor::from_slice(&[0i64, 49, 7, 7, 21, 35]);
+        targets.narrow(0, 0, 3).copy_(&argmax.narrow(0, 0, 3));
+        let expected_correct = argmax.eq_tensor(&targets).sum(Kind::Int64).int64_value(&[]);
+        assert!(expected_correct >= 3, "{expected_correct}");
         for softcap in [None, Some(3.0)] {
             let reference = |kind: Kind| {
                 let x = rows.to_kind(kind).detach().set_requires_grad(true);
@@ -357,8 +398,9 @@ mod vocab_chunk_tests {
             };
             for chunk in [7 * n, 20 * n, 1 << 20] {
                 let x = rows.detach().set_requires_grad(true);
-                let losses =
+                let (losses, correct) =
                     vocab_chunked_loss(chunk, &q, None, softcap, &x, &targets, Some(0.5)).unwrap();
+                assert_eq!(correct.int64_value(&[]), expected_correct);
                 let losses = losses.to_kind(Kind::Double);
                 tol(
                     max_diff(&losses, &loss64),

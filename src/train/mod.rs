@@ -1,6 +1,6 @@
 //! The training core: the AdamW optimizer, learning-rate schedules, the chunked causal-LM loss,
 //! the trainer loop with its configuration, checkpoints, output-directory lock and metrics log,
-//! and the loss-curve plot.
+//! the loss-curve plot and TensorBoard event files.
 pub mod checkpoint;
 pub mod config;
 pub mod lock;
@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod optim;
 pub mod plot;
 pub mod schedule;
+pub mod tensorboard;
 pub mod trainer;
 
 pub use config::TrainConfig;

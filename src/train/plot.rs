@@ -8,6 +8,8 @@
 //!   with a single point gets a marker too, since a one-point line is invisible;
 //! - the y range covers every finite loss of both series with a 5% margin, and is at least 10% of
 //!   the largest |loss| wide (1.0 when every loss is 0), so all-equal values still get a band;
+//!   it is then widened to the nearest ticks (multiples of a 1-2-5 step) outside it, so the
+//!   axis ends on labelled ticks and every point lies between the lowest and highest label;
 //!   y labels use as many decimals as the tick spacing needs, in scientific notation when the
 //!   losses are below 1e-3 or from 1e5 on (absurd losses beyond +-f64::MAX/4 are drawn at the
 //!   plot's edge rather than breaking the axis);
@@ -18,6 +20,8 @@
 //! The SVG is rendered by `plotters` (SVG backend only): text is emitted as SVG `<text>` and laid
 //! out by the viewer, so no font files or system libraries are involved.
 use crate::error::{Error, Result};
+use plotters::coord::ranged1d::{DefaultFormatting, KeyPointHint, Ranged};
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use std::path::Path;
@@ -100,6 +104,75 @@ fn y_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
     (mid - half, mid + half)
 }
 
+/// The y ticks of a chart whose losses span `lo..hi` (a [`y_range`]): multiples of a 1, 2 or 5
+/// times a power of ten step, 5 to 12 intervals, from the last one at or below `lo` to the
+/// first at or above `hi` (just `[lo, hi]` where the step underflows, near f64's smallest
+/// values); the axis runs from the first to the last. Without ticks ending the
+/// axis, `plotters` labels only the multiples inside it: a first loss of 4.01 was drawn above
+/// the top label, 3.9.
+fn y_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    // Halves keep the width finite at +-f64::MAX/4 (see `y_range`).
+    let raw = (hi / 2.0 - lo / 2.0) / 5.0;
+    let unit = 10f64.powi(raw.log10().floor() as i32);
+    let step = [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .map(|m| m * unit)
+        .find(|s| *s >= raw)
+        .unwrap_or(10.0 * unit);
+    let (first, last) = ((lo / step).floor(), (hi / step).ceil());
+    let intervals = last - first;
+    if !(step > 0.0 && (1.0..=12.0).contains(&intervals)) {
+        return vec![lo, hi];
+    }
+    let ticks: Vec<f64> = (0..=intervals as i64)
+        .map(|i| (first + i as f64) * step)
+        .collect();
+    let ends = (ticks[0], ticks[ticks.len() - 1]);
+    if ends.0 <= lo && hi <= ends.1 && ends.1.is_finite() && ends.0.is_finite() {
+        ticks
+    } else {
+        vec![lo, hi]
+    }
+}
+
+/// The y axis: linear from the first tick to the last, labelled at the ticks (bold lines) with a
+/// light line half-way between each two.
+struct YAxis {
+    linear: RangedCoordf64,
+    ticks: Vec<f64>,
+}
+
+impl YAxis {
+    /// `ticks`: at least two, ascending.
+    fn new(ticks: Vec<f64>) -> Self {
+        let linear = (ticks[0]..ticks[ticks.len() - 1]).into();
+        Self { linear, ticks }
+    }
+}
+
+impl Ranged for YAxis {
+    type FormatOption = DefaultFormatting;
+    type ValueType = f64;
+
+    fn map(&self, value: &f64, limit: (i32, i32)) -> i32 {
+        self.linear.map(value, limit)
+    }
+
+    fn key_points<Hint: KeyPointHint>(&self, hint: Hint) -> Vec<f64> {
+        if hint.weight().allow_light_points() {
+            (self.ticks.windows(2))
+                .map(|w| w[0] / 2.0 + w[1] / 2.0)
+                .collect()
+        } else {
+            self.ticks.clone()
+        }
+    }
+
+    fn range(&self) -> std::ops::Range<f64> {
+        self.linear.range()
+    }
+}
+
 /// Formats a y tick label of a chart whose y range is `range`: enough decimals to tell ticks
 /// about `(range.1 - range.0) / 10` apart, scientific notation for magnitudes below 1e-3 or
 /// from 1e5 on (the default `plotters` format prints at most 5 decimals and no exponent, so
@@ -128,7 +201,9 @@ fn draw(train: &[(u64, f64)], validation: &[(u64, f64)]) -> std::result::Result<
     let train = finite_sorted(train);
     let validation = finite_sorted(validation);
     let (x0, x1) = x_range(train.iter().chain(&validation).map(|p| p.0));
-    let (y0, y1) = y_range(train.iter().chain(&validation).map(|p| p.1));
+    let (lo, hi) = y_range(train.iter().chain(&validation).map(|p| p.1));
+    let ticks = y_ticks(lo, hi);
+    let (y0, y1) = (ticks[0], ticks[ticks.len() - 1]);
     let err = |e: DrawingAreaErrorKind<std::io::Error>| e.to_string();
 
     let mut svg = String::new();
@@ -140,7 +215,7 @@ fn draw(train: &[(u64, f64)], validation: &[(u64, f64)]) -> std::result::Result<
             .margin(16)
             .x_label_area_size(44)
             .y_label_area_size(64)
-            .build_cartesian_2d(x0..x1, y0..y1)
+            .build_cartesian_2d(x0..x1, YAxis::new(ticks))
             .map_err(err)?;
         chart
             .configure_mesh()
@@ -365,6 +440,81 @@ mod tests {
         let pts = series_points(&svg, TRAIN_COLOR);
         assert_eq!(pts.len(), 10);
         assert!(pts.iter().all(|p| p.1 == pts[0].1));
+    }
+
+    /// The pixel y of each y tick label (`<text>` elements right of nothing but the axis: those
+    /// whose x is left of the plotting area).
+    fn y_tick_pixels(svg: &str) -> Vec<i32> {
+        (svg.split("<text").skip(1))
+            .filter_map(|tag| {
+                let attrs = &tag[..tag.find('>').unwrap()];
+                let num = |name: &str| -> Option<i32> {
+                    let start = attrs.find(&format!(" {name}=\""))? + name.len() + 3;
+                    attrs[start..start + attrs[start..].find('"')?].parse().ok()
+                };
+                let body = tag[tag.find('>').unwrap() + 1..].trim_start();
+                let label = &body[..body.find('<').unwrap()].trim();
+                (num("x")? < 79 && label.parse::<f64>().is_ok()).then(|| num("y"))?
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_point_lies_between_the_lowest_and_highest_y_label() {
+        // The FAQ demo's curves: the first training loss (4.01) was drawn above the top label.
+        let train = vec![
+            (2, 4.008),
+            (4, 3.78),
+            (6, 3.45),
+            (8, 3.55),
+            (10, 3.25),
+            (12, 3.25),
+            (14, 3.35),
+            (16, 3.23),
+            (18, 3.25),
+            (20, 3.32),
+            (22, 3.26),
+            (24, 3.12),
+        ];
+        let validation = vec![(0, 3.856), (12, 3.11), (24, 3.02)];
+        let mut cases = vec![(train, validation)];
+        let mut x = 0.37f64;
+        for n in [3usize, 17, 60] {
+            let curve = (0..n as u64)
+                .map(|s| {
+                    x = (x * 7.13 + 0.29).fract();
+                    (s, 0.2 + 9.0 * x / (1.0 + s as f64))
+                })
+                .collect();
+            cases.push((curve, vec![(0, 9.7)]));
+        }
+        cases.push((vec![(1, 1e-6), (2, 3e-6)], vec![]));
+        cases.push((vec![(1, 2.0), (2, 2.0)], vec![]));
+        for (train, validation) in cases {
+            let svg = render_loss_plot(&train, &validation).unwrap();
+            let ticks = y_tick_pixels(&svg);
+            assert!(ticks.len() >= 3, "{:?}", texts(&svg));
+            let (top, bottom) = (*ticks.iter().min().unwrap(), *ticks.iter().max().unwrap());
+            for color in [TRAIN_COLOR, VALIDATION_COLOR] {
+                let points = series_points(&svg, color);
+                assert!(points.len() >= 2 || color == VALIDATION_COLOR);
+                for (_, y) in points {
+                    // Text y is the label's centre; one pixel of rounding either way.
+                    assert!(
+                        top - 1 <= y && y <= bottom + 1,
+                        "{y} outside {top}..{bottom}"
+                    );
+                }
+            }
+        }
+        let ticks = y_ticks(2.9, 4.1);
+        assert_eq!(ticks.len(), 8, "{ticks:?}");
+        assert!((ticks[0] - 2.8).abs() < 1e-12, "{ticks:?}");
+        assert!((ticks[7] - 4.2).abs() < 1e-12, "{ticks:?}");
+        assert_eq!(
+            y_ticks(0.0, f64::MIN_POSITIVE),
+            vec![0.0, f64::MIN_POSITIVE]
+        );
     }
 
     #[test]

@@ -11,6 +11,11 @@
 //! A run is set up in named steps (`setup`: output directory, data, model and adapters, step
 //! plan, optimizer and schedule, resume), then driven by the loop (`train_loop`: step, after
 //! step, finish); the helpers both use live here.
+//!
+//! The outputs are where Hugging Face's tools look: the final adapter (PEFT layout) at the root
+//! of `output_dir`, `checkpoint-{step}/` directories whose `trainer_state.json` carries
+//! Hugging Face's keys and names the best checkpoint, `metrics.jsonl` with Hugging Face's key
+//! names, and with `report_to = ["tensorboard"]` event files in `output_dir/runs/`.
 use std::path::{Path, PathBuf};
 
 use indicatif::ProgressBar;
@@ -23,7 +28,7 @@ use crate::hf::loaded::LoadedModel;
 use crate::hf::peft;
 use crate::io::safetensors;
 use crate::model::LoraMode;
-use crate::train::checkpoint::{self, TrainerState};
+use crate::train::checkpoint::{self, HfState, StateFile, TrainerState};
 use crate::train::config::TrainConfig;
 use crate::train::lock::OutputDirLock;
 use crate::train::loss::causal_lm_loss;
@@ -39,8 +44,12 @@ pub use crate::train::metrics::{read_metrics, METRICS_FILE};
 
 /// The loss-curve plot in the output directory.
 pub const PLOT_FILE: &str = "loss.svg";
-/// The final adapter (PEFT layout) in the output directory.
-pub const ADAPTER_DIR: &str = "adapter";
+/// Where earlier versions kept the final adapter (now at the root of the output directory):
+/// deleted with the rest of an earlier run by `overwrite_output_dir`.
+pub const LEGACY_ADAPTER_DIR: &str = "adapter";
+/// The final adapter's files at the root of the output directory (PEFT layout, so
+/// `PeftModel.from_pretrained(base, output_dir)` loads it).
+pub const ADAPTER_FILES: [&str; 2] = ["adapter_config.json", "adapter_model.safetensors"];
 
 /// What the loop asks of its environment. The defaults are a single process that is never
 /// interrupted.
@@ -90,10 +99,15 @@ pub struct Outcome {
     pub final_eval_loss: Option<f64>,
     /// The mean training loss of the last logging window.
     pub last_train_loss: Option<f64>,
-    /// The final adapter directory (PEFT layout), when the run completed.
+    /// The final adapter directory (PEFT layout: the output directory itself), when the run
+    /// completed.
     pub adapter_dir: Option<PathBuf>,
     /// The newest checkpoint.
     pub last_checkpoint: Option<PathBuf>,
+    /// The checkpoint with the lowest validation loss evaluated at its step, if any.
+    pub best_checkpoint: Option<PathBuf>,
+    /// The directory of this run's TensorBoard event files (`report_to = ["tensorboard"]`).
+    pub tensorboard_dir: Option<PathBuf>,
     pub metrics_file: PathBuf,
     pub plot_file: Option<PathBuf>,
     /// A checksum of this process's adapters (`sum_i (i + 1) * sum(param_i)` in float64): equal
@@ -110,6 +124,8 @@ struct Run<'a> {
     loader: DataLoader,
     validation: Option<DataLoader>,
     state: TrainerState,
+    /// The checkpoint this run resumed from: never deleted by `save_total_limit`.
+    resumed_from: Option<PathBuf>,
     rank: usize,
     world: usize,
     /// Whose words advice uses ([`Hooks::caller`]).
@@ -138,6 +154,7 @@ pub fn train(
     hooks: &mut dyn Hooks,
 ) -> Result<Outcome> {
     config.validate()?;
+    config.validate_outputs()?;
     let mut run = Run::setup(config, resume, hooks)?;
     run.train(hooks)
 }
@@ -161,8 +178,9 @@ impl Run<'_> {
         }
     }
 
-    /// The summed loss of `batch` (and its backward, scaled by `scale`, when given).
-    fn batch_loss(&self, batch: &Batch, scale: Option<f64>) -> Result<(f64, i64)> {
+    /// The summed loss of `batch` (and its backward, scaled by `scale`, when given), its target
+    /// tokens and those predicted right (argmax).
+    fn batch_loss(&self, batch: &Batch, scale: Option<f64>) -> Result<(f64, i64, i64)> {
         let device = self.model.lm.device();
         let batch = batch.to_device(device)?;
         let lm = &self.model.lm;
@@ -177,25 +195,27 @@ impl Run<'_> {
             lm.hidden_states_packed(&batch.input_ids, &batch.position_ids, None, self.mode())?
         };
         let out = causal_lm_loss(&self.model.lm, &hidden, &batch.labels, self.mode(), scale)?;
-        Ok((out.sum, out.n_tokens))
+        Ok((out.sum, out.n_tokens, out.n_correct))
     }
 
-    /// The mean validation loss per target token (grad off, dropout off), over all processes.
-    fn evaluate(&mut self, hooks: &mut dyn Hooks) -> Result<Option<f64>> {
+    /// The mean validation loss per target token and the token accuracy (grad off, dropout off),
+    /// over all processes.
+    fn evaluate(&mut self, hooks: &mut dyn Hooks) -> Result<Option<(f64, f64)>> {
         let Some(mut val) = self.validation.take() else {
             return Ok(None);
         };
         let training = self.model.training;
         self.model.training = false;
-        let result = (|| -> Result<f64> {
+        let result = (|| -> Result<(f64, f64)> {
             val.seek(Position::default())?;
-            let mut sums = [0.0f64, 0.0];
+            let mut sums = [0.0f64, 0.0, 0.0];
             for (i, batch) in (&mut val).enumerate() {
                 let batch = batch?;
                 if i % self.world == self.rank {
-                    let (s, n) = tch::no_grad(|| self.batch_loss(&batch, None))?;
+                    let (s, n, c) = tch::no_grad(|| self.batch_loss(&batch, None))?;
                     sums[0] += s;
                     sums[1] += n as f64;
+                    sums[2] += c as f64;
                 }
             }
             hooks.all_reduce_sum(&mut sums)?;
@@ -204,15 +224,15 @@ impl Run<'_> {
                     "the validation data has no target tokens".into(),
                 ));
             }
-            Ok(sums[0] / sums[1])
+            Ok((sums[0] / sums[1], sums[2] / sums[1]))
         })();
         self.model.training = training;
         self.validation = Some(val);
-        let loss = result?;
+        let (loss, accuracy) = result?;
         if loss.is_finite() && self.state.best_loss.is_none_or(|b| loss < b) {
             self.state.best_loss = Some(loss);
         }
-        Ok(Some(loss))
+        Ok(Some((loss, accuracy)))
     }
 
     /// The next accumulation window: up to `accum * world` micro-batches, all from one epoch.
@@ -234,6 +254,12 @@ impl Run<'_> {
         Ok(out)
     }
 
+    /// The epoch as Hugging Face logs it: the data position after the step, fractional.
+    fn fractional_epoch(&self) -> f64 {
+        let pos = self.loader.position();
+        pos.epoch as f64 + pos.batch as f64 / self.loader.num_batches().max(1) as f64
+    }
+
     /// A checksum of this process's adapters (see [`Outcome::adapter_fingerprint`]).
     fn fingerprint(&self) -> Result<f64> {
         let mut acc = 0.0;
@@ -243,13 +269,38 @@ impl Run<'_> {
         Ok(acc)
     }
 
-    /// Writes `checkpoint-{global_step}` (rank 0; the other ranks only return its path).
-    fn save_checkpoint(&mut self) -> Result<PathBuf> {
+    /// Writes `checkpoint-{global_step}` (rank 0; the other ranks only return its path), after
+    /// naming it the best when `eval_loss` (the validation loss at this step, if evaluated) is
+    /// the lowest so far; then deletes the checkpoints beyond `save_total_limit`.
+    fn save_checkpoint(&mut self, eval_loss: Option<f64>) -> Result<PathBuf> {
         let step = self.state.global_step;
         let out = &self.config.output_dir;
-        if self.rank != 0 {
-            return Ok(out.join(format!("checkpoint-{step}")));
+        let name = format!("checkpoint-{step}");
+        if let Some(l) = eval_loss.filter(|l| l.is_finite()) {
+            if self.state.best_metric.is_none_or(|b| l < b) {
+                self.state.best_checkpoint = Some(name.clone());
+                self.state.best_metric = Some(l);
+            }
         }
+        if self.rank != 0 {
+            return Ok(out.join(name));
+        }
+        let t = &self.config.training;
+        let best = self.state.best_checkpoint.as_ref();
+        let hf = HfState {
+            epoch: self.fractional_epoch(),
+            max_steps: self.state.total_steps,
+            num_train_epochs: t.num_epochs,
+            logging_steps: t.logging_steps,
+            eval_steps: t.eval_steps,
+            save_steps: t.save_steps,
+            train_batch_size: t.batch_size,
+            best_model_checkpoint: best.map(|b| out.join(b).display().to_string()),
+            best_global_step: best.and_then(|b| checkpoint::step_of(Path::new(b))),
+            log_history: (self.metrics.records().iter())
+                .filter_map(|r| serde_json::to_value(r).ok())
+                .collect(),
+        };
         let info = checkpoint::TrainingInfo {
             best_loss: self.state.best_loss,
             current_lr: self.optimizer.lr(),
@@ -266,11 +317,27 @@ impl Run<'_> {
                 &state,
                 &Default::default(),
             )?;
-            checkpoint::write_json(&dir.join(checkpoint::STATE_FILE), &self.state)?;
+            let state = StateFile {
+                state: &self.state,
+                hf: &hf,
+            };
+            checkpoint::write_json(&dir.join(checkpoint::STATE_FILE), &state)?;
             checkpoint::write_json(&dir.join(checkpoint::INFO_FILE), &info)?;
             checkpoint::write_json(&dir.join("train_config.json"), &self.config.to_json())
         })?;
         self.say(&format!("checkpoint saved: {}", path.display()));
+        if let Some(limit) = t.save_total_limit {
+            let keep: Vec<PathBuf> = (self.state.best_checkpoint.iter())
+                .map(|b| out.join(b))
+                .chain(self.resumed_from.clone())
+                .collect();
+            for old in checkpoint::rotate(out, limit as usize, &keep)? {
+                self.say(&format!(
+                    "checkpoint deleted (save_total_limit): {}",
+                    old.display()
+                ));
+            }
+        }
         Ok(path)
     }
 }

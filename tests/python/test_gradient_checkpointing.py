@@ -141,7 +141,7 @@ def test_a_training_run_is_unchanged(trainable_dir: Path, tmp_path: Path) -> Non
                          "learning_rate": 3e-3, "logging_steps": 1, "save_steps": 0, "eval_steps": 2,
                          "max_seq_length": 64, "gradient_checkpointing": checkpointing},
         })
-        adapter = st.load_file(str(out / "adapter" / "adapter_model.safetensors"))
+        adapter = st.load_file(str(out / "adapter_model.safetensors"))
         return metrics(out, drop=VOLATILE), adapter
 
     plain_metrics, plain = run(False)

@@ -57,17 +57,21 @@ def test_cli_trains_writes_everything_and_peft_loads_the_adapter(binary: Path, t
     assert [r["step"] for r in records if "loss" in r] == [2, 4, 6, 8, 10, 12]  # --set applied
     for r in records:
         if "loss" in r:
-            assert {"lr", "grad_norm", "tokens_per_s", "rss_bytes", "peak_rss_bytes"} <= r.keys()
+            assert {"learning_rate", "grad_norm", "epoch", "mean_token_accuracy", "tokens_per_s", "rss_bytes",
+                    "peak_rss_bytes"} <= r.keys()
+            assert "lr" not in r
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-4", "checkpoint-8"]
     info = json.loads((out / "checkpoint-8" / "training_info.json").read_text())
     assert {"epoch", "global_step", "best_loss", "current_lr", "lora_config", "training_config"} <= info.keys()
     assert info["global_step"] == 8
     svg = (out / "loss.svg").read_text()
     assert svg.startswith("<svg") and "validation" in svg
-    # The final adapter is a PEFT adapter: PEFT computes the same logits as loratch with it (bit
-    # for bit: alpha / rank = 2).
+    # The final adapter is a PEFT adapter at the root of the output directory:
+    # PeftModel.from_pretrained(base, output_dir) computes the same logits as loratch with it
+    # (bit for bit: alpha / rank = 2).
+    assert not (out / "adapter").exists()
     with AdapterCheck(trainable_dir) as check:
-        final = check.check(out / "adapter", IDS)
+        final = check.check(out, IDS)
         earlier = check.check(out / "checkpoint-4", IDS)
     assert max_diff(final, earlier) > 1e-3  # training changed the adapter
 
@@ -86,7 +90,7 @@ def test_python_train_matches_the_cli_run_and_rejects_unknown_keys(binary: Path,
     assert result["global_step"] == 4 and not result["interrupted"]
     assert result["final_eval_loss"] is not None and result["initial_eval_loss"] is not None
     assert result["final_eval_loss"] < result["initial_eval_loss"]
-    assert result["adapter_dir"] is not None and Path(result["adapter_dir"]).is_dir()
+    assert result["adapter_dir"] == str(tmp_path / "py") and (tmp_path / "py" / "adapter_model.safetensors").is_file()
     # The same config through the binary gives the same losses (one core, two front ends).
     cfg = tmp_path / "same.toml"
     out_cli = tmp_path / "cli"
@@ -112,6 +116,48 @@ def test_python_train_matches_the_cli_run_and_rejects_unknown_keys(binary: Path,
         loratch.train({**config, "seed": object()})
 
 
+def test_outputs_load_in_peft_and_tensorboard(trainable_dir: Path, tmp_path: Path) -> None:
+    """The final adapter at the root of output_dir loads with PeftModel.from_pretrained(base,
+    output_dir); report_to = ["tensorboard"] writes event files that TensorBoard's own reader
+    loads, holding the metrics of metrics.jsonl under Hugging Face's tags."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "hf"
+    result = loratch.train({
+        "model": trainable_dir, "data": trainable_dir / "data.jsonl", "output_dir": out, "seed": 3,
+        "validation_split": 0.2,
+        "lora": {"rank": 8, "alpha": 16, "target_modules": "all-linear", "dropout": 0.0},
+        "training": {"max_steps": 4, "batch_size": 2, "learning_rate": 1e-2, "logging_steps": 1, "eval_steps": 2,
+                     "save_steps": 2, "max_seq_length": 64, "report_to": ["tensorboard"]},
+    })
+    assert result["adapter_dir"] == str(out) and result["tensorboard_dir"] == str(out / "runs")
+    assert result["best_checkpoint"] is not None and Path(result["best_checkpoint"]).parent == out
+    with AdapterCheck(trainable_dir) as check:
+        final = check.check(out, IDS)
+        last = check.check(out / "checkpoint-4", IDS)
+    assert torch.equal(final, last)
+    records = metrics(out)
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    (run,) = (out / "runs").iterdir()
+    acc = EventAccumulator(str(run))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/learning_rate", "train/grad_norm", "train/epoch", "train/mean_token_accuracy",
+            "eval/loss", "eval/mean_token_accuracy"} <= tags, tags
+    for tag, key, rows in [("train/loss", "loss", train), ("train/learning_rate", "learning_rate", train),
+                           ("train/mean_token_accuracy", "mean_token_accuracy", train),
+                           ("eval/loss", "eval_loss", evals)]:
+        events = acc.Scalars(tag)
+        assert [e.step for e in events] == [r["step"] for r in rows], tag
+        # TensorBoard keeps float32.
+        assert [e.value for e in events] == [float(torch.tensor(r[key], dtype=torch.float32)) for r in rows], tag
+    assert len(evals) == 3 and 0.0 <= evals[-1]["eval_mean_token_accuracy"] <= 1.0
+    with pytest.raises(loratch.ConfigError, match="tensorboard"):
+        loratch.train({"model": trainable_dir, "data": trainable_dir / "data.jsonl", "output_dir": tmp_path / "x",
+                       "training": {"report_to": ["wandb"]}})
+
+
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(binary: Path, trainable_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "int"
     cfg = tmp_path / "int.toml"
@@ -128,11 +174,11 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(binary: Path, tra
     assert len(ckpts) == 1
     stopped_at = step_of(ckpts[0])
     assert 0 < stopped_at < 400
-    assert not (out / "adapter").exists()  # an interrupted run has no final adapter yet
+    assert not (out / "adapter_model.safetensors").exists()  # an interrupted run has no final adapter yet
     done = run_cli(binary, "train", "--config", cfg, "--set", f"training.max_steps={stopped_at + 3}", "--resume", out,
                    env=os.environ)
     assert done.returncode == 0, done.stderr
-    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
     assert [r["step"] for r in metrics(out) if "loss" in r][-1] == stopped_at + 3
 
 
@@ -213,8 +259,8 @@ def test_two_ranks_under_torchrun_equal_one_process_on_the_combined_batch(traina
     # One process, accumulating the two ranks' micro-batches: the same window per step.
     single_out = tmp_path / "single"
     loratch.train(config(single_out, 2))
-    ddp = load_file(ddp_out / "adapter" / "adapter_model.safetensors")
-    single = load_file(single_out / "adapter" / "adapter_model.safetensors")
+    ddp = load_file(ddp_out / "adapter_model.safetensors")
+    single = load_file(single_out / "adapter_model.safetensors")
     assert ddp.keys() == single.keys()
     for k in ddp:
         torch.testing.assert_close(ddp[k], single[k], atol=1e-5, rtol=1e-4, msg=k)

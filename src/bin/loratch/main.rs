@@ -320,9 +320,15 @@ fn run_train(config: PathBuf, set: Vec<String>, resume: Option<PathBuf>) -> lora
     if let Some(c) = show(&out.last_checkpoint) {
         println!("checkpoint: {c}");
     }
+    if let Some(c) = show(&out.best_checkpoint) {
+        println!("best checkpoint: {c}");
+    }
     println!("metrics: {}", out.metrics_file.display());
     if let Some(p) = show(&out.plot_file) {
         println!("plot: {p}");
+    }
+    if let Some(t) = show(&out.tensorboard_dir) {
+        println!("tensorboard: tensorboard --logdir {t}");
     }
     Ok(!out.interrupted)
 }

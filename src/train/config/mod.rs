@@ -169,6 +169,17 @@ pub struct TrainingSection {
     /// runs again there (about one more forward of compute for most of the activations' memory;
     /// losses and gradients unchanged).
     pub gradient_checkpointing: bool,
+
+    // Outputs where tools look (checked by `TrainConfig::validate_outputs`).
+    /// Keep at most this many checkpoints, deleting the oldest (never the best one, nor the one
+    /// the run resumed from); none = keep all (Hugging Face's `save_total_limit`).
+    pub save_total_limit: Option<u64>,
+    /// Make the final adapter the best checkpoint's (lowest validation loss) instead of the last
+    /// step's (Hugging Face's `load_best_model_at_end`).
+    pub load_best_at_end: bool,
+    /// Where metrics go besides `metrics.jsonl`: `["tensorboard"]` writes event files into
+    /// `output_dir/runs/`; `[]` or `["none"]` nothing more.
+    pub report_to: Vec<String>,
 }
 
 impl Default for TrainingSection {
@@ -196,6 +207,9 @@ impl Default for TrainingSection {
             max_nonfinite_steps: 3,
             overwrite_output_dir: false,
             gradient_checkpointing: false,
+            save_total_limit: None,
+            load_best_at_end: false,
+            report_to: Vec::new(),
         }
     }
 }
@@ -388,6 +402,28 @@ impl TrainConfig {
         crate::device::parse_device(&t.device)?;
         crate::device::parse_dtype(&t.dtype)?;
         crate::model::Quantize::parse(self.quantize.as_deref())?;
+        Ok(())
+    }
+}
+
+impl TrainConfig {
+    /// Checks the output keys (`save_total_limit`, `load_best_at_end`, `report_to`).
+    pub fn validate_outputs(&self) -> Result<()> {
+        let t = &self.training;
+        if t.save_total_limit == Some(0) {
+            return Err(Error::Config(
+                "training.save_total_limit must be >= 1 (leave it out to keep every checkpoint)"
+                    .into(),
+            ));
+        }
+        if t.load_best_at_end && self.validation_data.is_none() && self.validation_split == 0.0 {
+            return Err(Error::Config(
+                "training.load_best_at_end needs a validation loss: set validation_data or \
+                 validation_split > 0"
+                    .into(),
+            ));
+        }
+        crate::train::tensorboard::wants_tensorboard(&t.report_to)?;
         Ok(())
     }
 }

@@ -1,5 +1,5 @@
 //! The steps of a run's setup, each on its own: check the data files, prepare the output
-//! directory (lock, clean up, refuse or delete an earlier run's checkpoints), load the data,
+//! directory (lock, clean up, refuse or delete an earlier run's checkpoints and adapter), load the data,
 //! plan the steps and the schedule (so every config error comes before the model loads), load
 //! the model and add the adapters, build the optimizer, resume from a checkpoint.
 use std::fs;
@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tch::Kind;
 
 use super::train_loop::Tally;
-use super::{seed_i64, Hooks, Run, ADAPTER_DIR, METRICS_FILE};
+use super::{seed_i64, Hooks, Run, ADAPTER_FILES, LEGACY_ADAPTER_DIR, METRICS_FILE};
 use crate::advice::Caller;
 use crate::data::loader::mix;
 use crate::data::{self, DataLoader, LoaderConfig, Position};
@@ -27,6 +27,7 @@ use crate::train::lock::OutputDirLock;
 use crate::train::metrics::Metrics;
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::schedule::{Schedule, ScheduleConfig, ScheduleKind};
+use crate::train::tensorboard::{self, RUNS_DIR};
 
 /// The training and validation batches of a run.
 struct Data {
@@ -60,7 +61,7 @@ fn prepare_output_dir(
         let lock = OutputDirLock::acquire(out)?;
         // Leftovers of a killed run: unfinished saves and temporary files.
         checkpoint::recover(out)?;
-        crate::io::atomic::remove_temp_files(&out.join(ADAPTER_DIR))?;
+        crate::io::atomic::remove_temp_files(&out.join(LEGACY_ADAPTER_DIR))?;
         Some(lock)
     } else {
         None
@@ -72,9 +73,15 @@ fn prepare_output_dir(
         } else if rank == 0 {
             checkpoint::prepare_fresh(out, true, caller)?;
             // The earlier run's final adapter would pass for this run's if this one stops.
-            let adapter = out.join(ADAPTER_DIR);
-            if adapter.is_dir() {
-                fs::remove_dir_all(&adapter).map_err(|e| Error::io(&adapter, e))?;
+            let legacy = out.join(LEGACY_ADAPTER_DIR);
+            if legacy.is_dir() {
+                fs::remove_dir_all(&legacy).map_err(|e| Error::io(&legacy, e))?;
+            }
+            for name in ADAPTER_FILES {
+                let file = out.join(name);
+                if file.is_file() {
+                    fs::remove_file(&file).map_err(|e| Error::io(&file, e))?;
+                }
             }
         }
     }
@@ -348,6 +355,8 @@ impl<'a> Run<'a> {
             nonfinite_in_a_row: 0,
             tokens_seen: 0,
             world_size: world,
+            best_checkpoint: None,
+            best_metric: None,
         };
         let metrics_path = config.output_dir.join(METRICS_FILE);
         let mut run = Self {
@@ -358,6 +367,7 @@ impl<'a> Run<'a> {
             loader: data.loader,
             validation: data.validation,
             state,
+            resumed_from: resume.clone(),
             rank,
             world,
             caller,
@@ -371,7 +381,14 @@ impl<'a> Run<'a> {
         }
         if rank == 0 {
             fs::create_dir_all(&config.output_dir).map_err(|e| Error::io(&config.output_dir, e))?;
-            run.metrics = Metrics::open(&metrics_path, run.state.global_step, resume.is_some())?;
+            let runs = tensorboard::wants_tensorboard(&t.report_to)?
+                .then(|| config.output_dir.join(RUNS_DIR));
+            run.metrics = Metrics::open(
+                &metrics_path,
+                run.state.global_step,
+                resume.is_some(),
+                runs.as_deref(),
+            )?;
         }
         run.progress = progress_bar(rank, total_steps, run.state.global_step)?;
         Ok(run)

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use tch::Tensor;
 
-use super::{seed_i64, Hooks, Outcome, Run, ADAPTER_DIR, PLOT_FILE};
+use super::{seed_i64, Hooks, Outcome, Run, PLOT_FILE};
 use crate::data::loader::mix;
 use crate::data::Batch;
 use crate::error::{Error, Result};
@@ -14,19 +14,22 @@ use crate::runtime;
 use crate::train::checkpoint;
 use crate::train::metrics::{Record, TrainRecord};
 use crate::train::plot::write_loss_plot;
+use crate::train::tensorboard::{self, RUNS_DIR};
 
 /// What the loop carries from step to step (not saved in checkpoints).
 pub(super) struct Tally {
-    /// Loss sum and target tokens of the updates since the last log line...
+    /// Loss sum, target tokens and targets predicted right (argmax) of the updates since the
+    /// last log line...
     loss: (f64, f64),
+    correct: f64,
     /// ...their input tokens, and when that logging window began.
     tokens: u64,
     since: Instant,
     /// Seconds spent in training steps (batches, forward, backward, update) by this run.
     train_time: f64,
     last_train_loss: Option<f64>,
-    /// The last validation loss during the loop, with its step.
-    last_eval: Option<(u64, f64)>,
+    /// The last validation loss and token accuracy, with its step.
+    last_eval: Option<(u64, f64, f64)>,
     last_checkpoint: Option<PathBuf>,
     last_saved_step: Option<u64>,
 }
@@ -35,6 +38,7 @@ impl Tally {
     pub(super) fn new() -> Self {
         Self {
             loss: (0.0, 0.0),
+            correct: 0.0,
             tokens: 0,
             since: Instant::now(),
             train_time: 0.0,
@@ -47,6 +51,7 @@ impl Tally {
 
     fn restart_window(&mut self) {
         self.loss = (0.0, 0.0);
+        self.correct = 0.0;
         self.tokens = 0;
         self.since = Instant::now();
     }
@@ -136,7 +141,7 @@ impl Run<'_> {
         let start = Instant::now();
         let window = self.next_window()?;
         let n_targets: i64 = window.iter().map(|b| b.n_target_tokens).sum();
-        let [loss_sum, n_tokens] = self.forward_backward(&window, n_targets, hooks)?;
+        let [loss_sum, n_tokens, n_correct] = self.forward_backward(&window, n_targets, hooks)?;
         let loss = if n_targets > 0 {
             loss_sum / n_targets as f64
         } else {
@@ -158,6 +163,7 @@ impl Run<'_> {
             self.state.nonfinite_in_a_row = 0;
             self.tally.loss.0 += loss_sum;
             self.tally.loss.1 += n_targets as f64;
+            self.tally.correct += n_correct;
             StepOutcome::Updated { lr, grad_norm }
         } else {
             self.state.nonfinite_in_a_row += 1;
@@ -187,27 +193,28 @@ impl Run<'_> {
     /// This process's share of `window` (micro-batch `i` when `i % world == rank`), forward and
     /// backward, each gradient scaled by `1 / n_targets` (the target tokens of the whole
     /// window); then the loss and token sums and the gradients are summed over processes.
-    /// Returns `[summed loss, input tokens]`.
+    /// Returns `[summed loss, input tokens, targets predicted right]`.
     fn forward_backward(
         &mut self,
         window: &[Batch],
         n_targets: i64,
         hooks: &mut dyn Hooks,
-    ) -> Result<[f64; 2]> {
+    ) -> Result<[f64; 3]> {
         let step = self.state.global_step;
         tch::manual_seed(seed_i64(mix(
             mix(self.state.seed ^ step.rotate_left(17)) ^ self.rank as u64
         )));
-        let mut sums = [0.0f64, 0.0];
+        let mut sums = [0.0f64, 0.0, 0.0];
         if n_targets > 0 {
             let scale = 1.0 / n_targets as f64;
             for (i, batch) in window.iter().enumerate() {
                 if i % self.world != self.rank {
                     continue;
                 }
-                let (s, _) = self.batch_loss(batch, Some(scale))?;
+                let (s, _, correct) = self.batch_loss(batch, Some(scale))?;
                 sums[0] += s;
                 sums[1] += batch.n_tokens as f64;
+                sums[2] += correct as f64;
             }
         }
         hooks.all_reduce_sum(&mut sums)?;
@@ -238,9 +245,7 @@ impl Run<'_> {
             self.log(outcome)?;
         }
         if t.eval_steps > 0 && gs % t.eval_steps == 0 && gs < total {
-            if let Some(l) = self.evaluate_and_log(hooks)? {
-                self.tally.last_eval = Some((gs, l));
-            }
+            self.evaluate_and_log(hooks)?;
         }
         // No checkpoint in a non-finite streak: the last good one is what a user needs.
         if t.save_steps > 0
@@ -248,10 +253,19 @@ impl Run<'_> {
             && gs < total
             && self.state.nonfinite_in_a_row == 0
         {
-            self.tally.last_checkpoint = Some(self.save_checkpoint()?);
+            let eval_loss = self.eval_loss_at(gs);
+            self.tally.last_checkpoint = Some(self.save_checkpoint(eval_loss)?);
             self.tally.last_saved_step = Some(gs);
         }
         Ok(())
+    }
+
+    /// The validation loss evaluated at step `gs`, if one was.
+    fn eval_loss_at(&self, gs: u64) -> Option<f64> {
+        self.tally
+            .last_eval
+            .filter(|e| e.0 == gs)
+            .map(|(_, loss, _)| loss)
     }
 
     /// Warns about and logs the skipped update of the step just taken; too many in a row are an
@@ -287,12 +301,12 @@ impl Run<'_> {
         let tokens_per_s = self.tally.tokens as f64 / elapsed;
         let (loss_sum, n_targets) = self.tally.loss;
         let mean = (n_targets > 0.0).then(|| loss_sum / n_targets);
-        let pos = self.loader.position();
         let record = TrainRecord {
             step: gs,
-            epoch: pos.epoch as f64 + pos.batch as f64 / self.loader.num_batches().max(1) as f64,
+            epoch: self.fractional_epoch(),
             loss: mean,
-            lr,
+            mean_token_accuracy: (n_targets > 0.0).then(|| self.tally.correct / n_targets),
+            learning_rate: lr,
             grad_norm,
             tokens_per_s,
             rss_bytes: runtime::rss_bytes(),
@@ -315,16 +329,19 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Evaluates and logs the validation loss at the current step (None without validation
-    /// data).
+    /// Evaluates and logs the validation loss and token accuracy at the current step (None
+    /// without validation data).
     fn evaluate_and_log(&mut self, hooks: &mut dyn Hooks) -> Result<Option<f64>> {
-        let loss = self.evaluate(hooks)?;
-        if let Some(l) = loss {
+        let eval = self.evaluate(hooks)?;
+        if let Some((l, a)) = eval {
             let gs = self.state.global_step;
-            self.say(&format!("step {gs}: eval_loss {l:.4}"));
-            self.metrics.record(Record::eval(gs, l))?;
+            self.say(&format!(
+                "step {gs}: eval_loss {l:.4}, eval_mean_token_accuracy {a:.4}"
+            ));
+            self.metrics.record(Record::eval(gs, l, Some(a)))?;
+            self.tally.last_eval = Some((gs, l, a));
         }
-        Ok(loss)
+        Ok(eval.map(|e| e.0))
     }
 
     /// The end of the run, completed or `interrupted`: the final evaluation, a checkpoint of
@@ -340,33 +357,52 @@ impl Run<'_> {
         let mut final_eval = None;
         if !interrupted {
             final_eval = match self.tally.last_eval {
-                Some((s, l)) if s == gs => Some(l),
+                Some((s, l, a)) if s == gs => Some((l, a)),
                 _ => self.evaluate(hooks)?,
             };
-            if let Some(l) = final_eval {
-                self.say(&format!("step {gs}: eval_loss {l:.4}"));
+            if let Some((l, a)) = final_eval {
+                self.say(&format!(
+                    "step {gs}: eval_loss {l:.4}, eval_mean_token_accuracy {a:.4}"
+                ));
                 // A run killed after its final checkpoint has logged this evaluation already.
                 if !(resumed && self.metrics.has_eval_at(gs)) {
-                    self.metrics.record(Record::eval(gs, l))?;
+                    self.metrics.record(Record::eval(gs, l, Some(a)))?;
                 }
+                self.tally.last_eval = Some((gs, l, a));
             }
         }
         if self.tally.last_saved_step != Some(gs) {
-            self.tally.last_checkpoint = Some(self.save_checkpoint()?);
+            let eval_loss = self.eval_loss_at(gs);
+            self.tally.last_checkpoint = Some(self.save_checkpoint(eval_loss)?);
         }
+        let config = self.config;
+        let out = &config.output_dir;
+        let best_checkpoint = self.state.best_checkpoint.as_ref().map(|b| out.join(b));
         let mut adapter_dir = None;
         let mut plot_file = None;
         if self.rank == 0 && !interrupted {
-            let dir = self.config.output_dir.join(ADAPTER_DIR);
-            peft::save(&self.model, &dir)?;
-            adapter_dir = Some(dir);
-            let plot = self.config.output_dir.join(PLOT_FILE);
+            if let (true, Some(best)) = (config.training.load_best_at_end, &best_checkpoint) {
+                // Hugging Face's load_best_model_at_end: the model ends as the best checkpoint.
+                peft::load(&mut self.model, best)?;
+                self.say(&format!(
+                    "load_best_at_end: the final adapter is {}'s (eval_loss {:.4})",
+                    best.display(),
+                    self.state.best_metric.unwrap_or(f64::NAN)
+                ));
+            }
+            // The root of output_dir, so PeftModel.from_pretrained(base, output_dir) loads it.
+            peft::save(&self.model, out)?;
+            adapter_dir = Some(out.clone());
+            let plot = out.join(PLOT_FILE);
             let curves = self.metrics.curves();
             write_loss_plot(&plot, &curves.train, &curves.validation)?;
             plot_file = Some(plot);
         }
         self.progress.finish_and_clear();
         let last_checkpoint = self.tally.last_checkpoint.clone();
+        let tensorboard_dir = (self.rank == 0
+            && tensorboard::wants_tensorboard(&config.training.report_to)?)
+        .then(|| out.join(RUNS_DIR));
         if let (true, Some(c)) = (interrupted, &last_checkpoint) {
             self.say(&format!(
                 "interrupted at step {gs}: checkpoint saved to {}; resume with {}",
@@ -379,10 +415,12 @@ impl Run<'_> {
             total_steps: self.state.total_steps,
             interrupted,
             initial_eval_loss: initial_eval,
-            final_eval_loss: final_eval,
+            final_eval_loss: final_eval.map(|e| e.0),
             last_train_loss: self.tally.last_train_loss,
             adapter_dir,
             last_checkpoint,
+            best_checkpoint,
+            tensorboard_dir,
             metrics_file: self.metrics.path().to_path_buf(),
             plot_file,
             adapter_fingerprint: self.fingerprint()?,
