@@ -5,5 +5,6 @@ pub mod generate;
 pub mod loaded;
 pub mod peft;
 pub mod registry;
+pub mod verify;
 
 pub use loaded::{LoadConfig, LoadOptions, LoadedModel};

@@ -36,6 +36,7 @@ handles!(
     NonFiniteError,
     TorchError,
     TokenizerError,
+    MergeCheckError,
 );
 
 impl From<Error> for PyErr {
@@ -54,6 +55,7 @@ impl From<Error> for PyErr {
             Error::NonFinite(_) => NonFiniteError::new_err(msg),
             Error::Torch(_) => TorchError::new_err(msg),
             Error::Tokenizer(_) => TokenizerError::new_err(msg),
+            Error::MergeCheck(_) => MergeCheckError::new_err(msg),
             Error::Io { source, .. } => match source.kind() {
                 std::io::ErrorKind::NotFound => PyFileNotFoundError::new_err(msg),
                 std::io::ErrorKind::PermissionDenied => PyPermissionError::new_err(msg),

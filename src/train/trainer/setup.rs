@@ -30,6 +30,8 @@ struct Data {
     loader: DataLoader,
     validation: Option<DataLoader>,
     pad_id: i64,
+    /// The data inspector's warnings on the training data (printed by rank 0).
+    warnings: Vec<data::inspect::DataWarning>,
 }
 
 /// `(rank, world_size)` of this process, checked.
@@ -82,12 +84,13 @@ fn load_data(config: &TrainConfig) -> Result<Data> {
     let t = &config.training;
     let tokenizer = Tokenizer::for_model(&config.model)?;
     let pad_id = data::pad_id(&tokenizer)?;
-    let train_set = data::load_examples(
+    let checked = data::inspect::load_checked(
         &config.data,
         &tokenizer,
         t.max_seq_length,
         t.train_on_inputs,
     )?;
+    let (train_set, warnings) = (checked.examples, checked.warnings);
     let (train_examples, val_examples) = match &config.validation_data {
         Some(path) => (
             train_set.examples,
@@ -131,6 +134,7 @@ fn load_data(config: &TrainConfig) -> Result<Data> {
         loader,
         validation,
         pad_id,
+        warnings,
     })
 }
 
@@ -249,7 +253,19 @@ impl<'a> Run<'a> {
         let lock = prepare_output_dir(config, rank, resume.is_some())?;
         let resume = resume.map(checkpoint::resolve).transpose()?;
         let mut data = load_data(config)?;
+        if rank == 0 {
+            // Before the (slow) model load: `loratch data` shows the same.
+            for w in &data.warnings {
+                eprintln!("warning: {w}");
+            }
+        }
         let model = load_model(config, &options, &data)?;
+        if let (0, Some((summary, warning))) = (rank, model.lora_coverage()) {
+            eprintln!("{summary}");
+            if let Some(w) = warning {
+                eprintln!("warning: {w}");
+            }
+        }
         let total_steps = plan_steps(config, &mut data.loader, world)?;
         let (optimizer, schedule) = optimizer_and_schedule(config, &model, total_steps)?;
         let state = TrainerState {
