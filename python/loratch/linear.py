@@ -21,7 +21,7 @@ class _LoraForward(torch.autograd.Function):
     that graph outlives a backward."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, layer: LoraLinear, retain: bool
     ) -> torch.Tensor:
         with torch.enable_grad():
@@ -33,7 +33,7 @@ class _LoraForward(torch.autograd.Function):
         return y.detach()
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         if ctx.graph is None:
             raise StateError(
                 "torch_lora_forward_with_gradients: the graph of this output was freed by an "
@@ -70,7 +70,7 @@ def torch_lora_forward_with_gradients(
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     with torch.enable_grad():
-        y: torch.Tensor = _LoraForward.apply(x, layer.lora_A, layer.lora_B, layer, retain_graph)
+        y: torch.Tensor = _LoraForward.apply(x, layer.lora_A, layer.lora_B, layer, retain_graph)  # type: ignore[no-untyped-call]
     if retain_graph and y.requires_grad:
         y.retain_grad()
     return y
