@@ -56,10 +56,7 @@ fn unit_roundoff(kind: Kind) -> f64 {
 
 /// The mismatch bound of the module docs.
 pub fn mismatch_bound(kind: Kind, n_layers: i64, max_dot: i64, logit_scale: f64) -> f64 {
-    8.0 * (n_layers as f64 + 1.0)
-        * (max_dot as f64).sqrt()
-        * unit_roundoff(kind)
-        * logit_scale.max(1.0)
+    (n_layers as f64 + 1.0) * (max_dot as f64).sqrt() * unit_roundoff(kind) * logit_scale.max(1.0)
 }
 
 /// The logits of every prompt, concatenated over positions, in float32.
@@ -233,7 +230,7 @@ mod tests {
     #[test]
     fn bound_scales_with_rounding() {
         let f32b = mismatch_bound(Kind::Float, 30, 1536, 30.0);
-        assert!((f32b - 8.0 * 31.0 * 1536f64.sqrt() * 2f64.powi(-24) * 30.0).abs() < 1e-15);
+        assert!((f32b - 31.0 * 1536f64.sqrt() * 2f64.powi(-24) * 30.0).abs() < 1e-15);
         assert!(mismatch_bound(Kind::BFloat16, 30, 1536, 30.0) / f32b == 65536.0);
     }
 }
