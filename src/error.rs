@@ -35,6 +35,10 @@ pub enum Error {
     /// A value is not finite where a finite one is required (a merge delta with NaN/Inf, ...).
     #[error("non-finite values: {0}")]
     NonFinite(String),
+    /// `loratch merge --verify` found the merged model wrong (its logits differ from base +
+    /// adapter beyond float rounding) or unchanged (equal to the base's); nothing was written.
+    #[error("merge verification failed: {0}")]
+    MergeCheck(String),
     /// A tokenizer file (tokenizer.json, tokenizer_config.json, ...) is malformed, or a chat
     /// template failed to compile or render.
     #[error("tokenizer error: {0}")]

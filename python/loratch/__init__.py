@@ -49,7 +49,6 @@ from loratch._loratch import (
     torch_hf_unload,
     torch_lora_apply_to_linear,
     torch_lora_forward,
-    torch_lora_forward_with_gradients,
     torch_lora_linear,
     torch_lora_load_adapters,
     torch_lora_merge_weights,
@@ -57,8 +56,10 @@ from loratch._loratch import (
     torch_lora_trainable_params,
     torch_lora_unmerge_weights,
 )
+from loratch.linear import torch_lora_forward_with_gradients
 from loratch.memory import tensor_in_memory
 from loratch.trainer import TrainResult, train
+from loratch.data import DataReport, DataSample, DataWarning, inspect_data
 from loratch.errors import (
     AdapterFormatError,
     CheckpointError,
@@ -67,6 +68,8 @@ from loratch.errors import (
     DTypeError,
     InputError,
     LoraError,
+    LoraWarning,
+    MergeCheckError,
     ModelNotFoundError,
     NonFiniteError,
     ShapeError,
@@ -79,6 +82,10 @@ __all__ = [
     "TORCH_VERSION",
     "TrainResult",
     "train",
+    "DataReport",
+    "DataSample",
+    "DataWarning",
+    "inspect_data",
     "AdapterFormatError",
     "CheckpointError",
     "InputError",
@@ -87,7 +94,9 @@ __all__ = [
     "DTypeError",
     "DeviceError",
     "LoraError",
+    "LoraWarning",
     "LoraLinear",
+    "MergeCheckError",
     "Optimizer",
     "Scheduler",
     "Tokenizer",

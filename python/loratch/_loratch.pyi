@@ -38,6 +38,7 @@ __all__ = [
     "torch_hf_memory_usage",
     "torch_hf_save_merged",
     "_train",
+    "_inspect_data",
     "torch_hf_set_training",
     "torch_hf_tokenizer_load",
     "torch_hf_unload",
@@ -161,11 +162,21 @@ def torch_lora_merge_weights(layer: LoraLinear) -> None:
 def torch_lora_unmerge_weights(layer: LoraLinear) -> None:
     """``W -= scaling * B @ A``. Raises StateError if not merged."""
 
-def torch_lora_trainable_params(layer: LoraLinear) -> list[torch.Tensor]:
-    """The live ``[lora_A, lora_B]`` (``requires_grad=True``), for any optimizer."""
+def torch_lora_trainable_params(model: object) -> list[torch.Tensor]:
+    """The live ``[lora_A, lora_B]`` (``requires_grad=True``), for any optimizer: of a
+    ``LoraLinear``; of every ``LoraLinear`` held by a list, tuple, dict or object (a
+    ``torch.nn.Module`` with them as attributes), in order, each once; or, for a string, of the
+    loaded model of that name (as ``torch_hf_lora_get_parameters``).
+
+    Raises:
+        TypeError: ``model`` holds no ``LoraLinear``.
+        ModelNotFoundError: no model of that name is loaded.
+    """
 
 def torch_lora_save_adapters(layer: LoraLinear, path: str | os.PathLike[str]) -> None:
-    """Save A, B and metadata (rank, alpha, features, use_rslora) as safetensors, atomically."""
+    """Save A, B and metadata (rank, alpha, features, use_rslora) as safetensors, or, for a
+    ``.pt``/``.pth``/``.bin`` path (as ``torch_hf_lora_save``), as a ``torch.save`` file of the two
+    tensors with the metadata in an extra record (so a fresh layer loads it); atomically."""
 
 def torch_lora_load_adapters(layer: LoraLinear, path: str | os.PathLike[str]) -> None:
     """Load adapters saved by ``torch_lora_save_adapters`` into the layer, in place.
@@ -249,7 +260,9 @@ def torch_hf_lora_init(
     modules, replacing any existing ones. ``target_modules``: short names (``"q_proj"``, ...,
     ``"down_proj"``) or full paths, ``"all-linear"`` (every linear but the output head), or a
     regex string matching whole module paths (PEFT's rules). ``layers`` restricts to those
-    decoder layers.
+    decoder layers. Writes one line to ``sys.stderr`` saying what was adapted (``LoRA on 30
+    layers x [q_proj v_proj] (60 modules)``) and warns with ``loratch.LoraWarning`` when a target
+    matched only some of the layers that have such a module (not when ``layers`` chose them).
 
     Raises:
         ConfigError: unknown target name (the message lists the valid ones), rank/alpha <= 0.
@@ -284,8 +297,11 @@ def torch_hf_gradient_checkpointing(model_name: str, enabled: bool) -> None:
     on CPU). Unknown names raise ``ModelNotFoundError``."""
 
 def torch_hf_memory_usage(model_name: str) -> int:
-    """Bytes held by the model: base weights (a tied head counted once) + adapters + adapter
-    gradients when allocated + the state of live loratch optimizers over its adapters."""
+    """Bytes held by the model: the sum of ``torch_hf_memory_report``'s parts, ``weights`` (the
+    base weights as held: quantized blocks as stored, a tied head counted once), ``adapters`` (A
+    and B), ``adapter_grads`` (their gradients when allocated) and ``optimizer_state`` (the AdamW
+    moments of live ``loratch.Optimizer`` objects over its adapters). Activations, KV caches and
+    torch's allocator caches are not counted."""
 
 def torch_hf_memory_report(model_name: str) -> dict[str, int]:
     """The parts of ``torch_hf_memory_usage``: ``weights``, ``adapters``, ``adapter_grads``,
@@ -295,7 +311,8 @@ def torch_hf_lora_save(model_name: str, path: str | os.PathLike[str]) -> None:
     """Save the adapters in PEFT's format (float32): a directory with ``adapter_config.json`` +
     ``adapter_model.safetensors`` for a path without extension, a single ``.safetensors`` file
     with the adapter config in its metadata, or for ``.pt``/``.pth``/``.bin`` a ``torch.save``
-    file of the tensors (PEFT's legacy ``adapter_model.bin``; no config). For ``.gguf``, a
+    file of the tensors (PEFT's legacy ``adapter_model.bin``) with the adapter config in an extra
+    record ``torch.load`` ignores, so it loads into a fresh model. For ``.gguf``, a
     llama.cpp LoRA adapter (``llama-cli -m base.gguf --lora adapter.gguf``): f32 tensors under
     llama.cpp's names, one ``adapter.lora.alpha`` giving every module loratch's scaling (rank or
     alpha patterns that no single alpha reproduces, or a LoRA on a tied output head, raise
@@ -305,8 +322,8 @@ def torch_hf_lora_load(model_name: str, path: str | os.PathLike[str]) -> None:
     """Load PEFT adapters (loratch's or PEFT's own: list, regex or "all-linear" targets,
     rank_pattern/alpha_pattern, use_rslora) from a directory (``adapter_model.safetensors`` or
     legacy ``adapter_model.bin``), a ``.safetensors`` file, or a ``.pt``/``.pth``/``.bin`` file
-    (read without executing any pickled code; having no config, it must fit the LoRA already
-    initialised). Initialises LoRA from the adapter's config when
+    (read without executing any pickled code; with the config record loratch writes, or else
+    fitting the LoRA already initialised). Initialises LoRA from the adapter's config when
     needed. Missing, unexpected or mis-shaped tensors, or a layout different from the
     initialised LoRA, raise AdapterFormatError and leave the model unchanged."""
 
@@ -433,7 +450,8 @@ def torch_set_grad_enabled(flag: bool) -> bool:
     """Turn autograd recording on or off for this thread; returns the previous setting."""
 
 def torch_mps_synchronize() -> bool:
-    """Wait for queued accelerator (CUDA) work; False on a CPU-only machine."""
+    """Wait for queued accelerator work: MPS where present (``torch.mps.synchronize``), else every
+    CUDA device. True if something was synchronised, False on a CPU-only machine."""
 
 def torch_hf_save_merged(model_name: str, path: str | os.PathLike[str]) -> None:
     """Write the model with its adapters merged (fp32 math; the loaded model is unchanged) as a
@@ -444,3 +462,12 @@ def _train(
     config_json: str, resume: str | os.PathLike[str] | None = None, dist: object | None = None
 ) -> dict[str, object]:
     """Run the Rust trainer on a JSON configuration (use ``loratch.train``)."""
+
+def _inspect_data(
+    *,
+    config_json: str | None = None,
+    config_path: str | os.PathLike[str] | None = None,
+    show: int = 3,
+) -> dict[str, object]:
+    """Run the data inspector on a JSON configuration or a config file (use
+    ``loratch.inspect_data``)."""

@@ -5,6 +5,7 @@ unreadable ones ``PermissionError``."""
 from __future__ import annotations
 
 __all__ = [
+    "LoraWarning",
     "LoraError",
     "ShapeError",
     "DTypeError",
@@ -18,7 +19,13 @@ __all__ = [
     "NonFiniteError",
     "TorchError",
     "TokenizerError",
+    "MergeCheckError",
 ]
+
+
+class LoraWarning(UserWarning):
+    """A likely mistake that does not stop loratch, e.g. ``target_modules`` that matched only
+    some layers (``torch_hf_lora_init``). Filter it, or make it an error, with ``warnings``."""
 
 
 class LoraError(Exception):
@@ -74,3 +81,8 @@ class ModelNotFoundError(LoraError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class MergeCheckError(LoraError, ValueError):
+    """A merge verification failed: the merged model's logits differ from base + adapter beyond
+    float rounding, or equal the base's (the merge changes nothing). Nothing was written."""

@@ -240,6 +240,11 @@ impl DataLoader {
         order
     }
 
+    /// The batches of `epoch`, each a list of rows of indices into [`DataLoader::examples`].
+    pub fn epoch_batches(&self, epoch: u64) -> Result<Vec<Vec<Vec<usize>>>> {
+        self.plan_epoch(epoch)
+    }
+
     /// The batches of `epoch`, each a list of rows of example indices.
     fn plan_epoch(&self, epoch: u64) -> Result<Vec<Vec<Vec<usize>>>> {
         let order = self.epoch_order(epoch);

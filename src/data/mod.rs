@@ -2,6 +2,7 @@
 //! masks ([`tokenize`]), split, shuffled and collated into padded or packed batches ([`batch`],
 //! [`loader`]).
 pub mod batch;
+pub mod inspect;
 pub mod loader;
 pub mod records;
 pub mod tokenize;
@@ -27,7 +28,8 @@ pub struct Examples {
     pub n_skipped: usize,
 }
 
-/// Tokenizes `records`; `source` names them in errors.
+/// Tokenizes `records`; `source` names them in errors. (The data inspector's
+/// [`inspect::tokenize_checked`] with its counts and warnings dropped.)
 pub fn tokenize_records(
     records: &[Record],
     tokenizer: &Tokenizer,
@@ -35,23 +37,10 @@ pub fn tokenize_records(
     train_on_inputs: bool,
     source: &str,
 ) -> Result<Examples> {
-    let mut examples = Vec::with_capacity(records.len());
-    let mut n_skipped = 0;
-    for (i, record) in records.iter().enumerate() {
-        match tokenize(record, tokenizer, max_seq_length, train_on_inputs) {
-            Ok(Some(e)) => examples.push(e),
-            Ok(None) => n_skipped += 1,
-            Err(Error::Input(m)) => {
-                return Err(Error::Input(format!("{source}: record {}: {m}", i + 1)))
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(Examples {
-        examples,
-        n_records: records.len(),
-        n_skipped,
-    })
+    Ok(
+        inspect::tokenize_checked(records, tokenizer, max_seq_length, train_on_inputs, source)?
+            .examples,
+    )
 }
 
 /// Reads and tokenizes a JSON-array or JSONL file.
@@ -61,15 +50,7 @@ pub fn load_examples(
     max_seq_length: usize,
     train_on_inputs: bool,
 ) -> Result<Examples> {
-    let path = path.as_ref();
-    let records = read_records(path)?;
-    tokenize_records(
-        &records,
-        tokenizer,
-        max_seq_length,
-        train_on_inputs,
-        &path.display().to_string(),
-    )
+    Ok(inspect::load_checked(path.as_ref(), tokenizer, max_seq_length, train_on_inputs)?.examples)
 }
 
 /// The padding id: the tokenizer's pad token, else its EOS token.

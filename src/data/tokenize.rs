@@ -74,12 +74,31 @@ pub fn tokenize(
     max_seq_length: usize,
     train_on_inputs: bool,
 ) -> Result<Option<Example>> {
+    check_max_seq_length(max_seq_length)?;
+    Ok(truncate(
+        encode_record(record, tokenizer, train_on_inputs)?,
+        max_seq_length,
+    ))
+}
+
+/// `max_seq_length` leaves room for a target (position 0 never is one).
+pub(crate) fn check_max_seq_length(max_seq_length: usize) -> Result<()> {
     if max_seq_length < 2 {
         return Err(Error::Config(format!(
             "max_seq_length must be at least 2, got {max_seq_length}"
         )));
     }
-    let (input_ids, mut labels) = match record {
+    Ok(())
+}
+
+/// One record's ids and labels before truncation (the first label not yet masked): the part of
+/// [`tokenize`] the data inspector also needs whole, to count truncations.
+pub(crate) fn encode_record(
+    record: &Record,
+    tokenizer: &Tokenizer,
+    train_on_inputs: bool,
+) -> Result<Example> {
+    let (input_ids, labels) = match record {
         Record::Text(text) => {
             let mut input_ids = ids(tokenizer.encode(text, true)?);
             input_ids.push(eos(tokenizer)?);
@@ -105,20 +124,29 @@ pub fn tokenize(
             }
         }
     };
-    let mut input_ids = input_ids;
-    input_ids.truncate(max_seq_length);
-    labels.truncate(max_seq_length);
-    if let Some(first) = labels.first_mut() {
+    Ok(Example { input_ids, labels })
+}
+
+/// Cuts `example` to `max_seq_length` tokens on the right and masks position 0; `None` when no
+/// target is left.
+pub(crate) fn truncate(mut example: Example, max_seq_length: usize) -> Option<Example> {
+    example.input_ids.truncate(max_seq_length);
+    example.labels.truncate(max_seq_length);
+    if let Some(first) = example.labels.first_mut() {
         *first = IGNORE_INDEX;
     }
-    if labels.iter().all(|&l| l == IGNORE_INDEX) {
-        return Ok(None);
+    if example.labels.iter().all(|&l| l == IGNORE_INDEX) {
+        return None;
     }
-    Ok(Some(Example { input_ids, labels }))
+    Some(example)
 }
 
 /// Renders `messages` with the chat template, or the plain `"role: content\n"` format.
-fn render(tokenizer: &Tokenizer, messages: &[Message], generation_prompt: bool) -> Result<String> {
+pub(crate) fn render(
+    tokenizer: &Tokenizer,
+    messages: &[Message],
+    generation_prompt: bool,
+) -> Result<String> {
     if tokenizer.chat_template().is_some() {
         return tokenizer.apply_chat_template(messages, generation_prompt);
     }

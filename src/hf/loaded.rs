@@ -2,6 +2,7 @@
 //! they are enabled or merged, training or evaluation mode; forward with input checks.
 use crate::device::{dtype_name, parse_device, parse_dtype};
 use crate::error::{Error, Result};
+use crate::lora::coverage::Coverage;
 use crate::lora::peft_keys::{self, Factor};
 use crate::lora::{Adapter, LoraSpec};
 use crate::model::{
@@ -236,6 +237,21 @@ impl LoadedModel {
         self.lora = Some(spec);
         self.enabled = true;
         Ok(())
+    }
+
+    /// The one-line summary of which modules have adapters (`LoRA on 30 layers x [q_proj ...]
+    /// (120 modules)`) and, unless the spec's `layers` restricted them on purpose, the warning
+    /// naming the layers a target missed. `None` without adapters.
+    pub fn lora_coverage(&self) -> Option<(String, Option<String>)> {
+        let spec = self.lora.as_ref()?;
+        let linears = self.lm.linears();
+        let coverage = Coverage::new(linears.iter().map(|(p, l)| (p.as_str(), l.lora.is_some())));
+        let warning = if spec.layers.is_none() {
+            coverage.warning()
+        } else {
+            None
+        };
+        Some((coverage.summary(), warning))
     }
 
     /// Removes every adapter (unmerging first).

@@ -7,5 +7,6 @@ pub mod hub_cache;
 pub mod loaded;
 pub mod peft;
 pub mod registry;
+pub mod verify;
 
 pub use loaded::{LoadConfig, LoadOptions, LoadedModel};

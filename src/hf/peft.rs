@@ -88,8 +88,16 @@ pub fn save(model: &LoadedModel, path: &Path) -> Result<()> {
             ]);
             write_atomic(path, &serialize(&tensors, &meta)?)
         }
-        // The legacy `torch.save` layout holds tensors only (no config), as PEFT's adapter_model.bin.
-        Layout::Torch => crate::io::torch_pickle::write_state_dict(path, &tensors),
+        // The tensors as PEFT's adapter_model.bin, plus the config in a record of its own that
+        // torch.load ignores, so the file alone loads into a fresh model.
+        Layout::Torch => crate::io::torch_pickle::write_state_dict_with(
+            path,
+            &tensors,
+            &[(
+                CONFIG_FILE,
+                json(serde_json::to_string_pretty(&config))?.into_bytes(),
+            )],
+        ),
         Layout::Gguf => crate::model::llamacpp::save_adapter(&model.lm, &model.path, path),
     }
 }
@@ -157,6 +165,17 @@ fn read(path: &Path) -> Result<AdapterFile> {
             })
         }
         Layout::Torch => {
+            // Written by loratch: the config inside the file.
+            if let Some(text) =
+                crate::io::torch_pickle::read_extra_record(path, CONFIG_FILE, 1 << 20)?
+            {
+                let text = String::from_utf8(text)
+                    .map_err(|_| Error::adapter(path, format!("{CONFIG_FILE} is not UTF-8")))?;
+                return Ok(AdapterFile {
+                    config: Some((parse(&text, path)?, path.to_path_buf())),
+                    tensors: read_torch(path)?,
+                });
+            }
             // adapter_model.bin inside a PEFT directory: the config sits beside it.
             let beside = path
                 .parent()

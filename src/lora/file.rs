@@ -1,5 +1,8 @@
 //! Adapter files of a single [`LoraLinear`]: a safetensors file with `lora_A.weight`,
-//! `lora_B.weight` and the adapter's shape and hyper-parameters in the header metadata.
+//! `lora_B.weight` and the adapter's shape and hyper-parameters in the header metadata; or, for
+//! a `.pt`/`.pth`/`.bin` path (as `torch_hf_lora_save`), a `torch.save` file with the same two
+//! tensors and the same metadata as JSON in an extra record ([`PT_METADATA`]), which
+//! `torch.load` ignores.
 use super::adapter::all_finite;
 use super::linear::LoraLinear;
 use super::peft_keys::Factor;
@@ -11,6 +14,13 @@ use std::path::Path;
 const KEY_A: &str = Factor::A.suffix();
 const KEY_B: &str = Factor::B.suffix();
 const FORMAT: &str = "loratch.lora_linear";
+/// The record of a `.pt` adapter that holds its metadata.
+pub const PT_METADATA: &str = "loratch_metadata.json";
+
+/// Whether `path` names a `torch.save` file (as [`crate::hf::peft::Layout::Torch`]).
+fn is_torch_file(path: &Path) -> bool {
+    crate::hf::peft::Layout::of(path) == crate::hf::peft::Layout::Torch
+}
 
 /// Writes the layer's A and B (in their dtype) and metadata (`rank, alpha, in_features,
 /// out_features, use_rslora, dropout`) to `path`, atomically.
@@ -27,14 +37,19 @@ pub fn save_linear_adapter(layer: &LoraLinear, path: &Path) -> Result<()> {
         ("out_features".to_string(), layer.out_features().to_string()),
     ]);
     let ad = layer.adapter();
-    save(
-        path,
-        &[
-            (KEY_A.into(), ad.a.shallow_clone()),
-            (KEY_B.into(), ad.b.shallow_clone()),
-        ],
-        &meta,
-    )
+    let tensors = [
+        (KEY_A.to_string(), ad.a.shallow_clone()),
+        (KEY_B.to_string(), ad.b.shallow_clone()),
+    ];
+    if is_torch_file(path) {
+        let json = serde_json::to_vec(&meta).map_err(|e| Error::Config(e.to_string()))?;
+        return crate::io::torch_pickle::write_state_dict_with(
+            path,
+            &tensors,
+            &[(PT_METADATA, json)],
+        );
+    }
+    save(path, &tensors, &meta)
 }
 
 /// Loads A and B from `path` into the layer, in place (the live tensors handed out before keep
@@ -47,6 +62,23 @@ pub fn load_linear_adapter(layer: &mut LoraLinear, path: &Path) -> Result<()> {
             "cannot load adapters into a merged layer; unmerge it first".into(),
         ));
     }
+    if is_torch_file(path) {
+        let Some(json) = crate::io::torch_pickle::read_extra_record(path, PT_METADATA, 1 << 20)?
+        else {
+            return Err(Error::adapter(
+                path,
+                format!(
+                    "no {PT_METADATA} record: a .pt LoRA-linear adapter must be written by \
+                     torch_lora_save_adapters (which stores the layer's config); other files \
+                     load from safetensors"
+                ),
+            ));
+        };
+        let meta: HashMap<String, String> = serde_json::from_slice(&json)
+            .map_err(|e| Error::adapter(path, format!("malformed {PT_METADATA}: {e}")))?;
+        let tensors = crate::io::torch_pickle::read_state_dict(path)?;
+        return load_checked(layer, path, &meta, tensors);
+    }
     load_linear_adapter_from(layer, &MappedSafetensors::open(path)?)
 }
 
@@ -58,18 +90,35 @@ pub fn load_linear_adapter_from(layer: &mut LoraLinear, file: &MappedSafetensors
             "cannot load adapters into a merged layer; unmerge it first".into(),
         ));
     }
-    let path = file.path();
-    check_metadata(&file.metadata()?, path, layer)?;
+    let tensors = file
+        .names()?
+        .into_iter()
+        .map(|n| Ok((n.clone(), file.tensor(&n)?)))
+        .collect::<Result<Vec<_>>>()?;
+    load_checked(layer, file.path(), &file.metadata()?, tensors)
+}
+
+/// Copies A and B of `tensors` (read from `path`, with `meta`) into the layer once every check
+/// has passed.
+fn load_checked(
+    layer: &mut LoraLinear,
+    path: &Path,
+    meta: &HashMap<String, String>,
+    tensors: Vec<(String, tch::Tensor)>,
+) -> Result<()> {
+    check_metadata(meta, path, layer)?;
     let bad = |msg: String| Error::adapter(path, msg);
-    let names = file.names()?;
+    let names: Vec<&str> = tensors.iter().map(|(n, _)| n.as_str()).collect();
     if names != [KEY_A, KEY_B] {
         return Err(bad(format!(
             "expected tensors [{KEY_A:?}, {KEY_B:?}], found {names:?}"
         )));
     }
+    let mut tensors = tensors.into_iter().map(|(_, t)| t);
+    let (Some(a), Some(b)) = (tensors.next(), tensors.next()) else {
+        return Err(bad("expected two tensors".into()));
+    };
     let ad = layer.adapter_mut();
-    let a = file.tensor(KEY_A)?;
-    let b = file.tensor(KEY_B)?;
     for (key, t, live) in [(KEY_A, &a, &ad.a), (KEY_B, &b, &ad.b)] {
         if t.size() != live.size() {
             return Err(bad(format!(
@@ -172,6 +221,34 @@ mod tests {
             live_b.equal(&src.adapter().b),
             "the live handle sees the loaded values"
         );
+    }
+
+    /// A `.pt` path writes a `torch.save` file that carries the config, so a fresh layer
+    /// loads it; one without the config record is refused.
+    #[test]
+    fn pt_roundtrip_carries_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ad.pt");
+        let src = layer(3, 6.0);
+        tch::no_grad(|| {
+            let _ = src.adapter().b.shallow_clone().normal_(0.0, 1.0);
+        });
+        save_linear_adapter(&src, &p).unwrap();
+        let read = crate::io::torch_pickle::read_state_dict(&p).unwrap();
+        assert_eq!(read.len(), 2);
+        let mut dst = layer(3, 6.0);
+        load_linear_adapter(&mut dst, &p).unwrap();
+        assert!(dst.adapter().b.equal(&src.adapter().b));
+        assert!(matches!(
+            load_linear_adapter(&mut layer(4, 6.0), &p),
+            Err(Error::AdapterFormat { msg, .. }) if msg.contains("rank is 3")
+        ));
+        let bare = dir.path().join("bare.pt");
+        crate::io::torch_pickle::write_state_dict(&bare, &read).unwrap();
+        assert!(matches!(
+            load_linear_adapter(&mut layer(3, 6.0), &bare),
+            Err(Error::AdapterFormat { msg, .. }) if msg.contains(PT_METADATA)
+        ));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! conventions of Hugging Face PEFT: `y = base(x) + scaling * B(A(dropout(x)))`.
 pub mod adapter;
 pub mod config;
+pub mod coverage;
 pub mod file;
 pub mod linear;
 pub mod peft_config;

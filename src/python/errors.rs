@@ -37,6 +37,7 @@ handles!(
     NonFiniteError,
     TorchError,
     TokenizerError,
+    MergeCheckError,
 );
 
 impl From<Error> for PyErr {
@@ -57,6 +58,7 @@ impl From<Error> for PyErr {
             Error::Tokenizer(_) => TokenizerError::new_err(msg),
             // A model that is not there, like a missing model directory.
             Error::HubCache { .. } => PyFileNotFoundError::new_err(msg),
+            Error::MergeCheck(_) => MergeCheckError::new_err(msg),
             Error::Io { source, .. } => match source.kind() {
                 std::io::ErrorKind::NotFound => PyFileNotFoundError::new_err(msg),
                 std::io::ErrorKind::PermissionDenied => PyPermissionError::new_err(msg),

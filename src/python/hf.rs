@@ -111,7 +111,21 @@ fn torch_hf_lora_init(
         ..LoraSpec::simple(rank, alpha, targets)
     };
     let entry = registry::get(model_name)?;
-    py.detach(move || lock(&entry).init_lora(spec, kind))?;
+    let coverage = py.detach(move || -> crate::Result<_> {
+        let mut model = lock(&entry);
+        model.init_lora(spec, kind)?;
+        Ok(model.lora_coverage())
+    })?;
+    if let Some((summary, warning)) = coverage {
+        // The summary on sys.stderr (as the trainer prints it); a partial match as a
+        // `loratch.LoraWarning`, which callers can filter or turn into an error.
+        let stderr = py.import("sys")?.getattr("stderr")?;
+        stderr.call_method1("write", (format!("{summary}\n"),))?;
+        if let Some(w) = warning {
+            let class = py.import("loratch.errors")?.getattr("LoraWarning")?;
+            PyErr::warn(py, &class, &std::ffi::CString::new(w)?, 1)?;
+        }
+    }
     Ok(true)
 }
 

@@ -5,6 +5,7 @@ use crate::lora::file::{load_linear_adapter, save_linear_adapter};
 use crate::lora::{LoraConfig, LoraLinear};
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList, PyTuple};
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
 
@@ -239,15 +240,74 @@ fn torch_lora_unmerge_weights(py: Python<'_>, layer: &PyLoraLinear) -> PyResult<
     Ok(py.detach(|| layer.lock().unmerge())?)
 }
 
-/// The live trainable tensors `[lora_A, lora_B]`.
+/// How deep [`collect_layers`] looks into containers and attributes (a `torch.nn.Module`'s
+/// children sit two levels down, in `__dict__["_modules"]`).
+const MAX_DEPTH: usize = 8;
+
+/// Appends the `LoraLinear` layers in `obj`: itself, or those in its list, tuple or dict items
+/// or its attributes (`__dict__`, so a `torch.nn.Module` holding them), each layer once.
+fn collect_layers<'py>(
+    obj: &Bound<'py, PyAny>,
+    depth: usize,
+    out: &mut Vec<Bound<'py, PyLoraLinear>>,
+) -> PyResult<()> {
+    if let Ok(layer) = obj.downcast::<PyLoraLinear>() {
+        if !out.iter().any(|l| l.is(layer)) {
+            out.push(layer.clone());
+        }
+        return Ok(());
+    }
+    if depth == 0 || obj.is_instance_of::<pyo3::types::PyString>() {
+        return Ok(());
+    }
+    let items: Vec<Bound<'py, PyAny>> = if let Ok(d) = obj.downcast::<PyDict>() {
+        d.values().iter().collect()
+    } else if let Ok(l) = obj.downcast::<PyList>() {
+        l.iter().collect()
+    } else if let Ok(t) = obj.downcast::<PyTuple>() {
+        t.iter().collect()
+    } else if let Ok(d) = obj.getattr("__dict__") {
+        match d.downcast::<PyDict>() {
+            Ok(d) => d.values().iter().collect(),
+            Err(_) => Vec::new(),
+        }
+    } else {
+        Vec::new()
+    };
+    for item in items {
+        collect_layers(&item, depth - 1, out)?;
+    }
+    Ok(())
+}
+
+/// The live trainable tensors `[lora_A, lora_B]` of a `LoraLinear`; of every LoRA layer held by
+/// `model` (a list, tuple or dict of layers, or an object such as a `torch.nn.Module` holding
+/// them as attributes), in order; or, for a string, of the loaded model of that name (as
+/// `torch_hf_lora_get_parameters`).
 #[pyfunction]
-fn torch_lora_trainable_params(layer: &PyLoraLinear) -> Vec<PyTensor> {
-    layer
-        .lock()
-        .trainable_params()
-        .into_iter()
+fn torch_lora_trainable_params(
+    py: Python<'_>,
+    model: &Bound<'_, PyAny>,
+) -> PyResult<Vec<PyTensor>> {
+    if let Ok(name) = model.extract::<String>() {
+        let entry = crate::hf::registry::get(&name)?;
+        let params = py.detach(|| crate::hf::registry::lock(&entry).parameters())?;
+        return Ok(params.into_iter().map(PyTensor).collect());
+    }
+    let mut layers = Vec::new();
+    collect_layers(model, MAX_DEPTH, &mut layers)?;
+    if layers.is_empty() {
+        let name = model.get_type().name()?;
+        return Err(PyTypeError::new_err(format!(
+            "expected a LoraLinear, a container or module holding LoraLinear layers, or a \
+             loaded model's name; got {name} without any LoraLinear"
+        )));
+    }
+    Ok(layers
+        .iter()
+        .flat_map(|l| l.borrow().lock().trainable_params())
         .map(PyTensor)
-        .collect()
+        .collect())
 }
 
 /// Saves A, B and the adapter's metadata to a safetensors file, atomically.

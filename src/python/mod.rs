@@ -3,6 +3,7 @@
 use pyo3::prelude::*;
 
 mod args;
+mod data;
 mod errors;
 mod handover;
 mod hf;
@@ -20,6 +21,7 @@ fn loratch_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("TORCH_VERSION", crate::ffi::torch_version())?;
     linear::register(m)?;
+    data::register(m)?;
     hf::register(m)?;
     tokenizer::register(m)?;
     train::register(m)?;

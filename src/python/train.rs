@@ -282,18 +282,24 @@ fn torch_set_grad_enabled(flag: bool) -> bool {
     unsafe { torch_sys::at_grad_set_enabled(i32::from(flag)) != 0 }
 }
 
-/// Waits for the active accelerator (every CUDA device) to finish queued work. Returns True if
-/// something was synchronised, False on a CPU-only machine. (MPS: not synchronised by loratch;
-/// use `torch.mps.synchronize()`.)
+/// Waits for the accelerator to finish queued work, as the guide's name says: MPS where present
+/// (through `torch.mps.synchronize`, the libtorch this process shares with torch), else every
+/// CUDA device. Returns True if something was synchronised, False on a CPU-only machine.
 #[pyfunction]
-fn torch_mps_synchronize(py: Python<'_>) -> bool {
+fn torch_mps_synchronize(py: Python<'_>) -> PyResult<bool> {
+    let torch = py.import("torch")?;
+    let mps = torch.getattr("backends")?.getattr("mps")?;
+    if mps.call_method0("is_available")?.extract::<bool>()? {
+        torch.getattr("mps")?.call_method0("synchronize")?;
+        return Ok(true);
+    }
     let n = tch::Cuda::device_count();
     py.detach(|| {
         for i in 0..n {
             tch::Cuda::synchronize(i);
         }
     });
-    n > 0
+    Ok(n > 0)
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

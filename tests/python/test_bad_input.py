@@ -415,7 +415,7 @@ CASES: list[tuple[str, str, str, str]] = [
     ("lora-load-pt-non-tensor-values", "a = adapter('pt'); torch.save({k: 1.5 for k in torch.load(a, weights_only=True)}, a); loratch.torch_hf_lora_load(fresh(lora=['q_proj', 'v_proj']), a)", "AdapterFormatError", "not a tensor"),
     ("lora-load-pt-int-values", "a = adapter('pt'); torch.save({k: 1 for k in torch.load(a, weights_only=True)}, a); loratch.torch_hf_lora_load(fresh(lora=['q_proj', 'v_proj']), a)", "AdapterFormatError", "is not a tensor"),
     ("lora-load-pt-other-model-shapes", "a = adapter('pt', src=QWEN3, targets=['q_proj']); loratch.torch_hf_lora_load(fresh(lora=['q_proj']), a)", "AdapterFormatError", "shape"),
-    ("lora-load-pt-missing-keys", "a = adapter('pt', targets=['q_proj']); loratch.torch_hf_lora_load(fresh(lora=['q_proj', 'v_proj']), a)", "AdapterFormatError", "v_proj"),
+    ("lora-load-pt-missing-keys", "a = adapter('pt', targets=['q_proj']); torch.save(torch.load(a, weights_only=True), a); loratch.torch_hf_lora_load(fresh(lora=['q_proj', 'v_proj']), a)", "AdapterFormatError", "v_proj"),
     ("lora-load-pt-nan", "a = adapter('pt'); t = torch.load(a, weights_only=True); [v.fill_(float('nan')) for v in t.values()]; torch.save(t, a); loratch.torch_hf_lora_load(fresh(lora=['q_proj', 'v_proj']), a)", "AdapterFormatError", "finite"),
     ("lora-load-pt-is-a-directory", "a = tmp / 'd.pt'; a.mkdir(); loratch.torch_hf_lora_load(fresh(lora=['q_proj']), a)", "OSError", "d.pt"),
     # --- torch_hf_generate ------------------------------------------------------------------------

@@ -396,11 +396,17 @@ def test_pt_format_roundtrip_and_torch_load(model_dir: Path, ids: torch.Tensor, 
         sd = torch.load(path, weights_only=True)
         named = loratch.torch_hf_lora_named_parameters("m")
         assert list(sd) == list(named) and all(torch.equal(sd[k], named[k]) for k in sd)
+    # The file carries its config: a fresh model loads it without torch_hf_lora_init.
+    load("dst", model_dir)
+    loratch.torch_hf_lora_load("dst", tmp_path / "adapter.pt")
+    assert torch.equal(logits("dst", ids), logits("m", ids))
+    # A bare state dict (torch.save of the tensors alone) fits only an initialised LoRA.
+    torch.save(torch.load(tmp_path / "adapter.pt", weights_only=True), tmp_path / "bare.pt")
     load("dst", model_dir)
     with pytest.raises(loratch.AdapterFormatError, match="no config"):
-        loratch.torch_hf_lora_load("dst", tmp_path / "adapter.pt")
+        loratch.torch_hf_lora_load("dst", tmp_path / "bare.pt")
     loratch.torch_hf_lora_init("dst", 2, 4.0, ["q_proj", "down_proj"])
-    loratch.torch_hf_lora_load("dst", tmp_path / "adapter.pt")
+    loratch.torch_hf_lora_load("dst", tmp_path / "bare.pt")
     assert torch.equal(logits("dst", ids), logits("m", ids))
 
 

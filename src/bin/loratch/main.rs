@@ -42,6 +42,20 @@ enum Command {
         #[arg(long)]
         resume: Option<PathBuf>,
     },
+    /// Show the training data as the trainer will see it: the first examples with the trained
+    /// text marked, counts (examples, tokens, targets, truncations, packed rows, padding) and
+    /// warnings (EOS never trained, no assistant part, no target after truncation, doubled BOS).
+    Data {
+        /// The training configuration (as for `train`).
+        #[arg(long)]
+        config: PathBuf,
+        /// Override a config value: `section.key=value` (TOML syntax), repeatable.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// How many examples to show.
+        #[arg(long, default_value_t = 3)]
+        show: usize,
+    },
     /// Show the libtorch version, the available devices, the thread count and the CPU GEMM setup.
     Info {
         /// Print JSON instead of text.
@@ -71,6 +85,14 @@ enum Command {
         /// For a .gguf output: the matrices' type, "f32", "f16", "bf16", "q8_0" or "q4_0".
         #[arg(long = "type", value_name = "TYPE")]
         gguf_type: Option<String>,
+        /// Before writing, check the merged weights' logits against base + adapter on a few
+        /// prompts: fail (writing nothing) on a mismatch beyond float rounding, or when the
+        /// merge changes nothing (README "Merging").
+        #[arg(long)]
+        verify: bool,
+        /// A prompt for --verify (repeatable; default: three built-in prompts).
+        #[arg(long = "verify-prompt", value_name = "TEXT", requires = "verify")]
+        verify_prompt: Vec<String>,
     },
     /// Write adapters as a llama.cpp LoRA adapter GGUF, to run with the base model's GGUF
     /// (`llama-cli -m base.gguf --lora adapter.gguf`).
@@ -216,12 +238,41 @@ fn is_gguf_path(p: &std::path::Path) -> bool {
         .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
 }
 
+/// The token ids of `--verify`'s prompts: with the model's tokenizer, or (a model without
+/// one) fixed ids spread over the vocabulary.
+fn verify_prompts(model: &LoadedModel, prompts: &[String]) -> loratch::Result<Vec<Vec<i64>>> {
+    let builtin = loratch::hf::verify::PROMPTS.map(String::from);
+    let prompts = if prompts.is_empty() {
+        &builtin[..]
+    } else {
+        prompts
+    };
+    let Ok(tokenizer) = Tokenizer::for_model(&model.path) else {
+        let vocab = model.lm.config.vocab_size;
+        let ids = |k: i64| (1..=16).map(|i| (i * 7919 * k) % vocab).collect();
+        return Ok((1..=prompts.len() as i64).map(ids).collect());
+    };
+    prompts
+        .iter()
+        .map(|p| {
+            Ok(tokenizer
+                .encode(p, true)?
+                .into_iter()
+                .map(i64::from)
+                .collect())
+        })
+        .collect()
+}
+
+#[allow(clippy::too_many_arguments)]
 fn merge(
     model_dir: PathBuf,
     adapter: PathBuf,
     out: PathBuf,
     dtype: String,
     gguf_type: Option<String>,
+    verify: bool,
+    verify_prompt: Vec<String>,
 ) -> loratch::Result<()> {
     // Every argument is checked before the (slow) load.
     let gguf = match (is_gguf_path(&out), gguf_type) {
@@ -249,6 +300,15 @@ fn merge(
     })?;
     let mut model = LoadedModel::load(&model_dir, &opts)?;
     loratch::hf::peft::load_for(&mut model, &adapter, Caller::Cli)?;
+    if verify {
+        let prompts = verify_prompts(&model, &verify_prompt)?;
+        let check = loratch::hf::verify::verify_merge(&mut model, &prompts)?;
+        eprintln!(
+            "verify: merged vs base + adapter: max |logit difference| {:.2e} (bound {:.2e}); \
+             the merge changes the logits by up to {:.2e}",
+            check.mismatch, check.bound, check.change
+        );
+    }
     match gguf {
         Some(ty) => loratch::model::llamacpp::save_merged(&model.lm, &model.path, &out, ty)?,
         None => loratch::hf::export::save_merged(&model, &out)?,
@@ -278,6 +338,18 @@ fn export(model_dir: PathBuf, adapter: PathBuf, out: PathBuf) -> loratch::Result
     loratch::hf::peft::load_for(&mut model, &adapter, Caller::Cli)?;
     loratch::model::llamacpp::save_adapter(&model.lm, &model.path, &out)?;
     println!("{}", out.display());
+    Ok(())
+}
+
+fn data(config: PathBuf, set: Vec<String>, show: usize) -> loratch::Result<()> {
+    use std::io::IsTerminal;
+    let parsed = loratch::train::TrainConfig::read(&config, &set)?;
+    for note in &parsed.notes {
+        eprintln!("note: {note}");
+    }
+    let cfg = parsed.config;
+    let report = loratch::data::inspect::inspect(&cfg, show)?;
+    print!("{}", report.text(std::io::stdout().is_terminal()));
     Ok(())
 }
 
@@ -360,6 +432,7 @@ fn main() -> ExitCode {
             Ok(false) => return ExitCode::from(INTERRUPTED),
             Err(e) => Err(e),
         },
+        Command::Data { config, set, show } => data(config, set, show),
         Command::Info { json, matmul_peak } => info(json, matmul_peak),
         Command::Merge {
             model,
@@ -367,7 +440,9 @@ fn main() -> ExitCode {
             out,
             dtype,
             gguf_type,
-        } => merge(model, adapter, out, dtype, gguf_type),
+            verify,
+            verify_prompt,
+        } => merge(model, adapter, out, dtype, gguf_type, verify, verify_prompt),
         Command::Export {
             model,
             adapter,

@@ -21,6 +21,17 @@ use zip::{CompressionMethod, DateTime, ZipArchive, ZipWriter};
 /// weights_only=True)`, also with `mmap=True`). Each tensor gets its own storage (a contiguous
 /// CPU copy); records are 64-byte aligned. The file is replaced atomically.
 pub fn write_state_dict(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    write_state_dict_with(path, tensors, &[])
+}
+
+/// [`write_state_dict`] with `extra` records (`<archive>/<name>`, e.g. an adapter's config as
+/// JSON) beside the tensors: `torch.load` reads only the records the pickle names and ignores
+/// them; [`read_extra_record`] reads them back.
+pub fn write_state_dict_with(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    extra: &[(&str, Vec<u8>)],
+) -> Result<()> {
     let mut entries = Vec::with_capacity(tensors.len());
     let mut records: Vec<(String, Vec<u8>)> = Vec::with_capacity(tensors.len() + 3);
     let mut seen = std::collections::HashSet::new();
@@ -58,6 +69,14 @@ pub fn write_state_dict(path: &Path, tensors: &[(String, Tensor)]) -> Result<()>
     }
     records.insert(0, ("data.pkl".into(), encode::encode(&entries)));
     records.insert(1, ("byteorder".into(), b"little".to_vec()));
+    for (name, data) in extra {
+        if matches!(*name, "data.pkl" | "byteorder" | "version") || name.starts_with("data/") {
+            return Err(Error::Config(format!(
+                "extra record name {name:?} is reserved"
+            )));
+        }
+        records.push(((*name).to_owned(), data.clone()));
+    }
     records.push(("version".into(), b"3\n".to_vec()));
     let archive = path
         .file_stem()
@@ -98,6 +117,29 @@ pub fn parse_state_dict(bytes: &[u8], path: &Path) -> Result<Vec<(String, Tensor
         ReadError::Msg(msg) => Error::adapter(path, msg),
         ReadError::Torch(e) => Error::Torch(e),
     })
+}
+
+/// The extra record `name` of a `torch.save` file written by [`write_state_dict_with`], if it
+/// has one (at most `max` bytes).
+pub fn read_extra_record(path: &Path, name: &str, max: u64) -> Result<Option<Vec<u8>>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let Ok(mut zip) = ZipArchive::new(Cursor::new(bytes.as_slice())) else {
+        return Ok(None);
+    };
+    let Some(prefix) = zip
+        .name_for_index(0)
+        .and_then(|n| n.split_once('/'))
+        .map(|(p, _)| p.to_owned())
+    else {
+        return Ok(None);
+    };
+    let full = format!("{prefix}/{name}");
+    if zip.index_for_name(&full).is_none() {
+        return Ok(None);
+    }
+    read_record(&mut zip, &full, max)
+        .map(Some)
+        .map_err(|m| Error::adapter(path, m))
 }
 
 /// A read failure: a format problem (-> [`Error::AdapterFormat`]) or a libtorch error.

@@ -34,6 +34,8 @@ struct Data {
     loader: DataLoader,
     validation: Option<DataLoader>,
     pad_id: i64,
+    /// The data inspector's warnings on the training data (printed by rank 0).
+    warnings: Vec<data::inspect::DataWarning>,
 }
 
 /// `(rank, world_size)` of this process, checked.
@@ -93,12 +95,13 @@ fn load_data(config: &TrainConfig, model_path: &Path) -> Result<Data> {
     let t = &config.training;
     let tokenizer = Tokenizer::for_model(model_path)?;
     let pad_id = data::pad_id(&tokenizer)?;
-    let train_set = data::load_examples(
+    let checked = data::inspect::load_checked(
         &config.data,
         &tokenizer,
         t.max_seq_length,
         t.train_on_inputs,
     )?;
+    let (train_set, warnings) = (checked.examples, checked.warnings);
     let (train_examples, val_examples) = match &config.validation_data {
         Some(path) => (
             train_set.examples,
@@ -142,6 +145,7 @@ fn load_data(config: &TrainConfig, model_path: &Path) -> Result<Data> {
         loader,
         validation,
         pad_id,
+        warnings,
     })
 }
 
@@ -339,9 +343,21 @@ impl<'a> Run<'a> {
         let resume = resume.map(checkpoint::resolve).transpose()?;
         let model_path = hub_cache::resolve(&config.model)?;
         let mut data = load_data(config, &model_path)?;
+        if rank == 0 {
+            // Before the (slow) model load: `loratch data` shows the same.
+            for w in &data.warnings {
+                eprintln!("warning: {w}");
+            }
+        }
         let total_steps = plan_steps(config, &mut data.loader, world)?;
         let schedule = schedule(config, total_steps, rank)?;
         let model = load_model(config, &model_path, &options, &data)?;
+        if let (0, Some((summary, warning))) = (rank, model.lora_coverage()) {
+            eprintln!("{summary}");
+            if let Some(w) = warning {
+                eprintln!("warning: {w}");
+            }
+        }
         let optimizer = optimizer(config, &model, &schedule)?;
         let state = TrainerState {
             global_step: 0,
