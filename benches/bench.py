@@ -304,8 +304,8 @@ def main() -> None:
         from memory_table import bench_memory_table
 
         # Its random models stay in target/memory-table between runs (GBs, written once).
-        work = here.parent / "target" / "memory-table"
-        body += bench_memory_table(work, args.memory_sizes.split(","), args.memory_only)
+        memory_work = here.parent / "target" / "memory-table"
+        body += bench_memory_table(memory_work, args.memory_sizes.split(","), args.memory_only)
     text = "\n".join(head + summary.table() + body + hand_written(out)) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
