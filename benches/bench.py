@@ -1,6 +1,16 @@
 """`make bench`: loratch against PEFT + transformers, side by side in one run (A B A B ...,
 after a warm-up), medians and ratios, written to BENCHMARKS.md with the core count and a measured
-fp32 matmul peak. Speed targets live here, never in unit tests."""
+fp32 matmul peak. Speed targets live here, never in unit tests.
+
+BENCHMARKS.md opens with a summary table of every target (benches/summary.py): each section hands
+its targets to it with `summary.record(target, value, met)`; a section in a module of its own
+(benches/gen_bench.py) exposes `bench_generation(model_dir, quick) -> list[str]` and
+`rows() -> list[dict]` (`{"target", "value", "met"}`), which `main` collects. The hand-written
+sections at the end of BENCHMARKS.md ("## Figures ...", "## Notes ...") are kept as they are.
+
+`--quick` runs every section at one or two rounds (no memory table, no Gemma-3 table, no real-data
+run, no criterion) and writes target/bench-quick.md unless `--out` is given: a check that the
+benches run end to end, not numbers to quote."""
 
 from __future__ import annotations
 
@@ -20,6 +30,7 @@ from typing import Any
 import torch
 
 import loratch
+import summary
 from criterion_summary import criterion_dir, summary_lines
 
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -179,6 +190,10 @@ def bench_model(model_dir: Path, rounds: int) -> list[str]:
     for n in ("unmerged", "merged", "base"):
         loratch.torch_hf_unload(n)
     peft_ms = med["PEFT unmerged"]
+    unmerged = paired_change(times, "loratch unmerged", "loratch merged")
+    merged = paired_change(times, "loratch merged", "loratch base")
+    summary.record("Forward 1x256: loratch unmerged vs merged within +10%", f"{100 * unmerged:+.1f}%", unmerged <= 0.10)
+    summary.record("Forward 1x256: loratch merged vs base within 2%", f"{100 * merged:+.1f}%", abs(merged) <= 0.02)
     lines = [
         f"## SmolLM2-135M-Instruct fp32, forward of 1x256 tokens (medians of {rounds}, alternated)",
         "",
@@ -208,21 +223,43 @@ def bench_model(model_dir: Path, rounds: int) -> list[str]:
     return lines
 
 
+HAND_WRITTEN = ("## Figures", "## Notes")
+
+
+def hand_written(path: Path) -> list[str]:
+    """The hand-written sections at the end of `path` (from its first "## Figures" or "## Notes"
+    heading on), kept when `make bench` rewrites the file."""
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    start = next((i for i, ln in enumerate(lines) if ln.startswith(HAND_WRITTEN)), len(lines))
+    return lines[start:]
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="one or two rounds of each table, the slow ones skipped, "
+                    "written to target/bench-quick.md (an end-to-end check, not numbers to quote)")
     ap.add_argument("--rounds", type=int, default=7, help="rounds of the Python tables (x3 for the layer's)")
     ap.add_argument("--forward-rounds", type=int, default=25, help="rounds of the model forward table")
     ap.add_argument("--model-dir", type=Path, default=None, help="default: the embedded SmolLM2-135M-Instruct")
-    ap.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
+    ap.add_argument("--out", type=Path, default=None, help="default: BENCHMARKS.md (--quick: target/bench-quick.md)")
     ap.add_argument("--no-rust", action="store_true", help="skip `cargo bench --bench lora_linear`")
     ap.add_argument("--train-rounds", type=int, default=3, help="fixed-length training runs per side")
     ap.add_argument("--real-rounds", type=int, default=2, help="real-data training runs per side (minutes each)")
+    ap.add_argument("--loop-rounds", type=int, default=7,
+                    help="rounds of the Python-loop table (each round: every contender's steps in turn)")
     ap.add_argument("--gemma3-rounds", type=int, default=3,
                     help="Gemma-3-270M fixed-length runs per side (0: skip; alone: train_bench.py --only gemma3)")
     ap.add_argument("--memory-sizes", default="135m,1b,3b,8b",
                     help="the memory table's model sizes (benches/memory_table.py; ~1 h for all); '' to skip")
     ap.add_argument("--memory-only", default=None, help="a regex: only the memory-table rows whose id it matches")
     args = ap.parse_args()
+    if args.quick:
+        args.rounds, args.forward_rounds, args.train_rounds, args.real_rounds = 1, 3, 1, 0
+        args.loop_rounds, args.gemma3_rounds, args.memory_sizes, args.no_rust = 2, 0, "", True
+    out = args.out or (Path(__file__).resolve().parent.parent / "target" / "bench-quick.md" if args.quick
+                       else Path("BENCHMARKS.md"))
     peak = matmul_peak_gflops()
     head = [
         "# Benchmarks",
@@ -232,6 +269,8 @@ def main() -> None:
         "Each table alternates the contenders in one process (A B C, C B A, ...) after a warm-up; numbers are medians.",
         "",
     ]
+    here = Path(__file__).resolve().parent
+    sys.path.insert(0, str(here))
     body = bench_lora_linear(args.rounds * 3)
     model_dir = args.model_dir
     if model_dir is None:
@@ -242,25 +281,35 @@ def main() -> None:
     if not args.no_rust:
         body += bench_rust_lora_linear()
     if args.train_rounds > 0:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         from train_bench import bench_training
 
         with tempfile.TemporaryDirectory() as work:
             body += bench_training(model_dir, Path(work), peak, args.train_rounds, args.real_rounds)
+    if args.loop_rounds > 0:
+        from loop_bench import bench_python_loop
+
+        with tempfile.TemporaryDirectory() as work:
+            body += bench_python_loop(model_dir, Path(work), args.loop_rounds)
     if args.gemma3_rounds > 0:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         from train_bench import bench_gemma3
 
         with tempfile.TemporaryDirectory() as work:
             body += bench_gemma3(Path(work), args.gemma3_rounds)
+    if (here / "gen_bench.py").exists():
+        import gen_bench
+
+        body += gen_bench.bench_generation(model_dir, args.quick)
+        summary.extend(gen_bench.rows())
     if args.memory_sizes:
         from memory_table import bench_memory_table
 
         # Its random models stay in target/memory-table between runs (GBs, written once).
-        work = Path(__file__).resolve().parent.parent / "target" / "memory-table"
-        body += bench_memory_table(work, args.memory_sizes.split(","), args.memory_only)
-    args.out.write_text("\n".join(head + body))
-    print("\n".join(head + body))
+        memory_work = here.parent / "target" / "memory-table"
+        body += bench_memory_table(memory_work, args.memory_sizes.split(","), args.memory_only)
+    text = "\n".join(head + summary.table() + body + hand_written(out)) + "\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

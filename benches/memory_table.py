@@ -55,6 +55,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
+import summary  # noqa: E402
 from gguf_random import SHAPES, LlamaShape, write_random_llama_gguf  # noqa: E402
 from train_bench import ALL7, LR, binary, faq_records, loratch_metrics, peak_rss, peft_steps, write_jsonl  # noqa: E402
 
@@ -423,23 +424,32 @@ def target_lines(results: dict[Row, Result]) -> list[str]:
     for base in ("gguf", "q4_0", "nf4"):
         four = get("loratch", base, True)
         name = f"4-bit base ({base_label(Row('1b', 'loratch', base, True))}) + checkpointing"
+        target = f"Memory table, 1B, {name}: peak RSS vs PEFT float32 without checkpointing <= 0.3x"
         if four is None or peft is None:
             out.append(f"- {name}: peak RSS <= 0.3x PEFT float32 without checkpointing: not measured")
+            summary.record(target, "not measured", None)
         else:
             ratio = four.peak / peft.peak  # type: ignore[operator]
             out.append(f"- {name}: peak RSS {ratio:.2f}x PEFT float32 without checkpointing "
                        f"(target <= 0.3x): {mark(ratio <= 0.3)}")
+            summary.record(target, f"{ratio:.2f}x", ratio <= 0.3)
+        target = f"Memory table, 1B, {name}: step vs loratch float32's <= 1.35x"
         if four is None or f32 is None:
             out.append(f"- {name}: step <= 1.35x loratch float32's: not measured")
+            summary.record(target, "not measured", None)
         else:
             ratio = four.step_s / f32.step_s  # type: ignore[operator]
             out.append(f"- {name}: step {ratio:.2f}x loratch float32's (target <= 1.35x): {mark(ratio <= 1.35)}")
+            summary.record(target, f"{ratio:.2f}x", ratio <= 1.35)
+    target = "Memory table, 1B: checkpointing alone (loratch float32, on / off) step time <= 1.4x"
     if f32 is None or f32c is None:
         out.append("- checkpointing alone (loratch float32, on / off) <= 1.4x step time: not measured")
+        summary.record(target, "not measured", None)
     else:
         ratio = f32c.step_s / f32.step_s  # type: ignore[operator]
         out.append(f"- checkpointing alone (loratch float32, on / off): {ratio:.2f}x step time "
                    f"(target <= 1.4x): {mark(ratio <= 1.4)}")
+        summary.record(target, f"{ratio:.2f}x", ratio <= 1.4)
     return out
 
 

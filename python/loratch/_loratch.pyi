@@ -23,6 +23,7 @@ __all__ = [
     "torch_lora_unmerge_weights",
     "torch_hf_forward",
     "torch_hf_generate",
+    "torch_hf_loss",
     "torch_hf_gradient_checkpointing",
     "torch_hf_list_models",
     "torch_hf_load_model_lora",
@@ -235,14 +236,40 @@ def torch_hf_forward(
     unpadded runs at their real tokens. Autograd reaches the LoRA tensors.
 
     With gradients recorded (training), a float32 CPU forward runs loratch's fused RMSNorm,
-    rotary embedding and SwiGLU, and (at most 512 tokens, no ``attention_mask``) its blocked
-    causal attention, which skips the products the causal mask hides; its logits agree with the
+    rotary embedding and SwiGLU/GeGLU, and (at most 512 tokens, no ``attention_mask`` or one of
+    ones only) its blocked causal attention, which skips the products the causal mask hides, as
+    the trainer does; its logits agree with the
     no-grad forward (libtorch's ops, as transformers runs them) to float rounding (about 1e-6),
     not bit for bit.
 
     Raises:
         ModelNotFoundError: unknown name (the message lists the loaded ones).
         DTypeError / ShapeError / InputError: bad ids (float, 3-D, empty, id >= vocab or < 0).
+    """
+
+def torch_hf_loss(
+    model_name: str,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """transformers' ``model(input_ids, labels=labels, attention_mask=attention_mask).loss``,
+    computed as loratch's trainer computes its loss: the mean cross-entropy over the target
+    tokens, through the output head in chunks and a fused cross-entropy, so the
+    ``[tokens, vocab]`` logits never exist. Returns a float32 0-dim tensor whose backward
+    (``torch_backward(loss)``) reaches the LoRA tensors.
+
+    ``labels`` (int64 ``[B, T]`` like ``input_ids``; default: ``input_ids``) are shifted inside:
+    ``labels[:, t + 1]`` is the target of position ``t``. Positions labelled ``-100`` are left
+    out of the mean. As in transformers, ``attention_mask`` does not mask the loss: padding
+    positions count unless their labels are ``-100`` (label padding ``-100`` to leave it out).
+    With no target token the loss is NaN and the gradients zero, as transformers' mean over
+    none. Gemma 2's final-logit soft-capping is applied as transformers applies it.
+
+    Raises:
+        ModelNotFoundError: unknown name.
+        DTypeError / ShapeError / InputError: bad ids or labels (float, shape unlike
+            ``input_ids``, a label outside ``[0, vocab)`` other than -100).
     """
 
 def torch_hf_lora_init(

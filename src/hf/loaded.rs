@@ -184,7 +184,84 @@ impl LoadedModel {
     /// Logits `[B, T, vocab]` (LoRA applied per the current state).
     pub fn forward(&self, ids: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (ids, mask) = self.check_inputs(ids, mask)?;
+        let mask = self.training_mask(mask)?;
         self.lm.forward(&ids, mask.as_ref(), None, self.mode())
+    }
+
+    /// The attention mask a forward uses: none for a mask of ones when the forward records
+    /// gradients into adapters. That changes nothing in the result (the positions and the causal
+    /// attention are those of no mask) but lets attention take the trainer's fused causal kernel
+    /// instead of libtorch's masked one. Other forwards keep the mask, so their results stay
+    /// those of transformers bit for bit.
+    fn training_mask(&self, mask: Option<Tensor>) -> Result<Option<Tensor>> {
+        let Some(m) = mask else { return Ok(None) };
+        let trains = self.enabled
+            && !self.merged
+            && crate::ops::checkpoint::grad_enabled()
+            && self.lm.linears().iter().any(|(_, l)| {
+                l.lora
+                    .as_ref()
+                    .is_some_and(|ad| ad.a.requires_grad() || ad.b.requires_grad())
+            });
+        if trains && m.f_ne(0)?.f_all()?.f_int64_value(&[])? != 0 {
+            return Ok(None);
+        }
+        Ok(Some(m))
+    }
+
+    /// transformers' `model(input_ids, labels=labels, attention_mask=mask).loss`: the mean
+    /// cross-entropy over the target tokens, `labels[:, t + 1]` the target of position `t`
+    /// (shifted here), positions labelled [`IGNORE_INDEX`](crate::data::IGNORE_INDEX) left out;
+    /// `labels` default to the input ids. As in transformers the attention mask does not mask the
+    /// loss: padding counts unless labelled -100, and a padded batch runs as transformers' forward
+    /// without position ids runs it (so the padding's own outputs are transformers'): positions
+    /// count every column, and no query attends to a padding key ([`transformers_mask`]).
+    /// Computed as the trainer's loss is ([`crate::train::loss::mean_loss`]): the head in chunks,
+    /// no `[tokens, vocab]` logits; a float32 0-dim tensor whose backward reaches the adapters.
+    pub fn loss(
+        &self,
+        ids: &Tensor,
+        labels: Option<&Tensor>,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (ids, mask) = self.check_inputs(ids, mask)?;
+        let labels = match labels {
+            None => ids.shallow_clone(),
+            Some(l) => {
+                let kind = l.f_kind()?;
+                if !matches!(kind, Kind::Int64 | Kind::Int) {
+                    return Err(Error::Dtype(format!(
+                        "labels must be int64 (or int32), got {}",
+                        dtype_name(kind)
+                    )));
+                }
+                let l = if l.dim() == 1 {
+                    l.f_unsqueeze(0)?
+                } else {
+                    l.shallow_clone()
+                };
+                if l.size() != ids.size() {
+                    return Err(Error::Shape(format!(
+                        "labels {:?} do not match input_ids {:?}",
+                        l.size(),
+                        ids.size()
+                    )));
+                }
+                l.f_to_device(self.lm.device())?.f_to_kind(Kind::Int64)?
+            }
+        };
+        let mode = self.mode();
+        let hidden = match self.training_mask(mask)? {
+            None => self.lm.hidden_states(&ids, None, None, mode)?,
+            Some(m) => {
+                let positions = Tensor::f_arange(ids.size()[1], (Kind::Int64, ids.device()))?
+                    .f_expand(ids.size(), false)?;
+                let mask = transformers_mask(&m)?;
+                self.lm
+                    .hidden_states_packed(&ids, &positions, Some(&mask), mode)?
+            }
+        };
+        crate::train::loss::mean_loss(&self.lm, &hidden, &labels, mode)
     }
 
     /// Logits for new tokens after `cache` (incremental decoding).
@@ -381,4 +458,19 @@ impl LoadedModel {
             ("optimizer_state", optimizer_state_bytes(&ptrs)),
         ]
     }
+}
+
+/// transformers' causal-and-padding mask `[B, 1, T, T]` (true = attend) for a `[B, T]` attention
+/// mask: no query attends to a padding key, not even a padding query to itself (loratch's
+/// [`crate::model::mask::attention_mask_4d`] lets it, which changes only the padding's outputs). A
+/// query with no key left (left padding's first positions) attends to itself, as there, rather than
+/// giving NaN.
+fn transformers_mask(mask: &Tensor) -> Result<Tensor> {
+    let t = mask.size()[1];
+    let device = mask.device();
+    let keys = mask.f_ne(0)?.f_unsqueeze(1)?.f_unsqueeze(1)?;
+    let allowed = crate::ops::attention::causal_mask(0, t, None, device)?.f_logical_and(&keys)?;
+    let lonely = allowed.f_any_dim(-1, true)?.f_logical_not()?;
+    let own = Tensor::f_eye(t, (Kind::Bool, device))?;
+    Ok(allowed.f_logical_or(&lonely.f_logical_and(&own)?)?)
 }

@@ -73,6 +73,30 @@ fn torch_hf_forward(
     Ok(PyTensor(logits))
 }
 
+/// transformers' `model(input_ids, labels=labels, attention_mask=attention_mask).loss`: the mean
+/// cross-entropy over the target tokens (`labels` shifted inside, default `input_ids`, `-100` left
+/// out; padding counts unless labelled -100), through the trainer's chunked head and fused
+/// cross-entropy (no `[tokens, vocab]` logits). A float32 0-dim tensor; its backward reaches the
+/// adapters.
+#[pyfunction]
+#[pyo3(signature = (model_name, input_ids, labels=None, attention_mask=None))]
+fn torch_hf_loss(
+    py: Python<'_>,
+    model_name: &str,
+    input_ids: PyTensor,
+    labels: Option<PyTensor>,
+    attention_mask: Option<PyTensor>,
+) -> PyResult<PyTensor> {
+    let entry = registry::get(model_name)?;
+    let (ids, labels, mask) = (
+        input_ids.0,
+        labels.map(|l| l.0),
+        attention_mask.map(|m| m.0),
+    );
+    let loss = py.detach(move || lock(&entry).loss(&ids, labels.as_ref(), mask.as_ref()))?;
+    Ok(PyTensor(loss))
+}
+
 fn targets_from_py(obj: &Bound<'_, PyAny>) -> PyResult<Targets> {
     if let Ok(s) = obj.downcast::<PyString>() {
         let s = s.to_string();
@@ -322,6 +346,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(torch_hf_unload, m)?)?;
     m.add_function(wrap_pyfunction!(torch_hf_list_models, m)?)?;
     m.add_function(wrap_pyfunction!(torch_hf_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(torch_hf_loss, m)?)?;
     m.add_function(wrap_pyfunction!(torch_hf_lora_init, m)?)?;
     m.add_function(wrap_pyfunction!(torch_hf_lora_get_parameters, m)?)?;
     m.add_function(wrap_pyfunction!(torch_hf_lora_named_parameters, m)?)?;

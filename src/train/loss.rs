@@ -80,6 +80,96 @@ pub fn causal_lm_loss(
     mode: LoraMode,
     backward: Option<f64>,
 ) -> Result<LossSum> {
+    let pass = head_pass(lm, hidden, labels, mode, backward.map(Scale::Sum))?;
+    if let Some((rows, grad)) = &pass.rows_grad {
+        // d(sum(rows * grad)) / d(rows) = grad: hands the head's gradient to autograd.
+        rows.f_mul(grad)?.f_sum(rows.f_kind()?)?.f_backward()?;
+    }
+    if let Some(total) = &pass.graph_sum {
+        total.f_mul_scalar(backward.unwrap_or(1.0))?.f_backward()?;
+    }
+    // One read of device values per batch (a sync on CUDA), however many chunks.
+    let both = Tensor::f_stack(
+        &[
+            pass.token_losses.f_sum(Kind::Double)?,
+            pass.correct.f_to_kind(Kind::Double)?,
+        ],
+        0,
+    )?;
+    let both = Vec::<f64>::try_from(&both.f_to_device(Device::Cpu)?)?;
+    Ok(LossSum {
+        sum: both[0],
+        n_tokens: pass.n_tokens,
+        token_losses: pass.token_losses,
+        n_correct: both[1] as i64,
+    })
+}
+
+/// transformers' causal-LM loss (`ForCausalLMLoss`: the mean cross-entropy over the target
+/// tokens of `labels`, unshifted as in [`causal_lm_loss`]) as a float32 0-dim tensor whose
+/// backward reaches the adapters like the trainer's: the head is still computed in chunks and
+/// its backward done by hand here, and the gradient reaching `hidden` (`(softmax - onehot) @ W /
+/// n`) waits in the graph as the node `s - detach(s)`, `s = sum(rows * grad)`: worth exactly 0,
+/// with gradient `grad` times whatever reaches the loss. Without target tokens the loss is NaN
+/// with zero gradients, as transformers' mean over none. When `hidden` records no gradient the
+/// tensor is the value alone.
+pub fn mean_loss(
+    lm: &CausalLm,
+    hidden: &Tensor,
+    labels: &Tensor,
+    mode: LoraMode,
+) -> Result<Tensor> {
+    let grads = hidden.requires_grad();
+    let pass = head_pass(lm, hidden, labels, mode, grads.then_some(Scale::Mean))?;
+    let n = pass.n_tokens;
+    let value = match &pass.graph_sum {
+        Some(total) => return Ok(total.f_div_scalar(n as f64)?),
+        None if n == 0 => f64::NAN,
+        None => pass.token_losses.f_sum(Kind::Double)?.f_double_value(&[])? / n as f64,
+    };
+    let value = Tensor::f_from_slice(&[value as f32])?
+        .f_reshape([])?
+        .f_to_device(hidden.device())?;
+    let zero_with_grad = match (&pass.rows_grad, grads) {
+        (Some((rows, grad)), _) => rows.f_mul(grad)?.f_sum(Kind::Float)?,
+        // No target: zero gradients, as transformers' (the graph still reaches the adapters).
+        (None, true) => hidden.f_sum(Kind::Float)?.f_mul_scalar(0.0)?,
+        (None, false) => return Ok(value),
+    };
+    let zero = zero_with_grad.f_sub(&zero_with_grad.f_detach()?)?;
+    Ok(value.f_add(&zero)?)
+}
+
+/// How [`head_pass`] scales the gradient of the token losses' sum.
+#[derive(Debug, Clone, Copy)]
+enum Scale {
+    /// By this factor.
+    Sum(f64),
+    /// By one over the number of target tokens (the mean's gradient).
+    Mean,
+}
+
+/// What the head computed: the token losses, and for a backward either the gradient reaching the
+/// target rows of the hidden states (the head done by hand) or, for a head with an adapter, the
+/// autograd graph of the losses' sum.
+struct HeadPass {
+    n_tokens: i64,
+    token_losses: Tensor,
+    rows_grad: Option<(Tensor, Tensor)>,
+    graph_sum: Option<Tensor>,
+    /// How many targets are their row's argmax (an int64 scalar, not read back).
+    correct: Tensor,
+}
+
+/// The head and the cross-entropy of [`causal_lm_loss`] and [`mean_loss`], in chunks; the
+/// gradient handed back rather than back-propagated, so each caller decides when.
+fn head_pass(
+    lm: &CausalLm,
+    hidden: &Tensor,
+    labels: &Tensor,
+    mode: LoraMode,
+    backward: Option<Scale>,
+) -> Result<HeadPass> {
     let (idx, targets) = target_positions(labels)?;
     let n = idx.size()[0];
     let h = hidden.size();
@@ -91,13 +181,18 @@ pub fn causal_lm_loss(
     }
     let float_opts = (Kind::Float, hidden.device());
     if n == 0 {
-        return Ok(LossSum {
-            sum: 0.0,
+        return Ok(HeadPass {
             n_tokens: 0,
             token_losses: Tensor::f_zeros([0], float_opts)?,
-            n_correct: 0,
+            rows_grad: None,
+            graph_sum: None,
+            correct: Tensor::f_zeros([], (Kind::Int64, hidden.device()))?,
         });
     }
+    let backward = backward.map(|s| match s {
+        Scale::Sum(scale) => scale,
+        Scale::Mean => 1.0 / n as f64,
+    });
     let vocab = lm.config.vocab_size;
     lm.config
         .check_ids(&targets, "label ids", &format!(" or {IGNORE_INDEX}"))?;
@@ -110,8 +205,8 @@ pub fn causal_lm_loss(
     // Whether the head's adapter takes part; without one the head's backward is done here.
     let adapted = head.lora.is_some() && !head.merged && mode.enabled;
     let softcap = lm.config.final_softcap;
-    let (losses, correct) = if let (false, Weight::Quantized(q)) = (adapted, &head.weight) {
-        let (losses, correct) = vocab_chunked_loss(
+    let (losses, grad, graph_sum, correct) = if let (false, Weight::Quantized(q)) = (adapted, &head.weight) {
+        let (losses, grad, correct) = vocab_chunked_loss(
             CHUNK_LOGITS,
             q,
             head.bias.as_ref(),
@@ -120,36 +215,30 @@ pub fn causal_lm_loss(
             &targets,
             backward,
         )?;
-        (vec![losses], correct)
+        (vec![losses], grad, None, correct)
     } else if !adapted || backward.is_none() {
-        manual_head_loss(
+        let (losses, grad, correct) = manual_head_loss(
             head, adapted, softcap, &rows, &targets, chunk, mode, backward,
-        )?
+        )?;
+        (losses, grad, None, correct)
     } else {
         let logits = |x: &Tensor| lm.softcap_logits(head.forward(x, mode)?);
-        autograd_head_loss(&logits, &rows, &targets, chunk, backward.unwrap_or(1.0))?
+        let (losses, total, correct) = autograd_head_loss(&logits, &rows, &targets, chunk)?;
+        (losses, None, Some(total), correct)
     };
-    let token_losses = Tensor::f_cat(&losses, 0)?;
-    // One read of device values per batch (a sync on CUDA), however many chunks.
-    let both = Tensor::f_stack(
-        &[
-            token_losses.f_sum(Kind::Double)?,
-            correct.f_to_kind(Kind::Double)?,
-        ],
-        0,
-    )?;
-    let both = Vec::<f64>::try_from(&both.f_to_device(Device::Cpu)?)?;
-    Ok(LossSum {
-        sum: both[0],
+    Ok(HeadPass {
         n_tokens: n,
-        token_losses,
-        n_correct: both[1] as i64,
+        token_losses: Tensor::f_cat(&losses, 0)?,
+        rows_grad: grad.map(|g| (rows, g)),
+        graph_sum,
+        correct,
     })
 }
 
 /// The token losses of `rows` against `targets`, chunk by chunk, with the head's backward done by
-/// hand: autograd stops at `rows`, and with `backward = Some(scale)` the gradient reaching `rows`
-/// (`(softmax - onehot) * scale @ W`) is handed to autograd once for all chunks. `adapted`: the
+/// hand: autograd stops at `rows`, and with `backward = Some(scale)` (and `rows` recording
+/// gradients) it also returns the gradient reaching `rows`, `(softmax - onehot) * scale @ W`, for
+/// the caller to hand to autograd once for all chunks. `adapted`: the
 /// head's adapter takes part in the logits (only without a backward). `softcap`: Gemma 2's
 /// `cap * tanh(z / cap)` on the logits, whose derivative `1 - (y / cap)^2` the gradient takes.
 #[allow(clippy::too_many_arguments)]
@@ -162,7 +251,7 @@ fn manual_head_loss(
     chunk: i64,
     mode: LoraMode,
     backward: Option<f64>,
-) -> Result<(Vec<Tensor>, Tensor)> {
+) -> Result<(Vec<Tensor>, Option<Tensor>, Tensor)> {
     let n = rows.size()[0];
     let detached = rows.f_detach()?;
     let (mut losses, mut grads) = (Vec::new(), Vec::new());
@@ -200,12 +289,12 @@ fn manual_head_loss(
             });
         }
     }
-    if backward.is_some() && rows.requires_grad() {
-        let grad = Tensor::f_cat(&grads, 0)?;
-        // d(sum(rows * grad)) / d(rows) = grad: hands the head's gradient to autograd.
-        rows.f_mul(&grad)?.f_sum(rows.f_kind()?)?.f_backward()?;
-    }
-    Ok((losses, correct))
+    let grad = if backward.is_some() && rows.requires_grad() {
+        Some(Tensor::f_cat(&grads, 0)?)
+    } else {
+        None
+    };
+    Ok((losses, grad, correct))
 }
 
 /// The token losses of `rows` `[N, H]` against `targets` through a frozen quantized head: the
@@ -213,8 +302,8 @@ fn manual_head_loss(
 /// pass. The first pass keeps each row's running max, sum of exponentials and target logit (an
 /// online logsumexp); with `backward = Some(scale)` a second pass forms `(softmax - onehot) *
 /// scale` per chunk (through the soft-cap's derivative `1 - (y / cap)^2` when `softcap`) and
-/// accumulates its product with the chunk's rows: the gradient reaching `rows`, handed to
-/// autograd as in [`manual_head_loss`]. On a 262144-token head (Gemma) decoding the whole head
+/// accumulates its product with the chunk's rows: the gradient reaching `rows`, returned as
+/// [`manual_head_loss`] returns it. On a 262144-token head (Gemma) decoding the whole head
 /// for each chunk of 64 token rows took most of a training step. Also returns how many targets
 /// are their row's argmax (the first pass keeps each row's first maximal column).
 fn vocab_chunked_loss(
@@ -225,7 +314,7 @@ fn vocab_chunked_loss(
     rows: &Tensor,
     targets: &Tensor,
     backward: Option<f64>,
-) -> Result<(Tensor, Tensor)> {
+) -> Result<(Tensor, Option<Tensor>, Tensor)> {
     let [vocab, _] = q.size();
     let n = rows.size()[0];
     let step = (chunk_logits_max / n.max(1)).clamp(1, vocab);
@@ -279,7 +368,7 @@ fn vocab_chunked_loss(
         .f_eq_tensor(&targets.f_to_device(x.device())?)?
         .f_sum(Kind::Int64)?;
     let Some(scale) = backward.filter(|_| rows.requires_grad()) else {
-        return Ok((losses, correct));
+        return Ok((losses, None, correct));
     };
     let mut grad = Tensor::f_zeros_like(&x)?;
     for v0 in (0..vocab).step_by(step as usize) {
@@ -297,20 +386,17 @@ fn vocab_chunked_loss(
         }
         grad = grad.f_add(&g.f_to_kind(w.kind())?.f_matmul(&w)?)?;
     }
-    // d(sum(rows * grad)) / d(rows) = grad: hands the head's gradient to autograd.
-    rows.f_mul(&grad)?.f_sum(rows.f_kind()?)?.f_backward()?;
-    Ok((losses, correct))
+    Ok((losses, Some(grad), correct))
 }
 
-/// The token losses of `rows` against `targets` through a head whose adapter trains: autograd
-/// through the (still chunked) head `logits_of`, back-propagating `scale * sum`.
+/// The token losses of `rows` against `targets` through a head whose adapter trains, and their sum
+/// with its autograd graph through the (still chunked) head `logits_of`, for the caller's backward.
 fn autograd_head_loss(
     logits_of: &dyn Fn(&Tensor) -> Result<Tensor>,
     rows: &Tensor,
     targets: &Tensor,
     chunk: i64,
-    scale: f64,
-) -> Result<(Vec<Tensor>, Tensor)> {
+) -> Result<(Vec<Tensor>, Tensor, Tensor)> {
     let n = rows.size()[0];
     let mut losses = Vec::new();
     let mut total: Option<Tensor> = None;
@@ -335,10 +421,11 @@ fn autograd_head_loss(
         });
         losses.push(loss.f_detach()?);
     }
-    if let Some(t) = total {
-        t.f_mul_scalar(scale)?.f_backward()?;
-    }
-    Ok((losses, correct))
+    let total = match total {
+        Some(t) => t,
+        None => Tensor::f_zeros([], (Kind::Float, rows.device()))?,
+    };
+    Ok((losses, total, correct))
 }
 
 #[cfg(test)]
@@ -398,9 +485,10 @@ mod vocab_chunk_tests {
             };
             for chunk in [7 * n, 20 * n, 1 << 20] {
                 let x = rows.detach().set_requires_grad(true);
-                let (losses, correct) =
+                let (losses, grad, correct) =
                     vocab_chunked_loss(chunk, &q, None, softcap, &x, &targets, Some(0.5)).unwrap();
                 assert_eq!(correct.int64_value(&[]), expected_correct);
+                x.f_mul(&grad.unwrap()).unwrap().sum(Kind::Float).backward();
                 let losses = losses.to_kind(Kind::Double);
                 tol(
                     max_diff(&losses, &loss64),
