@@ -85,8 +85,8 @@ pub fn generate_batch(
     Decoder::new(model, prompts)?.run(opts, &mut rng)
 }
 
-/// One batch's decoding state: the padded prompts, their attention mask (None for one row, which
-/// needs none) and the cache.
+/// One batch to decode: the left-padded prompts and their attention mask (None for one row,
+/// which needs none).
 struct Decoder<'a> {
     model: &'a LoadedModel,
     ids: Tensor,
@@ -101,8 +101,8 @@ impl<'a> Decoder<'a> {
         let mut mask = Vec::with_capacity(prompts.len() * width);
         for p in prompts {
             let pad = width - p.len();
-            ids.extend(std::iter::repeat(0).take(pad).chain(p.iter().copied()));
-            mask.extend(std::iter::repeat(0i64).take(pad).chain(p.iter().map(|_| 1)));
+            ids.extend(std::iter::repeat_n(0, pad).chain(p.iter().copied()));
+            mask.extend(std::iter::repeat_n(0i64, pad).chain(p.iter().map(|_| 1)));
         }
         let shape = [prompts.len() as i64, width as i64];
         let ids = Tensor::f_from_slice(&ids)?.f_reshape(shape)?;
@@ -116,6 +116,7 @@ impl<'a> Decoder<'a> {
         })
     }
 
+    /// Each row's new tokens, decoded step by step over one KV cache sized for the whole run.
     fn run(self, opts: &GenerateOptions, rng: &mut StdRng) -> Result<Vec<Vec<i64>>> {
         let lm = &self.model.lm;
         let (n_layers, device) = (lm.model.layers.len(), lm.device());
