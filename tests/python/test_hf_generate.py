@@ -145,4 +145,4 @@ def test_batch_sampling_is_seeded_and_bad_prompts_are_named(gen_model: tuple[str
     with pytest.raises(loratch.InputError, match="vocab"):
         loratch.torch_hf_generate(name, [[1, 2], [1, 97]], 3)
     with pytest.raises(TypeError, match=r"input_ids\[1\]"):
-        loratch.torch_hf_generate(name, [[1, 2], "hello"], 3)
+        loratch.torch_hf_generate(name, [[1, 2], "hello"], 3)  # type: ignore[list-item]
