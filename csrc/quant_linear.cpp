@@ -4,7 +4,8 @@
 // W is stored as uint8 rows `[out, row_bytes]` (each row a whole number of blocks). The forward
 // dequantizes W a chunk of rows at a time into scratch memory that is reused from call to call
 // (per thread), multiplies, and drops the float rows; the backward does the same for the input
-// gradient `g W`. So the graph saves nothing of W: a model of quantized projections holds its
+// gradient `g W`. An input of few rows (a decoding step) instead has each thread decode small
+// blocks of rows and multiply them at once (`forward_few_rows`). So the graph saves nothing of W: a model of quantized projections holds its
 // quantized bytes plus one chunk of float rows, however many layers run. W gets no gradient (it
 // is frozen; LoRA's factors are separate nodes).
 //
@@ -17,11 +18,14 @@
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <algorithm>
 #include <atomic>
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
+#include "blas.h"
 #include "bridge.h"
 
 namespace {
@@ -78,9 +82,53 @@ int64_t chunk_rows(const QWeight& w) {
   return std::max<int64_t>(1, g_chunk_elems.load() / std::max<int64_t>(1, w.in));
 }
 
+// Inputs of at most this many rows (decoding steps) take `forward_few_rows`.
+constexpr int64_t kFewRows = 8;
+// Float32 elements of W one thread decodes at once in `forward_few_rows`: 128 KiB, which stays in
+// the core's cache while the product reads it.
+constexpr int64_t kFewRowsBlockElems = 32 << 10;
+
+// x2 [m, in] -> [m, out] for a float32 CPU input of few rows: each thread decodes its own small
+// blocks of W's rows and multiplies each at once (sgemm_ on the calling thread), so the product
+// reads W's quantized bytes once and never writes a float copy of W out to memory, which the
+// chunked product (decode all, then multiply) does at every decoding step.
+at::Tensor forward_few_rows(const at::Tensor& x2, const QWeight& w, const at::Tensor& bias) {
+  const at::Tensor x = x2.contiguous();
+  const int64_t m = x.size(0), out = w.data.size(0), rb = w.data.size(1);
+  const int64_t block = std::clamp<int64_t>(kFewRowsBlockElems / std::max<int64_t>(1, w.in), 1, out);
+  at::Tensor y = at::empty({m, out}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const uint8_t* src = w.data.data_ptr<uint8_t>();
+  std::atomic<int32_t> failed{0};
+  at::parallel_for(0, (out + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
+    thread_local std::vector<float> buf;
+    buf.resize(static_cast<size_t>(block * w.in));
+    for (int64_t i = b0; i < b1; ++i) {
+      const int64_t r0 = i * block, n = std::min(block, out - r0);
+      const int32_t rc = w.decode(w.ty, src + r0 * rb, n * rb, buf.data(), n * w.in);
+      if (rc != 0) {
+        failed = rc;
+        return;
+      }
+      loratch::gemm(false, true, m, n, w.in, 1.0f, xp, w.in, buf.data(), w.in, 0.0f, yp + r0,
+                    out);
+    }
+  });
+  if (failed != 0) {
+    throw std::runtime_error("quantized linear: decoding weight rows failed (code " +
+                             std::to_string(failed.load()) + ")");
+  }
+  if (bias.defined()) y.add_(bias);
+  return y;
+}
+
 // x2 [m, in] -> [m, out]; one product when W fits one chunk, so that case equals `linear` on
 // the decoded weight bit for bit.
 at::Tensor forward_rows(const at::Tensor& x2, const QWeight& w, const at::Tensor& bias) {
+  if (x2.size(0) <= kFewRows && x2.scalar_type() == at::kFloat && x2.is_cpu()) {
+    return forward_few_rows(x2, w, bias);
+  }
   const int64_t out = w.data.size(0), chunk = chunk_rows(w);
   if (out <= chunk) {
     const at::Tensor wt = rows_of(w, 0, out, x2);

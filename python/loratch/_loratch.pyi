@@ -1,7 +1,7 @@
 """Type stub of the native module ``loratch._loratch`` (hand-written; checked by mypy.stubtest)."""
 
 import os
-from typing import final
+from typing import final, overload
 
 import torch
 
@@ -354,6 +354,7 @@ def torch_hf_lora_load(model_name: str, path: str | os.PathLike[str]) -> None:
     needed. Missing, unexpected or mis-shaped tensors, or a layout different from the
     initialised LoRA, raise AdapterFormatError and leave the model unchanged."""
 
+@overload
 def torch_hf_generate(
     model_name: str,
     input_ids: torch.Tensor | list[int],
@@ -370,6 +371,23 @@ def torch_hf_generate(
     with a KV cache; returns the new token ids only (a reached stop token included). Greedy
     with ``greedy=True`` (equals transformers' greedy ``generate``); otherwise samples with
     ``temperature``, ``top_k``, ``top_p`` from a generator seeded by ``seed``."""
+
+@overload
+def torch_hf_generate(
+    model_name: str,
+    input_ids: list[list[int]] | list[torch.Tensor],
+    max_new_tokens: int,
+    *,
+    eos_token_id: int | list[int] | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    greedy: bool = False,
+    seed: int | None = None,
+) -> list[list[int]]:
+    """A list of prompts: generated as one left-padded batch (as transformers pads for
+    generation), each row stopping at its own stop token; returns each prompt's new tokens,
+    equal to that prompt generated alone up to float rounding."""
 
 # --- Tokenizer ---------------------------------------------------------------------------------
 

@@ -44,50 +44,132 @@ impl GenerateOptions {
 
 /// Generates up to `max_new_tokens` after `prompt` (token ids); returns the new tokens only.
 pub fn generate(model: &LoadedModel, prompt: &[i64], opts: &GenerateOptions) -> Result<Vec<i64>> {
+    let mut rows = generate_batch(model, &[prompt.to_vec()], opts)?;
+    Ok(rows.pop().unwrap_or_default())
+}
+
+/// Generates after each of `prompts` in one batch, left-padded as transformers pads for
+/// generation (positions count real tokens only, no query attends to padding); each row stops
+/// at its own stop token or after `max_new_tokens`. Returns each row's new tokens, equal to that
+/// prompt generated alone up to float rounding (the batch's products may round differently).
+/// Sampling draws the rows' tokens in turn from one generator.
+pub fn generate_batch(
+    model: &LoadedModel,
+    prompts: &[Vec<i64>],
+    opts: &GenerateOptions,
+) -> Result<Vec<Vec<i64>>> {
     opts.validate()?;
-    if prompt.is_empty() {
-        return Err(Error::Shape("the prompt is empty".into()));
+    if prompts.is_empty() {
+        return Err(Error::Shape("no prompts to generate from".into()));
     }
-    let ids = Tensor::f_from_slice(prompt)?.f_unsqueeze(0)?;
-    let (ids, _) = model.check_inputs(&ids, None)?;
+    if let Some(i) = prompts.iter().position(Vec::is_empty) {
+        return Err(Error::Shape(match prompts.len() {
+            1 => "the prompt is empty".into(),
+            _ => format!("prompt {i} is empty"),
+        }));
+    }
     let mut rng = match opts.seed {
         Some(s) => StdRng::seed_from_u64(s),
         None => StdRng::from_entropy(),
     };
     let _guard = tch::no_grad_guard();
-    let mut cache = KvCache::new(model.lm.model.layers.len());
-    let mut out = Vec::with_capacity(opts.max_new_tokens);
-    let mut next_input = ids.shallow_clone();
-    let switch = model.lm.rope_switch_length();
-    for _ in 0..opts.max_new_tokens {
-        // longrope (Phi-3): keys cached under the short factors are stale once the sequence
-        // passes the switch; as transformers, the whole sequence runs again, without the cache.
-        if let Some(at) = switch {
-            if cache.len() + next_input.size()[1] > at && cache.len() <= at && !cache.is_empty() {
-                cache = KvCache::new(model.lm.model.layers.len());
-                let generated = Tensor::f_from_slice(&out)?.f_to_device(ids.device())?;
-                next_input = Tensor::f_cat(&[&ids, &generated.f_unsqueeze(0)?], 1)?;
+    // longrope (Phi-3) reruns a row's whole sequence when it passes the switch length, at a
+    // step that differs per row: such models generate row by row.
+    if prompts.len() > 1 && model.lm.rope_switch_length().is_some() {
+        return prompts
+            .iter()
+            .map(|p| Decoder::new(model, std::slice::from_ref(p))?.run(opts, &mut rng))
+            .map(|rows| rows.map(|mut r| r.pop().unwrap_or_default()))
+            .collect();
+    }
+    Decoder::new(model, prompts)?.run(opts, &mut rng)
+}
+
+/// One batch to decode: the left-padded prompts and their attention mask (None for one row,
+/// which needs none).
+struct Decoder<'a> {
+    model: &'a LoadedModel,
+    ids: Tensor,
+    mask: Option<Tensor>,
+    rows: usize,
+}
+
+impl<'a> Decoder<'a> {
+    fn new(model: &'a LoadedModel, prompts: &[Vec<i64>]) -> Result<Self> {
+        let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(prompts.len() * width);
+        let mut mask = Vec::with_capacity(prompts.len() * width);
+        for p in prompts {
+            let pad = width - p.len();
+            ids.extend(std::iter::repeat_n(0, pad).chain(p.iter().copied()));
+            mask.extend(std::iter::repeat_n(0i64, pad).chain(p.iter().map(|_| 1)));
+        }
+        let shape = [prompts.len() as i64, width as i64];
+        let ids = Tensor::f_from_slice(&ids)?.f_reshape(shape)?;
+        let mask = Tensor::f_from_slice(&mask)?.f_reshape(shape)?;
+        let (ids, mask) = model.check_inputs(&ids, Some(&mask))?;
+        Ok(Self {
+            model,
+            ids,
+            mask: mask.filter(|_| prompts.len() > 1),
+            rows: prompts.len(),
+        })
+    }
+
+    /// Each row's new tokens, decoded step by step over one KV cache sized for the whole run.
+    fn run(self, opts: &GenerateOptions, rng: &mut StdRng) -> Result<Vec<Vec<i64>>> {
+        let lm = &self.model.lm;
+        let (n_layers, device) = (lm.model.layers.len(), lm.device());
+        let reserve = self.ids.size()[1] + opts.max_new_tokens as i64;
+        let mut cache = KvCache::with_capacity(n_layers, reserve);
+        let mut out: Vec<Vec<i64>> = vec![Vec::with_capacity(opts.max_new_tokens); self.rows];
+        let mut done = vec![false; self.rows];
+        let mut mask = self.mask.as_ref().map(Tensor::shallow_clone);
+        let mut next_input = self.ids.shallow_clone();
+        let switch = lm.rope_switch_length();
+        for _ in 0..opts.max_new_tokens {
+            // longrope (Phi-3, one row): keys cached under the short factors are stale once the
+            // sequence passes the switch; as transformers, the whole sequence runs again, without
+            // the cache.
+            if let Some(at) = switch {
+                if cache.len() + next_input.size()[1] > at && cache.len() <= at && !cache.is_empty()
+                {
+                    cache = KvCache::with_capacity(n_layers, reserve);
+                    let generated = Tensor::f_from_slice(&out[0])?.f_to_device(device)?;
+                    next_input = Tensor::f_cat(&[&self.ids, &generated.f_unsqueeze(0)?], 1)?;
+                }
+            }
+            let logits = self
+                .model
+                .last_logits_cached(&next_input, mask.as_ref(), &mut cache)?;
+            let logits = logits.f_to_kind(Kind::Float)?;
+            let tokens: Vec<i64> = if opts.greedy {
+                Vec::<i64>::try_from(&logits.f_argmax(1, false)?)?
+            } else {
+                (0..self.rows as i64)
+                    .map(|r| sample(&logits.f_select(0, r)?, opts, rng))
+                    .collect::<Result<_>>()?
+            };
+            for (r, &token) in tokens.iter().enumerate() {
+                if !done[r] {
+                    out[r].push(token);
+                    done[r] = opts.eos_token_ids.contains(&token);
+                }
+            }
+            if done.iter().all(|&d| d) {
+                break;
+            }
+            // Finished rows keep decoding (their tokens dropped): the batch stays rectangular.
+            next_input = Tensor::f_from_slice(&tokens)?
+                .f_unsqueeze(1)?
+                .f_to_device(device)?;
+            if let Some(m) = &mask {
+                let ones = Tensor::f_ones([self.rows as i64, 1], (Kind::Int64, device))?;
+                mask = Some(Tensor::f_cat(&[m, &ones], 1)?);
             }
         }
-        let logits = model.forward_cached(&next_input, None, &mut cache)?;
-        let last = logits
-            .f_select(1, -1)?
-            .f_squeeze_dim(0)?
-            .f_to_kind(Kind::Float)?;
-        let token = if opts.greedy {
-            last.f_argmax(0, false)?.f_int64_value(&[])?
-        } else {
-            sample(&last, opts, &mut rng)?
-        };
-        out.push(token);
-        if opts.eos_token_ids.contains(&token) {
-            break;
-        }
-        next_input = Tensor::f_from_slice(&[token])?
-            .f_unsqueeze(0)?
-            .f_to_device(model.lm.device())?;
+        Ok(out)
     }
-    Ok(out)
 }
 
 /// Samples from `logits` `[vocab]` after temperature, top-k and top-p filtering.

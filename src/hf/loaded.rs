@@ -274,6 +274,23 @@ impl LoadedModel {
         self.lm.forward(ids, mask, Some(cache), self.mode())
     }
 
+    /// Logits `[B, vocab]` of the last position only, for new tokens after `cache` (the head runs
+    /// on one row per sequence, as transformers' generation runs it).
+    pub fn last_logits_cached(
+        &self,
+        ids: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let mode = self.mode();
+        let h = self.lm.hidden_states(ids, mask, Some(cache), mode)?;
+        let last = h.f_narrow(1, h.size()[1] - 1, 1)?;
+        let logits = self
+            .lm
+            .softcap_logits(self.lm.lm_head.forward(&last, mode)?)?;
+        Ok(logits.f_squeeze_dim(1)?)
+    }
+
     /// Lays fresh adapters (A kaiming-uniform, B zeros) on the modules `spec` selects, in `kind`.
     /// Existing adapters are removed first (unmerged if needed).
     pub fn init_lora(&mut self, spec: LoraSpec, kind: Kind) -> Result<()> {

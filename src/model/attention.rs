@@ -2,6 +2,7 @@
 //! it. What differs between families (biases, q/k norms, fused `qkv_proj`, query scale,
 //! soft-capping, sliding windows) is an [`AttentionOptions`] field, not a branch on the
 //! architecture.
+use super::cache::LayerSlot;
 use super::config::{LayerType, ModelConfig};
 use super::linear::{Linear, LoraMode};
 use super::loader::Loader;
@@ -244,7 +245,7 @@ impl Attention {
         &self,
         x: &Tensor,
         ctx: &Context,
-        cache: Option<&mut (Tensor, Tensor)>,
+        cache: Option<LayerSlot<'_>>,
     ) -> Result<Tensor> {
         let (b, t) = (x.size()[0], x.size()[1]);
         let span = ctx.span(self.layer_type);
@@ -258,20 +259,16 @@ impl Attention {
             }
         };
         let q = ops::rotary(&heads(q, self.n_heads, &self.q_norm)?, span.cos, span.sin)?;
-        let mut k = ops::rotary(
+        let k = ops::rotary(
             &heads(k, self.n_kv_heads, &self.k_norm)?,
             span.cos,
             span.sin,
         )?;
-        let mut v = heads(v, self.n_kv_heads, &None)?.f_transpose(1, 2)?;
-        if let Some((ck, cv)) = cache {
-            if ck.numel() > 0 {
-                k = Tensor::f_cat(&[&*ck, &k], 2)?;
-                v = Tensor::f_cat(&[&*cv, &v], 2)?;
-            }
-            *ck = k.shallow_clone();
-            *cv = v.shallow_clone();
-        }
+        let v = heads(v, self.n_kv_heads, &None)?.f_transpose(1, 2)?;
+        let (k, v) = match cache {
+            Some(mut slot) => slot.append(&k, &v)?,
+            None => (k, v),
+        };
         let s = self.scores;
         let out = match ctx.segments {
             Some(lengths) => ops::segment_attention(&q, &k, &v, lengths, span.window, s)?,

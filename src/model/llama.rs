@@ -4,7 +4,7 @@
 //! soft-capping; sliding-window layers). Struct fields are named after the checkpoint keys:
 //! `model.layers.{i}.post_attention_layernorm` is `CausalLm.model.layers[i].post_attention_layernorm`.
 use super::attention::{Attention, AttentionOptions, Context, Span};
-use super::cache::KvCache;
+use super::cache::{KvCache, LayerSlot};
 use super::config::{LayerType, ModelConfig};
 use super::linear::{Linear, LoraMode, Quantize, Weight};
 use super::loader::Loader;
@@ -104,7 +104,7 @@ impl DecoderLayer {
         &self,
         x: &Tensor,
         ctx: &Context,
-        cache: Option<&mut (Tensor, Tensor)>,
+        cache: Option<LayerSlot<'_>>,
     ) -> Result<Tensor> {
         let attn = self
             .self_attn
@@ -427,7 +427,7 @@ impl CausalLm {
             h = if checkpointed {
                 super::checkpoint::layer_forward(layer, &h, &ctx, &self.mappings)?
             } else {
-                layer.forward(&h, &ctx, cache.as_deref_mut().map(|c| &mut c.layers[i]))?
+                layer.forward(&h, &ctx, cache.as_deref_mut().map(|c| c.layer(i)))?
             };
         }
         if let Some(c) = cache {

@@ -261,9 +261,54 @@ fn torch_hf_lora_load(py: Python<'_>, model_name: &str, path: PathBuf) -> PyResu
     Ok(py.detach(move || crate::hf::peft::load(&mut lock(&entry), &path))?)
 }
 
+/// One prompt's token ids: an int64 (or int32) tensor `[T]` or `[1, T]`, or a list of ints.
+fn prompt_ids(ob: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<i64>> {
+    use super::args::int_list;
+    if !super::tensor::is_tensor(ob)? {
+        return int_list(ob, what, "a list of token ids (ints) or an int64 tensor");
+    }
+    let t = ob.extract::<PyTensor>()?.0;
+    let kind = t.f_kind().map_err(Error::from)?;
+    if !matches!(kind, tch::Kind::Int64 | tch::Kind::Int) {
+        return Err(Error::Dtype(format!(
+            "{what} must be int64 (or int32), got {}",
+            crate::device::dtype_name(kind)
+        ))
+        .into());
+    }
+    if t.dim() > 2 || (t.dim() == 2 && t.size()[0] != 1) {
+        return Err(Error::Shape(format!(
+            "{what} must be one sequence ([T] or [1, T]; a batch is a list of prompts), got {:?}",
+            t.size()
+        ))
+        .into());
+    }
+    let flat = t
+        .f_flatten(0, -1)
+        .and_then(|t| t.f_to_kind(tch::Kind::Int64))
+        .map_err(Error::from)?;
+    Ok(Vec::<i64>::try_from(&flat).map_err(Error::from)?)
+}
+
+/// Whether `input_ids` is a list of prompts (a list or tuple whose first item is itself a
+/// list, tuple or tensor) rather than one prompt.
+fn is_batch(ob: &Bound<'_, PyAny>) -> PyResult<bool> {
+    use pyo3::types::{PyList, PyTuple};
+    let seq = ob.is_instance_of::<PyList>() || ob.is_instance_of::<PyTuple>();
+    if !seq || ob.len()? == 0 {
+        return Ok(false);
+    }
+    let first = ob.get_item(0)?;
+    Ok(first.is_instance_of::<PyList>()
+        || first.is_instance_of::<PyTuple>()
+        || super::tensor::is_tensor(&first)?)
+}
+
 /// Generates up to `max_new_tokens` after `input_ids` with a KV cache and returns the new token
 /// ids (the stop token included when reached). Greedy with `greedy=True`; otherwise sampling with
 /// `temperature`, `top_k`, `top_p` from a generator seeded by `seed` (torch's RNG is untouched).
+/// A list of prompts runs as one left-padded batch, each row stopping on its own, and returns a
+/// list of each prompt's new tokens.
 #[pyfunction]
 #[pyo3(signature = (model_name, input_ids, max_new_tokens, *, eos_token_id=None, temperature=1.0, top_k=None, top_p=None, greedy=false, seed=None))]
 #[allow(clippy::too_many_arguments)]
@@ -278,40 +323,20 @@ fn torch_hf_generate(
     top_p: Option<f64>,
     greedy: bool,
     seed: Option<&Bound<'_, PyAny>>,
-) -> PyResult<Vec<i64>> {
+) -> PyResult<Py<PyAny>> {
     use super::args::{int_in_range, int_list};
     let max_new_tokens: usize = int_in_range(max_new_tokens, "max_new_tokens")?;
     let top_k: Option<usize> = top_k.map(|k| int_in_range(k, "top_k")).transpose()?;
     let seed: Option<u64> = seed.map(|s| int_in_range(s, "seed")).transpose()?;
-    let prompt: Vec<i64> = if super::tensor::is_tensor(input_ids)? {
-        let t = input_ids.extract::<PyTensor>()?.0;
-        let kind = t.f_kind().map_err(Error::from)?;
-        if !matches!(kind, tch::Kind::Int64 | tch::Kind::Int) {
-            return Err(Error::Dtype(format!(
-                "input_ids must be int64 (or int32), got {}",
-                crate::device::dtype_name(kind)
-            ))
-            .into());
-        }
-        if t.dim() > 2 || (t.dim() == 2 && t.size()[0] != 1) {
-            return Err(Error::Shape(format!(
-                "input_ids must be one sequence ([T] or [1, T]), got {:?}",
-                t.size()
-            ))
-            .into());
-        }
-        Vec::<i64>::try_from(
-            &t.f_flatten(0, -1)
-                .and_then(|t| t.f_to_kind(tch::Kind::Int64))
-                .map_err(Error::from)?,
-        )
-        .map_err(Error::from)?
+    let batch = is_batch(input_ids)?;
+    let prompts: Vec<Vec<i64>> = if batch {
+        input_ids
+            .try_iter()?
+            .enumerate()
+            .map(|(i, p)| prompt_ids(&p?, &format!("input_ids[{i}]")))
+            .collect::<PyResult<_>>()?
     } else {
-        int_list(
-            input_ids,
-            "input_ids",
-            "a list of token ids (ints) or an int64 tensor",
-        )?
+        vec![prompt_ids(input_ids, "input_ids")?]
     };
     let eos_token_ids: Vec<i64> = match eos_token_id {
         None => vec![],
@@ -330,7 +355,17 @@ fn torch_hf_generate(
         seed,
     };
     let entry = registry::get(model_name)?;
-    Ok(py.detach(move || crate::hf::generate::generate(&lock(&entry), &prompt, &opts))?)
+    let mut rows =
+        py.detach(move || crate::hf::generate::generate_batch(&lock(&entry), &prompts, &opts))?;
+    Ok(match batch {
+        true => rows.into_pyobject(py)?.into_any().unbind(),
+        false => rows
+            .pop()
+            .unwrap_or_default()
+            .into_pyobject(py)?
+            .into_any()
+            .unbind(),
+    })
 }
 
 /// Writes the model with its adapters merged as a Hugging Face directory (config, weights,

@@ -92,3 +92,57 @@ def test_generate_bad_inputs(gen_model: tuple[str, Any, Path]) -> None:
         loratch.torch_hf_generate(name, [], 3, greedy=True)
     with pytest.raises(loratch.ShapeError, match="one sequence"):
         loratch.torch_hf_generate(name, torch.zeros(2, 3, dtype=torch.long), 3, greedy=True)
+
+
+def hf_batched_greedy(model: Any, prompts: list[list[int]], n: int, eos: int | None = None) -> list[list[int]]:
+    """transformers' greedy generate of left-padded prompts; each row cut after its stop token."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        out = model.generate(
+            ids, attention_mask=mask, max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=0,
+            min_new_tokens=0,
+        )
+    rows = out[:, width:].tolist()
+    return [r[: r.index(eos) + 1] if eos is not None and eos in r else r for r in rows]
+
+
+BATCH = [[5, 17, 33, 2, 90, 41, 8], [3, 4, 5], [60, 1, 77, 12, 9]]
+
+
+def test_batch_rows_equal_each_prompt_alone(gen_model: tuple[str, Any, Path]) -> None:
+    name, model, _ = gen_model
+    got = loratch.torch_hf_generate(name, BATCH, 14, greedy=True)
+    assert got == [loratch.torch_hf_generate(name, p, 14, greedy=True) for p in BATCH]
+    assert loratch.torch_hf_generate(name, [torch.tensor(p) for p in BATCH], 14, greedy=True) == got
+    if name != "gen-phi3-longrope":  # generated row by row: its rope switch is per row
+        assert got == hf_batched_greedy(model, BATCH, 14)
+
+
+def test_batch_rows_stop_on_their_own(gen_model: tuple[str, Any, Path]) -> None:
+    name, model, _ = gen_model
+    alone = [loratch.torch_hf_generate(name, p, 12, greedy=True) for p in BATCH]
+    stop = alone[1][2]  # row 1 stops at its third token; the others where (if) they emit it
+    got = loratch.torch_hf_generate(name, BATCH, 12, greedy=True, eos_token_id=stop)
+    assert got == [loratch.torch_hf_generate(name, p, 12, greedy=True, eos_token_id=stop) for p in BATCH]
+    assert len(got[1]) <= 3 and got[1][-1] == stop
+    assert max(map(len, got)) > len(got[1]), "another row runs past row 1's stop"
+    if name != "gen-phi3-longrope":
+        assert got == hf_batched_greedy(model, BATCH, 12, eos=stop)
+
+
+def test_batch_sampling_is_seeded_and_bad_prompts_are_named(gen_model: tuple[str, Any, Path]) -> None:
+    name, _, _ = gen_model
+    a = loratch.torch_hf_generate(name, BATCH, 8, temperature=1.5, seed=11)
+    assert a == loratch.torch_hf_generate(name, BATCH, 8, temperature=1.5, seed=11)
+    assert [len(r) for r in a] == [8, 8, 8]
+    assert loratch.torch_hf_generate(name, BATCH, 6, top_k=1, seed=2) == loratch.torch_hf_generate(
+        name, BATCH, 6, greedy=True
+    )
+    with pytest.raises(loratch.ShapeError, match="prompt 1 is empty"):
+        loratch.torch_hf_generate(name, [[1, 2], []], 3)
+    with pytest.raises(loratch.InputError, match="vocab"):
+        loratch.torch_hf_generate(name, [[1, 2], [1, 97]], 3)
+    with pytest.raises(TypeError, match=r"input_ids\[1\]"):
+        loratch.torch_hf_generate(name, [[1, 2], "hello"], 3)  # type: ignore[list-item]

@@ -24,3 +24,9 @@ def typed_usage(path: str) -> float:
     scale: float = layer.scaling
     bias: torch.Tensor | None = layer.bias
     return scale + float(y.sum()) + (0.0 if bias is None else 1.0)
+
+
+def typed_generation(name: str) -> int:
+    one: list[int] = loratch.torch_hf_generate(name, [1, 2, 3], 4, greedy=True)
+    batch: list[list[int]] = loratch.torch_hf_generate(name, [[1, 2], [3]], 4, greedy=True, eos_token_id=2)
+    return len(one) + sum(map(len, batch))
