@@ -205,27 +205,28 @@ fn head_pass(
     // Whether the head's adapter takes part; without one the head's backward is done here.
     let adapted = head.lora.is_some() && !head.merged && mode.enabled;
     let softcap = lm.config.final_softcap;
-    let (losses, grad, graph_sum, correct) = if let (false, Weight::Quantized(q)) = (adapted, &head.weight) {
-        let (losses, grad, correct) = vocab_chunked_loss(
-            CHUNK_LOGITS,
-            q,
-            head.bias.as_ref(),
-            softcap,
-            &rows,
-            &targets,
-            backward,
-        )?;
-        (vec![losses], grad, None, correct)
-    } else if !adapted || backward.is_none() {
-        let (losses, grad, correct) = manual_head_loss(
-            head, adapted, softcap, &rows, &targets, chunk, mode, backward,
-        )?;
-        (losses, grad, None, correct)
-    } else {
-        let logits = |x: &Tensor| lm.softcap_logits(head.forward(x, mode)?);
-        let (losses, total, correct) = autograd_head_loss(&logits, &rows, &targets, chunk)?;
-        (losses, None, Some(total), correct)
-    };
+    let (losses, grad, graph_sum, correct) =
+        if let (false, Weight::Quantized(q)) = (adapted, &head.weight) {
+            let (losses, grad, correct) = vocab_chunked_loss(
+                CHUNK_LOGITS,
+                q,
+                head.bias.as_ref(),
+                softcap,
+                &rows,
+                &targets,
+                backward,
+            )?;
+            (vec![losses], grad, None, correct)
+        } else if !adapted || backward.is_none() {
+            let (losses, grad, correct) = manual_head_loss(
+                head, adapted, softcap, &rows, &targets, chunk, mode, backward,
+            )?;
+            (losses, grad, None, correct)
+        } else {
+            let logits = |x: &Tensor| lm.softcap_logits(head.forward(x, mode)?);
+            let (losses, total, correct) = autograd_head_loss(&logits, &rows, &targets, chunk)?;
+            (losses, None, Some(total), correct)
+        };
     Ok(HeadPass {
         n_tokens: n,
         token_losses: Tensor::f_cat(&losses, 0)?,

@@ -133,12 +133,12 @@ fn yaml_and_toml_read_into_the_same_config() {
 
 #[test]
 fn other_tools_key_names_map_to_loratchs_with_a_note() {
-    let yaml = format!(
+    let yaml = String::from(
         "base_model: org/model\ndata: d.jsonl\noutput_dir: out\nr: 8\nlora_alpha: 16\n\
          lora_dropout: 0.1\nlora_target_modules: [q_proj, v_proj]\nnum_train_epochs: 2.0\n\
          lr_scheduler_type: cosine\nper_device_train_batch_size: 4\nsequence_len: 512\n\
          val_set_size: 0.05\nwarmup_ratio: 0.1\nlearning_rate: 1.0e-4\n\
-         gradient_accumulation_steps: 8\n"
+         gradient_accumulation_steps: 8\n",
     );
     let p = parse_yaml(&yaml, &[]).unwrap();
     let c = &p.config;
