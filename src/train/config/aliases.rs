@@ -171,6 +171,13 @@ pub const ALIASES: &[Alias] = &[
         "torchtune",
         Convert::Same,
     ),
+    alias(
+        "load_best_model_at_end",
+        TRAINING,
+        "load_best_at_end",
+        "TRL",
+        Convert::Same,
+    ),
 ];
 
 /// Names refused because their meaning is not loratch's, with the difference.

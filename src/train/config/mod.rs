@@ -33,7 +33,7 @@ pub const TOP_KEYS: [&str; 9] = [
 pub const LORA_KEYS: [&str; 5] = ["rank", "alpha", "target_modules", "dropout", "use_rslora"];
 
 /// The keys of [`TrainingSection`].
-pub const TRAINING_KEYS: [&str; 22] = [
+pub const TRAINING_KEYS: [&str; 25] = [
     "learning_rate",
     "weight_decay",
     "num_epochs",
@@ -56,6 +56,9 @@ pub const TRAINING_KEYS: [&str; 22] = [
     "max_nonfinite_steps",
     "overwrite_output_dir",
     "gradient_checkpointing",
+    "save_total_limit",
+    "load_best_at_end",
+    "report_to",
 ];
 
 /// A configuration and the notes its aliases produced (`"lora_alpha" is loratch's [lora]
