@@ -528,7 +528,7 @@ CASES: list[tuple[str, str, str, str]] = [
     ("lora-load-adapters-unreadable-chmod", "l = loratch.torch_lora_linear(8, 4, 2, 4.0); p = tmp / 'a.safetensors'; loratch.torch_lora_save_adapters(l, p); unreadable(p); loratch.torch_lora_load_adapters(l, p)", "PermissionError", "a.safetensors"),
     # --- loratch.train: the configuration ------------------------------------------------------------
     ("train-unknown-top-level-key", "loratch.train(train_config(optimizer={'lr': 1}))", "ConfigError", "optimizer"),
-    ("train-unknown-training-key", "loratch.train(train_config(training={'warmup_ratio': 0.1}))", "ConfigError", "warmup_ratio"),
+    ("train-unknown-training-key", "loratch.train(train_config(training={'warmup_ratoi': 0.1}))", "ConfigError", "did you mean `warmup_ratio`"),
     ("train-unknown-lora-key", "loratch.train(train_config(lora={'lora_alpha': 8}))", "ConfigError", "lora_alpha"),
     ("train-missing-model", "loratch.train(train_config(model=None))", "ConfigError", "model"),
     ("train-missing-output-dir", "loratch.train(train_config(output_dir=None))", "ConfigError", "output_dir"),

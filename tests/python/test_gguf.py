@@ -321,7 +321,7 @@ def test_train_from_gguf(trainable_dir: Path, binary: Path, tmp_path: Path) -> N
     (tmp_path / "cfg.toml").write_text(toml)
     out = run_cli(binary, "train", "--config", tmp_path / "cfg.toml")
     assert out.returncode == 0, out.stderr
-    adapter = tmp_path / "out" / "adapter"
+    adapter = tmp_path / "out"
     assert (adapter / "adapter_model.safetensors").is_file()
     ids = torch.randint(0, 49152, (1, 9))
     loratch.torch_hf_load_model_lora("tg", path)
