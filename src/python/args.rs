@@ -153,3 +153,18 @@ where
         Error::Config(format!("{what}: {at}{}", e.inner())).into()
     })
 }
+
+/// Issues each note of a parsed training config (other tools' key names read as loratch's) as a
+/// `UserWarning`, as the CLI prints its `note:` lines.
+pub fn warn_config_notes(py: Python<'_>, notes: &[String]) -> PyResult<()> {
+    let category = py.get_type::<pyo3::exceptions::PyUserWarning>();
+    for note in notes {
+        PyErr::warn(
+            py,
+            &category,
+            &std::ffi::CString::new(format!("note: {note}"))?,
+            1,
+        )?;
+    }
+    Ok(())
+}

@@ -77,16 +77,7 @@ fn _inspect_data<'py>(
             )
         }
     };
-    // Other tools' key names were mapped: say so, as `loratch.train` does.
-    let category = py.get_type::<pyo3::exceptions::PyUserWarning>();
-    for note in &parsed.notes {
-        PyErr::warn(
-            py,
-            &category,
-            &std::ffi::CString::new(format!("note: {note}"))?,
-            1,
-        )?;
-    }
+    crate::python::args::warn_config_notes(py, &parsed.notes)?;
     let config = parsed.config;
     let report = py.detach(|| inspect(&config, show))?;
     report_dict(py, &report)

@@ -97,16 +97,7 @@ fn _train(
     dist: Option<Py<PyAny>>,
 ) -> PyResult<Py<PyDict>> {
     let parsed = TrainConfig::from_json(config_json)?;
-    // Other tools' key names were mapped: say so, as the CLI's `note:` lines do.
-    let category = py.get_type::<pyo3::exceptions::PyUserWarning>();
-    for note in &parsed.notes {
-        PyErr::warn(
-            py,
-            &category,
-            &std::ffi::CString::new(format!("note: {note}"))?,
-            1,
-        )?;
-    }
+    crate::python::args::warn_config_notes(py, &parsed.notes)?;
     let config = parsed.config;
     let (rank, world) = match &dist {
         Some(d) => {
