@@ -1,7 +1,8 @@
 //! Build script: link libtorch so CUDA stays visible, give every artifact an rpath to the torch
 //! libraries, and compile the small C++ bridge (csrc/: tensor hand-over, the optimizer's helpers,
 //! fused LoRA linear, blocked causal attention, fused RMSNorm, rotary embedding, SwiGLU, GeGLU,
-//! cross-entropy, the quantized linear and the activation-checkpointing node).
+//! cross-entropy, the quantized linear with its AVX2 block kernels and the activation-checkpointing
+//! node).
 use std::path::PathBuf;
 
 fn main() {
@@ -20,6 +21,8 @@ fn main() {
         "csrc/gelu_glu.cpp",
         "csrc/cross_entropy.cpp",
         "csrc/quant_linear.cpp",
+        "csrc/quant_simd.h",
+        "csrc/quant_simd.cpp",
         "csrc/checkpoint.cpp",
     ] {
         println!("cargo:rerun-if-changed={file}");
@@ -87,6 +90,7 @@ fn main() {
         .file("csrc/gelu_glu.cpp")
         .file("csrc/cross_entropy.cpp")
         .file("csrc/quant_linear.cpp")
+        .file("csrc/quant_simd.cpp")
         .file("csrc/checkpoint.cpp")
         .compile("loratch_bridge");
 }

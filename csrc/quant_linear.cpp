@@ -11,7 +11,8 @@
 //
 // The block decoding is Rust's (src/quant, equal to gguf-py bit for bit), passed in as a function
 // pointer at each call rather than linked by name, so no link-order dependency arises between
-// this archive and the crate. Decoding runs on the CPU, rows split over libtorch's threads; on
+// this archive and the crate; the common GGUF formats decode with the AVX2 kernels of
+// quant_simd.cpp instead (the same floats) where the CPU has AVX2. Decoding runs on the CPU, rows split over libtorch's threads; on
 // other devices the float chunk is copied to x's device before its product (the quantized bytes
 // stay in host memory).
 #include <ATen/ATen.h>
@@ -27,6 +28,7 @@
 
 #include "blas.h"
 #include "bridge.h"
+#include "quant_simd.h"
 
 namespace {
 
@@ -63,8 +65,13 @@ at::Tensor rows_of(const QWeight& w, int64_t r0, int64_t n, const at::Tensor& li
   const int64_t rb = w.data.size(1);
   float* dst = scratch(n * w.in);
   const uint8_t* src = w.data.data_ptr<uint8_t>();
+  const bool simd = loratch::quant_simd_supports(w.ty);
   std::atomic<int32_t> failed{0};
   at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+    if (simd) {
+      loratch::quant_simd_decode(w.ty, src + (r0 + b) * rb, rb, e - b, w.in, dst + b * w.in);
+      return;
+    }
     const int32_t rc =
         w.decode(w.ty, src + (r0 + b) * rb, (e - b) * rb, dst + b * w.in, (e - b) * w.in);
     if (rc != 0) failed = rc;
@@ -88,10 +95,12 @@ constexpr int64_t kFewRows = 8;
 // the core's cache while the product reads it.
 constexpr int64_t kFewRowsBlockElems = 32 << 10;
 
-// x2 [m, in] -> [m, out] for a float32 CPU input of few rows: each thread decodes its own small
-// blocks of W's rows and multiplies each at once (sgemm_ on the calling thread), so the product
-// reads W's quantized bytes once and never writes a float copy of W out to memory, which the
-// chunked product (decode all, then multiply) does at every decoding step.
+// x2 [m, in] -> [m, out] for a float32 CPU input of few rows: each thread takes its own blocks of
+// W's rows and, for the formats of quant_simd.cpp, decodes each block in registers and multiplies
+// it there; for the others it decodes small blocks of rows and multiplies each at once (sgemm_ on
+// the calling thread). Either way the product reads W's quantized bytes once and never writes a
+// float copy of W out to memory, which the chunked product (decode all, then multiply) does at
+// every decoding step.
 at::Tensor forward_few_rows(const at::Tensor& x2, const QWeight& w, const at::Tensor& bias) {
   const at::Tensor x = x2.contiguous();
   const int64_t m = x.size(0), out = w.data.size(0), rb = w.data.size(1);
@@ -101,6 +110,14 @@ at::Tensor forward_few_rows(const at::Tensor& x2, const QWeight& w, const at::Te
   float* yp = y.data_ptr<float>();
   const uint8_t* src = w.data.data_ptr<uint8_t>();
   std::atomic<int32_t> failed{0};
+  if (loratch::quant_simd_supports(w.ty)) {
+    at::parallel_for(0, (out + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
+      const int64_t r0 = b0 * block, n = std::min(b1 * block, out) - r0;
+      loratch::quant_simd_dot(w.ty, src + r0 * rb, rb, n, w.in, xp, m, yp + r0, out);
+    });
+    if (bias.defined()) y.add_(bias);
+    return y;
+  }
   at::parallel_for(0, (out + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
     thread_local std::vector<float> buf;
     buf.resize(static_cast<size_t>(block * w.in));

@@ -317,6 +317,51 @@ mod tests {
         tch::set_num_threads(threads);
     }
 
+    /// The AVX2 kernels (csrc/quant_simd.cpp, which names the formats by these codes) decode
+    /// random blocks of each of their formats to Rust's floats bit for bit, and their few-row
+    /// products (1 to 8 rows, one thread and two) are within the float32 reordering bound of the
+    /// product with the decoded weight. On a CPU without AVX2 the same checks cover the fallback.
+    #[test]
+    fn block_kernels_decode_as_rust_and_multiply_within_the_bound() {
+        use rand::{rngs::StdRng, SeedableRng};
+        let simd = [
+            QType::Q4_0,
+            QType::Q4_1,
+            QType::Q5_0,
+            QType::Q5_1,
+            QType::Q8_0,
+            QType::Q4K,
+            QType::Q5K,
+            QType::Q6K,
+        ];
+        assert_eq!(simd.map(code), [2, 3, 4, 5, 6, 9, 10, 11]);
+        let threads = tch::get_num_threads();
+        let mut rng = StdRng::seed_from_u64(7);
+        for ty in simd {
+            let (out, inf) = (70, 512);
+            let n_blocks = out as usize * inf as usize / ty.block_elems();
+            let blocks = crate::quant::tests::random_blocks(ty, n_blocks, &mut rng);
+            let mut want = vec![0f32; out as usize * inf as usize];
+            quant::dequantize(ty, &blocks, &mut want).unwrap();
+            let q = QWeight::from_blocks(&blocks, ty, out, inf, Kind::Float, Device::Cpu).unwrap();
+            let dense = q.dequantize(Kind::Float).unwrap();
+            let got = Vec::<f32>::try_from(dense.reshape([-1])).unwrap();
+            let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{ty:?}: decoded floats differ from Rust's");
+            for (rows, n_threads) in [(1, 1), (2, 2), (3, 1), (5, 2), (8, 2)] {
+                tch::set_num_threads(n_threads);
+                let x = Tensor::randn([rows, inf], (Kind::Float, Device::Cpu));
+                let y = q.linear(&x, None).unwrap();
+                let diff = max_diff(&y, &x.mm(&dense.tr()));
+                assert!(
+                    diff <= sum_bound(inf, &x, &dense),
+                    "{ty:?} {rows} rows: {diff}"
+                );
+            }
+        }
+        tch::set_num_threads(threads);
+    }
+
     /// The blocks (not a float copy) are what the weight holds, and a bfloat16 model computes
     /// its products in bfloat16 from the decoded rows.
     #[test]

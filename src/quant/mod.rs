@@ -13,7 +13,7 @@ mod dequant;
 mod nf4;
 mod quantize;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use nf4::NF4_CODE;
 

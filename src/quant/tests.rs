@@ -33,7 +33,7 @@ fn finite_f16(rng: &mut StdRng) -> u16 {
 }
 
 /// `n_blocks` random blocks of `ty` with finite scales.
-fn random_blocks(ty: QType, n_blocks: usize, rng: &mut StdRng) -> Vec<u8> {
+pub(crate) fn random_blocks(ty: QType, n_blocks: usize, rng: &mut StdRng) -> Vec<u8> {
     let bb = ty.block_bytes();
     let mut bytes: Vec<u8> = (0..n_blocks * bb).map(|_| rng.gen()).collect();
     for block in bytes.chunks_exact_mut(bb) {
