@@ -100,8 +100,9 @@ fuzz fuzz-short: fuzz-build
 	  fi; \
 	done
 
+# BENCH_ARGS: bench.py's options, e.g. BENCH_ARGS="--memory-sizes ''" keeps the previous memory table.
 bench: build
-	$(PY) benches/bench.py
+	$(PY) benches/bench.py $(BENCH_ARGS)
 
 # Only the memory table of `make bench` (~1 h; MEMORY_ARGS=--quick for the 135M rows, --dry-run
 # lists the rows and their expected minutes). Its random models stay in target/memory-table.

@@ -224,6 +224,23 @@ def bench_model(model_dir: Path, rounds: int) -> list[str]:
 
 
 HAND_WRITTEN = ("## Figures", "## Notes")
+MEMORY_TABLE = "## Memory table"
+
+
+def previous_section(path: Path, heading: str) -> list[str]:
+    """The section of `path` whose heading starts with `heading`, up to the next "## " heading,
+    or [] (a section this run does not measure keeps the previous run's figures, marked as such)."""
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    start = next((i for i, ln in enumerate(lines) if ln.startswith(heading)), None)
+    if start is None:
+        return []
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    kept = [ln for ln in lines[start:end] if not ln.startswith("Not re-measured by this run")]
+    note = ("Not re-measured by this run of `make bench` (`--memory-sizes ''`): the figures are the previous "
+            "run's, as its own text describes them.")
+    return [kept[0], "", note, *kept[1:]]
 
 
 def hand_written(path: Path) -> list[str]:
@@ -252,7 +269,8 @@ def main() -> None:
     ap.add_argument("--gemma3-rounds", type=int, default=3,
                     help="Gemma-3-270M fixed-length runs per side (0: skip; alone: train_bench.py --only gemma3)")
     ap.add_argument("--memory-sizes", default="135m,1b,3b,8b",
-                    help="the memory table's model sizes (benches/memory_table.py; ~1 h for all); '' to skip")
+                    help="the memory table's model sizes (benches/memory_table.py; ~1 h for all); '' to keep the "
+                         "previous run's table, marked as not re-measured")
     ap.add_argument("--memory-only", default=None, help="a regex: only the memory-table rows whose id it matches")
     args = ap.parse_args()
     if args.quick:
@@ -306,6 +324,8 @@ def main() -> None:
         # Its random models stay in target/memory-table between runs (GBs, written once).
         memory_work = here.parent / "target" / "memory-table"
         body += bench_memory_table(memory_work, args.memory_sizes.split(","), args.memory_only)
+    elif not args.quick:
+        body += previous_section(out, MEMORY_TABLE)
     text = "\n".join(head + summary.table() + body + hand_written(out)) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)

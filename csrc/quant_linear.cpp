@@ -5,16 +5,17 @@
 // dequantizes W a chunk of rows at a time into scratch memory that is reused from call to call
 // (per thread), multiplies, and drops the float rows; the backward does the same for the input
 // gradient `g W`. An input of few rows (a decoding step) instead has each thread decode small
-// blocks of rows and multiply them at once (`forward_few_rows`). So the graph saves nothing of W: a model of quantized projections holds its
-// quantized bytes plus one chunk of float rows, however many layers run. W gets no gradient (it
-// is frozen; LoRA's factors are separate nodes).
+// blocks of rows and multiply them at once (`forward_few_rows`), and a float32 input of many rows
+// in a format of quant_simd.cpp has each thread decode cache-sized tiles of rows and multiply
+// each (`forward_tiled`). So the graph saves nothing of W: a model of quantized projections holds
+// its quantized bytes plus one chunk of float rows, however many layers run. W gets no gradient (it is frozen; LoRA's factors are separate nodes).
 //
 // The block decoding is Rust's (src/quant, equal to gguf-py bit for bit), passed in as a function
 // pointer at each call rather than linked by name, so no link-order dependency arises between
 // this archive and the crate; the common GGUF formats decode with the AVX2 kernels of
-// quant_simd.cpp instead (the same floats) where the CPU has AVX2. Decoding runs on the CPU, rows split over libtorch's threads; on
-// other devices the float chunk is copied to x's device before its product (the quantized bytes
-// stay in host memory).
+// quant_simd.cpp instead (the same floats) where the CPU has AVX2. Decoding runs on the CPU, rows
+// split over libtorch's threads; on other devices the float chunk is copied to x's device before
+// its product (the quantized bytes stay in host memory).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -104,7 +105,8 @@ constexpr int64_t kFewRowsBlockElems = 32 << 10;
 at::Tensor forward_few_rows(const at::Tensor& x2, const QWeight& w, const at::Tensor& bias) {
   const at::Tensor x = x2.contiguous();
   const int64_t m = x.size(0), out = w.data.size(0), rb = w.data.size(1);
-  const int64_t block = std::clamp<int64_t>(kFewRowsBlockElems / std::max<int64_t>(1, w.in), 1, out);
+  const int64_t block =
+      std::clamp<int64_t>(kFewRowsBlockElems / std::max<int64_t>(1, w.in), 1, out);
   at::Tensor y = at::empty({m, out}, x.options());
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
@@ -128,8 +130,7 @@ at::Tensor forward_few_rows(const at::Tensor& x2, const QWeight& w, const at::Te
         failed = rc;
         return;
       }
-      loratch::gemm(false, true, m, n, w.in, 1.0f, xp, w.in, buf.data(), w.in, 0.0f, yp + r0,
-                    out);
+      loratch::gemm(false, true, m, n, w.in, 1.0f, xp, w.in, buf.data(), w.in, 0.0f, yp + r0, out);
     }
   });
   if (failed != 0) {
@@ -140,11 +141,58 @@ at::Tensor forward_few_rows(const at::Tensor& x2, const QWeight& w, const at::Te
   return y;
 }
 
+// Inputs of at least this many rows (prompts, training batches) of a float32 CPU input and a
+// format of quant_simd.cpp take `forward_tiled`.
+constexpr int64_t kTiledRows = 16;
+// Rows of W per tile of `forward_tiled`: a multiple of 64, at most about 192 Ki float32 elements
+// (768 KiB, which stays in a core's L2 cache while the product reads it; a 129-row product on
+// 64-row tiles ran ~10% slower than on 128 to 256 rows), and at least two tiles per thread.
+int64_t tile_rows(int64_t in, int64_t out) {
+  const int64_t cache = (int64_t{192 << 10} / std::max<int64_t>(1, in)) / 64 * 64;
+  const int64_t per_thread = (out + 2 * at::get_num_threads() - 1) / (2 * at::get_num_threads());
+  const int64_t balanced = (per_thread + 63) / 64 * 64;
+  return std::max<int64_t>(64, std::min(cache, balanced));
+}
+
+// x2 [m, in] -> [m, out] for a float32 CPU input of many rows and a format of quant_simd.cpp: each
+// thread decodes its own tiles of W's rows (AVX2) into a cache-sized buffer and multiplies each at
+// once (sgemm_ on the calling thread), so the float rows never travel to memory and back, as the
+// chunked product's decode-all-then-multiply makes them. Every output element is still one
+// product over all of `in`; for >= 16 rows and whole 64-column tiles (`out` a multiple of 64)
+// oneMKL's sums then equal those of one product on the whole decoded weight, bit for bit (held by
+// ops/quant.rs's tests and tests/python/test_gguf.py's logits against transformers; a 6-column
+// remainder tile was not equal, so other widths take the chunked product).
+at::Tensor forward_tiled(const at::Tensor& x2, const QWeight& w, const at::Tensor& bias) {
+  const at::Tensor x = x2.contiguous();
+  const int64_t m = x.size(0), out = w.data.size(0), rb = w.data.size(1);
+  const int64_t tile = std::min(tile_rows(w.in, out), out);
+  // With a bias, y starts as the bias and the products add to it (beta = 1), as `addmm` does.
+  at::Tensor y =
+      bias.defined() ? bias.expand({m, out}).contiguous() : at::empty({m, out}, x.options());
+  const float beta = bias.defined() ? 1.0f : 0.0f;
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const uint8_t* src = w.data.data_ptr<uint8_t>();
+  at::parallel_for(0, (out + tile - 1) / tile, 1, [&](int64_t b0, int64_t b1) {
+    thread_local std::vector<float> buf;
+    buf.resize(static_cast<size_t>(tile * w.in));
+    for (int64_t i = b0; i < b1; ++i) {
+      const int64_t r0 = i * tile, n = std::min(tile, out - r0);
+      loratch::quant_simd_decode(w.ty, src + r0 * rb, rb, n, w.in, buf.data());
+      loratch::gemm(false, true, m, n, w.in, 1.0f, xp, w.in, buf.data(), w.in, beta, yp + r0, out);
+    }
+  });
+  return y;
+}
+
 // x2 [m, in] -> [m, out]; one product when W fits one chunk, so that case equals `linear` on
 // the decoded weight bit for bit.
 at::Tensor forward_rows(const at::Tensor& x2, const QWeight& w, const at::Tensor& bias) {
-  if (x2.size(0) <= kFewRows && x2.scalar_type() == at::kFloat && x2.is_cpu()) {
-    return forward_few_rows(x2, w, bias);
+  const bool cpu_float = x2.scalar_type() == at::kFloat && x2.is_cpu();
+  if (x2.size(0) <= kFewRows && cpu_float) return forward_few_rows(x2, w, bias);
+  if (x2.size(0) >= kTiledRows && cpu_float && w.data.size(0) % 64 == 0 &&
+      loratch::quant_simd_supports(w.ty)) {
+    return forward_tiled(x2, w, bias);
   }
   const int64_t out = w.data.size(0), chunk = chunk_rows(w);
   if (out <= chunk) {
@@ -155,8 +203,8 @@ at::Tensor forward_rows(const at::Tensor& x2, const QWeight& w, const at::Tensor
   for (int64_t r0 = 0; r0 < out; r0 += chunk) {
     const int64_t n = std::min(chunk, out - r0);
     const at::Tensor wt = rows_of(w, r0, n, x2);
-    at::Tensor part = bias.defined() ? at::addmm(bias.narrow(0, r0, n), x2, wt.t())
-                                     : at::mm(x2, wt.t());
+    at::Tensor part =
+        bias.defined() ? at::addmm(bias.narrow(0, r0, n), x2, wt.t()) : at::mm(x2, wt.t());
     y.narrow(1, r0, n).copy_(part);
   }
   return y;

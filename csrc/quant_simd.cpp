@@ -28,7 +28,16 @@ namespace {
 using V = __m256;
 
 // Type codes: indices into Rust's `quant::ALL_QTYPES` (a Rust test pins them).
-enum Code : int32_t { kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 4, kQ5_1 = 5, kQ8_0 = 6, kQ4K = 9, kQ5K = 10, kQ6K = 11 };
+enum Code : int32_t {
+  kQ4_0 = 2,
+  kQ4_1 = 3,
+  kQ5_0 = 4,
+  kQ5_1 = 5,
+  kQ8_0 = 6,
+  kQ4K = 9,
+  kQ5K = 10,
+  kQ6K = 11
+};
 
 // The little-endian f16 at `p` as f32, as Rust's `quant::f16_to_f32` computes it (subnormals by an
 // exact product, so flush-to-zero modes do not change it).
@@ -50,8 +59,12 @@ inline float half_at(const uint8_t* p) {
   return f;
 }
 
-inline __m256i load32(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-inline __m128i load16(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
+inline __m256i load32(const uint8_t* p) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+inline __m128i load16(const uint8_t* p) {
+  return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+}
 
 // 32 int8 lanes as four vectors of 8 floats, in order.
 inline void to_floats(__m256i q, V w[4]) {
@@ -70,10 +83,11 @@ inline __m256i split_nibbles(__m128i q) {
 
 // Lane i is 0x10 where bit i of `x` is set, else 0 (the fifth bits of q5_0 / q5_1).
 inline __m256i fifth_bits(uint32_t x) {
-  const __m256i pick = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2,
-                                        2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+  const __m256i pick = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2,
+                                        2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
   const __m256i bit = _mm256_set1_epi64x(0x8040201008040201LL);
-  const __m256i v = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(x)), pick), bit);
+  const __m256i v =
+      _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(x)), pick), bit);
   return _mm256_and_si256(_mm256_cmpeq_epi8(v, bit), _mm256_set1_epi8(0x10));
 }
 
@@ -197,7 +211,8 @@ struct Q5K {
     const __m256i qh = load32(b + 16);
     for (int g = 0; g < 8; ++g) {
       V w[4];
-      const __m256i lo = _mm256_and_si256(shift_right(load32(b + 48 + 32 * (g / 2)), 4 * (g % 2)), low);
+      const __m256i lo =
+          _mm256_and_si256(shift_right(load32(b + 48 + 32 * (g / 2)), 4 * (g % 2)), low);
       const __m256i hi = _mm256_slli_epi16(_mm256_and_si256(shift_right(qh, g), one), 4);
       to_floats(_mm256_or_si256(lo, hi), w);
       scale_sub(w, d * static_cast<float>(sc[g]), dmin * static_cast<float>(mn[g]));
@@ -217,7 +232,8 @@ struct Q6K {
     for (int h = 0; h < 2; ++h) {
       const __m256i hbits = load32(b + 128 + 32 * h);
       for (int j = 0; j < 4; ++j) {
-        const __m256i lo = _mm256_and_si256(shift_right(load32(b + 64 * h + 32 * (j % 2)), 4 * (j / 2)), low);
+        const __m256i lo =
+            _mm256_and_si256(shift_right(load32(b + 64 * h + 32 * (j % 2)), 4 * (j / 2)), low);
         const __m256i hi = _mm256_slli_epi16(_mm256_and_si256(shift_right(hbits, 2 * j), two), 4);
         V w[4];
         to_floats(_mm256_sub_epi8(_mm256_or_si256(lo, hi), _mm256_set1_epi8(32)), w);
@@ -256,7 +272,8 @@ inline float hsum(V v) {
 // M rows of x against each row of W; A independent accumulators per x row so that few rows
 // still keep the FMA units busy.
 template <class B, int M>
-void dot_rows(const uint8_t* w, int64_t rb, int64_t n, int64_t in, const float* x, float* y, int64_t ldy) {
+void dot_rows(const uint8_t* w, int64_t rb, int64_t n, int64_t in, const float* x, float* y,
+              int64_t ldy) {
   constexpr int A = M == 1 ? 4 : (M == 2 ? 2 : 1);
   const int64_t nb = in / B::kElems;
   for (int64_t r = 0; r < n; ++r) {
@@ -270,7 +287,8 @@ void dot_rows(const uint8_t* w, int64_t rb, int64_t n, int64_t in, const float* 
         const float* xc = xb + 32 * c;
         for (int i = 0; i < M; ++i)
           for (int k = 0; k < 4; ++k)
-            acc[i][k % A] = _mm256_fmadd_ps(v[k], _mm256_loadu_ps(xc + i * in + 8 * k), acc[i][k % A]);
+            acc[i][k % A] =
+                _mm256_fmadd_ps(v[k], _mm256_loadu_ps(xc + i * in + 8 * k), acc[i][k % A]);
       });
     }
     for (int i = 0; i < M; ++i) {
@@ -282,17 +300,25 @@ void dot_rows(const uint8_t* w, int64_t rb, int64_t n, int64_t in, const float* 
 }
 
 template <class B>
-void dot_any(const uint8_t* w, int64_t rb, int64_t n, int64_t in, const float* x, int64_t m, float* y,
-             int64_t ldy) {
+void dot_any(const uint8_t* w, int64_t rb, int64_t n, int64_t in, const float* x, int64_t m,
+             float* y, int64_t ldy) {
   switch (m) {
-    case 1: return dot_rows<B, 1>(w, rb, n, in, x, y, ldy);
-    case 2: return dot_rows<B, 2>(w, rb, n, in, x, y, ldy);
-    case 3: return dot_rows<B, 3>(w, rb, n, in, x, y, ldy);
-    case 4: return dot_rows<B, 4>(w, rb, n, in, x, y, ldy);
-    case 5: return dot_rows<B, 5>(w, rb, n, in, x, y, ldy);
-    case 6: return dot_rows<B, 6>(w, rb, n, in, x, y, ldy);
-    case 7: return dot_rows<B, 7>(w, rb, n, in, x, y, ldy);
-    default: return dot_rows<B, 8>(w, rb, n, in, x, y, ldy);
+    case 1:
+      return dot_rows<B, 1>(w, rb, n, in, x, y, ldy);
+    case 2:
+      return dot_rows<B, 2>(w, rb, n, in, x, y, ldy);
+    case 3:
+      return dot_rows<B, 3>(w, rb, n, in, x, y, ldy);
+    case 4:
+      return dot_rows<B, 4>(w, rb, n, in, x, y, ldy);
+    case 5:
+      return dot_rows<B, 5>(w, rb, n, in, x, y, ldy);
+    case 6:
+      return dot_rows<B, 6>(w, rb, n, in, x, y, ldy);
+    case 7:
+      return dot_rows<B, 7>(w, rb, n, in, x, y, ldy);
+    default:
+      return dot_rows<B, 8>(w, rb, n, in, x, y, ldy);
   }
 }
 
@@ -300,21 +326,31 @@ void dot_any(const uint8_t* w, int64_t rb, int64_t n, int64_t in, const float* x
 template <class F>
 void with_block(int32_t ty, F&& f) {
   switch (ty) {
-    case kQ4_0: return f(Q4_0{});
-    case kQ4_1: return f(Q4_1{});
-    case kQ5_0: return f(Q5_0{});
-    case kQ5_1: return f(Q5_1{});
-    case kQ8_0: return f(Q8_0{});
-    case kQ4K: return f(Q4K{});
-    case kQ5K: return f(Q5K{});
-    case kQ6K: return f(Q6K{});
-    default: return;
+    case kQ4_0:
+      return f(Q4_0{});
+    case kQ4_1:
+      return f(Q4_1{});
+    case kQ5_0:
+      return f(Q5_0{});
+    case kQ5_1:
+      return f(Q5_1{});
+    case kQ8_0:
+      return f(Q8_0{});
+    case kQ4K:
+      return f(Q4K{});
+    case kQ5K:
+      return f(Q5K{});
+    case kQ6K:
+      return f(Q6K{});
+    default:
+      return;
   }
 }
 
 }  // namespace
 
-void quant_simd_decode(int32_t ty, const uint8_t* w, int64_t rb, int64_t n, int64_t in, float* dst) {
+void quant_simd_decode(int32_t ty, const uint8_t* w, int64_t rb, int64_t n, int64_t in,
+                       float* dst) {
   with_block(ty, [&](auto b) { decode_rows<decltype(b)>(w, rb, n, in, dst); });
 }
 
@@ -323,7 +359,9 @@ void quant_simd_dot(int32_t ty, const uint8_t* w, int64_t rb, int64_t n, int64_t
   // More than 8 rows: groups of 8 (the callers pass at most 8).
   for (int64_t i0 = 0; i0 < m; i0 += 8) {
     const int64_t mi = m - i0 < 8 ? m - i0 : 8;
-    with_block(ty, [&](auto b) { dot_any<decltype(b)>(w, rb, n, in, x + i0 * in, mi, y + i0 * ldy, ldy); });
+    with_block(ty, [&](auto b) {
+      dot_any<decltype(b)>(w, rb, n, in, x + i0 * in, mi, y + i0 * ldy, ldy);
+    });
   }
 }
 
@@ -332,7 +370,14 @@ void quant_simd_dot(int32_t ty, const uint8_t* w, int64_t rb, int64_t n, int64_t
 bool quant_simd_supports(int32_t ty) {
   static const bool cpu = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   switch (ty) {
-    case kQ4_0: case kQ4_1: case kQ5_0: case kQ5_1: case kQ8_0: case kQ4K: case kQ5K: case kQ6K:
+    case kQ4_0:
+    case kQ4_1:
+    case kQ5_0:
+    case kQ5_1:
+    case kQ8_0:
+    case kQ4K:
+    case kQ5K:
+    case kQ6K:
       return cpu;
     default:
       return false;
@@ -343,8 +388,8 @@ bool quant_simd_supports(int32_t ty) {
 
 bool quant_simd_supports(int32_t) { return false; }
 void quant_simd_decode(int32_t, const uint8_t*, int64_t, int64_t, int64_t, float*) {}
-void quant_simd_dot(int32_t, const uint8_t*, int64_t, int64_t, int64_t, const float*, int64_t, float*,
-                    int64_t) {}
+void quant_simd_dot(int32_t, const uint8_t*, int64_t, int64_t, int64_t, const float*, int64_t,
+                    float*, int64_t) {}
 
 #endif
 

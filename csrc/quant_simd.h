@@ -15,13 +15,12 @@ bool quant_simd_supports(int32_t ty);
 
 // Decodes the `n` rows of blocks at `w` (each `rb` bytes, `in` elements) into `dst` [n, in].
 // Only for a type `quant_simd_supports`.
-void quant_simd_decode(int32_t ty, const uint8_t* w, int64_t rb, int64_t n, int64_t in,
-                       float* dst);
+void quant_simd_decode(int32_t ty, const uint8_t* w, int64_t rb, int64_t n, int64_t in, float* dst);
 
 // `y[i * ldy + r] = sum_k x[i * in + k] * W[r, k]` for the `m` (1..=8) rows of `x` and the `n`
 // rows of blocks of W at `w` (each `rb` bytes, `in` elements). Only for a type
 // `quant_simd_supports`.
-void quant_simd_dot(int32_t ty, const uint8_t* w, int64_t rb, int64_t n, int64_t in,
-                    const float* x, int64_t m, float* y, int64_t ldy);
+void quant_simd_dot(int32_t ty, const uint8_t* w, int64_t rb, int64_t n, int64_t in, const float* x,
+                    int64_t m, float* y, int64_t ldy);
 
 }  // namespace loratch

@@ -320,7 +320,8 @@ mod tests {
     /// The AVX2 kernels (csrc/quant_simd.cpp, which names the formats by these codes) decode
     /// random blocks of each of their formats to Rust's floats bit for bit, and their few-row
     /// products (1 to 8 rows, one thread and two) are within the float32 reordering bound of the
-    /// product with the decoded weight. On a CPU without AVX2 the same checks cover the fallback.
+    /// product with the decoded weight, their tiled products (16 rows or more) equal to it. On a
+    /// CPU without AVX2 the same checks cover the fallback.
     #[test]
     fn block_kernels_decode_as_rust_and_multiply_within_the_bound() {
         use rand::{rngs::StdRng, SeedableRng};
@@ -346,7 +347,10 @@ mod tests {
             let q = QWeight::from_blocks(&blocks, ty, out, inf, Kind::Float, Device::Cpu).unwrap();
             let dense = q.dequantize(Kind::Float).unwrap();
             let got = Vec::<f32>::try_from(dense.reshape([-1])).unwrap();
-            let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+            let same = got
+                .iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
             assert!(same, "{ty:?}: decoded floats differ from Rust's");
             for (rows, n_threads) in [(1, 1), (2, 2), (3, 1), (5, 2), (8, 2)] {
                 tch::set_num_threads(n_threads);
@@ -357,6 +361,26 @@ mod tests {
                     diff <= sum_bound(inf, &x, &dense),
                     "{ty:?} {rows} rows: {diff}"
                 );
+            }
+            // 16 rows or more and `out` a multiple of 64: tiles of 64k decoded rows, each one
+            // product over all of `in`, equal to `linear` on the whole decoded weight bit for bit,
+            // a bias added as `addmm` adds it; on one thread and two, with tiles of 64 and more.
+            for (out, inf) in [(320, 512), (192, 256), (128, 2048), (1024, 256)] {
+                let n_blocks = out as usize * inf as usize / ty.block_elems();
+                let blocks = crate::quant::tests::random_blocks(ty, n_blocks, &mut rng);
+                let q =
+                    QWeight::from_blocks(&blocks, ty, out, inf, Kind::Float, Device::Cpu).unwrap();
+                let dense = q.dequantize(Kind::Float).unwrap();
+                let bias = Tensor::randn([out], (Kind::Float, Device::Cpu));
+                for (rows, n_threads) in [(16, 2), (40, 1), (129, 2)] {
+                    tch::set_num_threads(n_threads);
+                    let x = Tensor::randn([1, rows, inf], (Kind::Float, Device::Cpu));
+                    for b in [None, Some(&bias)] {
+                        let y = q.linear(&x, b).unwrap();
+                        let diff = max_diff(&y, &x.linear(&dense, b));
+                        assert_eq!(diff, 0.0, "{ty:?} [{out}, {inf}] {rows} rows tiled");
+                    }
+                }
             }
         }
         tch::set_num_threads(threads);

@@ -72,8 +72,9 @@ def ids_and_mask() -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("name", ["llama-all", "llama-more", "llama-f32", "qwen2", "qwen3"])
 def test_logits_equal_transformers_model_of_the_file(ggufs: dict[str, Path], name: str) -> None:
-    """Same decoded values (loratch's decoder equals gguf-py's bit for bit), same products (each
-    weight fits one decoding chunk, so the product is libtorch's own `linear` on it): equal bit
+    """Same decoded values (loratch's decoders equal gguf-py's bit for bit), same products (each
+    weight fits one decoding chunk, so the product is libtorch's own `linear` on it, or, for 16
+    rows or more, tiles of 64k rows whose oneMKL sums equal it: csrc/quant_linear.cpp): equal bit
     for bit without padding."""
     path = ggufs[name]
     hf = hf_from_gguf(path)
