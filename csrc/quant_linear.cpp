@@ -318,6 +318,49 @@ char* loratch_quant_rows(const void* data, int32_t ty, int64_t in, Dequantize de
   });
 }
 
+// Writes a new at::Tensor* holding `x W^T + b` for a float32 CPU weight `w` [out, in] (contiguous,
+// `in` a multiple of 32) and an input of at most 8 rows, outside autograd: generation's decoding
+// steps, where each product reads all of W for one row. Threads take blocks of W's rows and run
+// quant_simd.cpp's AVX2 dot products on them (oneMKL's generic kernels, which stock PyTorch runs
+// on AMD processors, read W at a fraction of the memory bandwidth). `bias` may be nullptr.
+char* loratch_dense_few_rows(const void* x, const void* w, const void* bias, void** out) {
+  return loratch_guard("unknown C++ exception in the decoding step's linear", [&] {
+    const at::Tensor& wt = tensor(w);
+    const at::Tensor& xt = tensor(x);
+    TORCH_CHECK(wt.dim() == 2 && wt.scalar_type() == at::kFloat && wt.is_cpu() &&
+                    wt.is_contiguous() && wt.size(1) % 32 == 0,
+                "decoding-step linear: the weight must be a contiguous float32 CPU matrix whose "
+                "rows are a multiple of 32 long, got ",
+                wt.sizes());
+    const int64_t in = wt.size(1), n_out = wt.size(0);
+    TORCH_CHECK(xt.dim() >= 1 && xt.size(-1) == in && xt.scalar_type() == at::kFloat &&
+                    xt.is_cpu(),
+                "decoding-step linear: input ", xt.sizes(), " is not float32 on the CPU ending in ",
+                in);
+    TORCH_CHECK(loratch::quant_simd_supports(0), "decoding-step linear: this CPU lacks AVX2/FMA");
+    at::NoGradGuard no_grad;
+    const at::Tensor x2 = xt.reshape({-1, in}).contiguous();
+    const int64_t m = x2.size(0);
+    TORCH_CHECK(m >= 1 && m <= kFewRows, "decoding-step linear: ", m, " rows (at most ", kFewRows,
+                ")");
+    at::Tensor y = at::empty({m, n_out}, x2.options());
+    const float* xp = x2.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    const auto* wp = reinterpret_cast<const uint8_t*>(wt.data_ptr<float>());
+    const int64_t rb = in * 4;
+    // Blocks of rows of about 64 KiB of W each: enough work per task, many tasks per thread.
+    const int64_t block = std::clamp<int64_t>((int64_t{16} << 10) / in, 1, n_out);
+    at::parallel_for(0, (n_out + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
+      const int64_t r0 = b0 * block, n = std::min(b1 * block, n_out) - r0;
+      loratch::quant_simd_dot(0, wp + r0 * rb, rb, n, in, xp, m, yp + r0, n_out);
+    });
+    if (bias != nullptr) y.add_(tensor(bias));
+    auto sizes = xt.sizes().vec();
+    sizes.back() = n_out;
+    *out = new at::Tensor(y.view(sizes));
+  });
+}
+
 // Sets the largest number of float elements decoded at once (a test hook; > 0). Returns the
 // previous value.
 int64_t loratch_quant_chunk_elems(int64_t n) { return g_chunk_elems.exchange(n); }

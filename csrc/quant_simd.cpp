@@ -1,4 +1,5 @@
-// AVX2 decoding and few-row products on GGUF's common block formats (see quant_simd.h).
+// AVX2 decoding and few-row products on GGUF's common block formats and on float32 rows (see
+// quant_simd.h).
 //
 // Each format is a `Block` with `kElems` elements in `kBytes` bytes and `each(block, f)`, which
 // calls `f(c, w)` for the block's 32-element chunks in order, `w` the chunk's 32 floats in four
@@ -29,6 +30,7 @@ using V = __m256;
 
 // Type codes: indices into Rust's `quant::ALL_QTYPES` (a Rust test pins them).
 enum Code : int32_t {
+  kF32 = 0,
   kQ4_0 = 2,
   kQ4_1 = 3,
   kQ5_0 = 4,
@@ -106,6 +108,18 @@ inline void scale_sub(V w[4], float d, float m) {
   const V dv = _mm256_set1_ps(d), mv = _mm256_set1_ps(m);
   for (int k = 0; k < 4; ++k) w[k] = _mm256_sub_ps(_mm256_mul_ps(dv, w[k]), mv);
 }
+
+// Plain float32 rows (dense weights in generation's decoding steps: quant_linear.cpp's
+// `loratch_dense_few_rows`).
+struct F32 {
+  static constexpr int kElems = 32, kBytes = 128;
+  template <class F>
+  static void each(const uint8_t* b, F&& f) {
+    V w[4];
+    for (int k = 0; k < 4; ++k) w[k] = _mm256_loadu_ps(reinterpret_cast<const float*>(b) + 8 * k);
+    f(0, w);
+  }
+};
 
 struct Q8_0 {
   static constexpr int kElems = 32, kBytes = 34;
@@ -326,6 +340,8 @@ void dot_any(const uint8_t* w, int64_t rb, int64_t n, int64_t in, const float* x
 template <class F>
 void with_block(int32_t ty, F&& f) {
   switch (ty) {
+    case kF32:
+      return f(F32{});
     case kQ4_0:
       return f(Q4_0{});
     case kQ4_1:
@@ -370,6 +386,7 @@ void quant_simd_dot(int32_t ty, const uint8_t* w, int64_t rb, int64_t n, int64_t
 bool quant_simd_supports(int32_t ty) {
   static const bool cpu = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   switch (ty) {
+    case kF32:
     case kQ4_0:
     case kQ4_1:
     case kQ5_0:

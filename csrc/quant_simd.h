@@ -1,16 +1,17 @@
 // AVX2 kernels on GGUF's common block formats (q4_0, q4_1, q5_0, q5_1, q8_0, q4_K, q5_K, q6_K)
-// for the quantized linear (quant_linear.cpp): decoding rows of blocks to float32, and few-row
-// products that decode each block in registers and multiply it there. Each block decodes to the
-// same floats as Rust's decoder (src/quant/dequant.rs: the same products and sums, no fused
-// multiply-add), so only a product's summation order differs from "decode, then multiply".
+// and on plain float32 rows, for the quantized linear and generation's decoding steps
+// (quant_linear.cpp): decoding rows of blocks to float32, and few-row products that decode each
+// block in registers and multiply it there. Each block decodes to the same floats as Rust's
+// decoder (src/quant/dequant.rs: the same products and sums, no fused multiply-add), so only a
+// product's summation order differs from "decode, then multiply".
 #pragma once
 
 #include <cstdint>
 
 namespace loratch {
 
-// Whether `ty` (the quantized linear's type code: the index into Rust's `quant::ALL_QTYPES`) has
-// a kernel here and this CPU runs it (x86-64 with AVX2 and FMA).
+// Whether `ty` (the quantized linear's type code: the index into Rust's `quant::ALL_QTYPES`, 0 for
+// float32 rows) has a kernel here and this CPU runs it (x86-64 with AVX2 and FMA).
 bool quant_simd_supports(int32_t ty);
 
 // Decodes the `n` rows of blocks at `w` (each `rb` bytes, `in` elements) into `dst` [n, in].

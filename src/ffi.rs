@@ -118,6 +118,12 @@ extern "C" {
         out: *mut *mut c_void,
     ) -> *mut std::ffi::c_char;
     fn loratch_quant_chunk_elems(n: i64) -> i64;
+    fn loratch_dense_few_rows(
+        x: *const c_void,
+        w: *const c_void,
+        bias: *const c_void,
+        out: *mut *mut c_void,
+    ) -> *mut std::ffi::c_char;
     fn loratch_checkpoint(
         x: *const c_void,
         params: *const *const c_void,
@@ -244,6 +250,20 @@ pub fn causal_attention(
     let ptr = |t: &Tensor| t.as_ptr() as *const c_void;
     // SAFETY: all three pointers are live at::Tensor* borrowed for the call.
     new_tensor(|out| unsafe { loratch_causal_attention(ptr(q), ptr(k), ptr(v), scale, block, out) })
+}
+
+/// `x W^T + bias` outside autograd for a float32 CPU weight whose rows are a multiple of 32 long
+/// and an input of at most 8 rows (csrc/quant_linear.cpp's AVX2 dot products): generation's
+/// decoding steps. An error where the CPU lacks AVX2/FMA or the shapes do not fit.
+pub fn dense_few_rows(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<Tensor, tch::TchError> {
+    let ptr = |t: &Tensor| t.as_ptr() as *const c_void;
+    let b = bias.map_or(std::ptr::null(), ptr);
+    // SAFETY: x and weight are live at::Tensor* borrowed for the call; b is one too, or null.
+    new_tensor(|out| unsafe { loratch_dense_few_rows(ptr(x), ptr(weight), b, out) })
 }
 
 /// `x W^T + bias` as one autograd node (csrc/lora_linear.cpp) for a projection without an active

@@ -127,6 +127,7 @@ impl<'a> Decoder<'a> {
         let mut mask = self.mask.as_ref().map(Tensor::shallow_clone);
         let mut next_input = self.ids.shallow_clone();
         let switch = lm.rope_switch_length();
+        let _decoding = crate::ops::linear::DecodingSteps::enter();
         for _ in 0..opts.max_new_tokens {
             // longrope (Phi-3, one row): keys cached under the short factors are stale once the
             // sequence passes the switch; as transformers, the whole sequence runs again, without

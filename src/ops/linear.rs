@@ -79,10 +79,62 @@ pub fn add_lora_term(x: &Tensor, base: &Tensor, lora: &LoraTerm, training: bool)
     Ok(base.f_add(&term)?.f_to_kind(kind)?)
 }
 
+thread_local! {
+    static DECODING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// While a value of this type lives, this thread's forwards are generation's (`hf::generate`'s
+/// prompt and decoding steps): a frozen float32 CPU linear of at most 8 rows then reads
+/// its weight through AVX2 dot products ([`crate::ffi::dense_few_rows`]), not libtorch's `linear`
+/// (whose oneMKL kernels, on stock PyTorch on AMD processors, read the weight at a fraction of
+/// the memory bandwidth). Its sums run in another order, so the logits differ from transformers'
+/// by float32 rounding; every other forward keeps libtorch's `linear`, equal to it bit for bit.
+pub struct DecodingSteps {
+    before: bool,
+}
+
+impl DecodingSteps {
+    pub fn enter() -> Self {
+        Self {
+            before: DECODING.with(|d| d.replace(true)),
+        }
+    }
+}
+
+impl Drop for DecodingSteps {
+    fn drop(&mut self) {
+        DECODING.with(|d| d.set(self.before));
+    }
+}
+
+/// Whether [`frozen_linear`] takes the decoding steps' kernel for these operands.
+fn decoding_kernel_fits(x: &Tensor, weight: &Tensor) -> Result<bool> {
+    if !DECODING.with(|d| d.get()) || x.requires_grad() || weight.requires_grad() {
+        return Ok(false);
+    }
+    #[cfg(target_arch = "x86_64")]
+    let cpu =
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+    #[cfg(not(target_arch = "x86_64"))]
+    let cpu = false;
+    let size = weight.size();
+    let fits = cpu
+        && size.len() == 2
+        && size[1] % 32 == 0
+        && weight.is_contiguous()
+        && x.numel() as i64 <= 8 * size[1]
+        && matches!(path(&[x, weight], When::Always)?, Path::Fused);
+    Ok(fits)
+}
+
 /// `x W^T + bias` for a projection without an active adapter: while training on CPU in float32
 /// the frozen node (csrc/lora_linear.cpp), whose products split rows over the threads like the
-/// LoRA node's; otherwise libtorch's `linear`, equal to transformers' bit for bit.
+/// LoRA node's; in generation's decoding steps the AVX2 dot products ([`DecodingSteps`]);
+/// otherwise libtorch's `linear`, equal to transformers' bit for bit.
 pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    if decoding_kernel_fits(x, weight)? {
+        return Ok(crate::ffi::dense_few_rows(x, weight, bias)?);
+    }
     match path(&[x, weight], When::Training)? {
         Path::Fused => Ok(crate::ffi::frozen_linear(x, weight, bias)?),
         Path::Composite => Ok(x.f_linear(weight, bias)?),
@@ -95,6 +147,50 @@ mod tests {
     use crate::testing::max_diff;
     use proptest::prelude::*;
     use tch::{Device, Kind};
+
+    /// Inside [`DecodingSteps`] a frozen float32 linear of at most 8 rows takes the AVX2 dot
+    /// products: within the float32 reordering bound of libtorch's `linear` (each output a sum of
+    /// `in` products, `2 in^2 u max|x| max|w|` apart at most), on one thread and two, with and
+    /// without bias. Outside it, with 9 rows, or with an input that records gradients, the result
+    /// is `linear`'s own, bit for bit.
+    #[test]
+    fn decoding_steps_take_the_dot_products_within_the_bound() {
+        let threads = tch::get_num_threads();
+        tch::manual_seed(3);
+        let opts = (Kind::Float, tch::Device::Cpu);
+        let (out, inf) = (1000, 576);
+        let w = Tensor::randn([out, inf], opts);
+        let bias = Tensor::randn([out], opts);
+        let bound = |x: &Tensor| {
+            let mx = x.abs().max().double_value(&[]);
+            let mw = w.abs().max().double_value(&[]);
+            2.0 * (inf * inf) as f64 * mx * mw * f32::EPSILON as f64 / 2.0
+        };
+        let decoding = DecodingSteps::enter();
+        for (rows, n_threads) in [(1, 1), (1, 2), (3, 2), (8, 1)] {
+            tch::set_num_threads(n_threads);
+            let x = Tensor::randn([1, rows, inf], opts);
+            for b in [None, Some(&bias)] {
+                let y = frozen_linear(&x, &w, b).unwrap();
+                assert_eq!(y.size(), vec![1, rows, out]);
+                let diff = max_diff(&y, &x.linear(&w, b));
+                assert!(diff <= bound(&x), "{rows} rows: {diff}");
+            }
+        }
+        tch::set_num_threads(threads);
+        let nine = Tensor::randn([9, inf], opts);
+        let exact = |x: &Tensor| {
+            max_diff(
+                &frozen_linear(x, &w, Some(&bias)).unwrap(),
+                &x.linear(&w, Some(&bias)),
+            )
+        };
+        assert_eq!(exact(&nine), 0.0);
+        let graded = Tensor::randn([2, inf], opts).set_requires_grad(true);
+        assert_eq!(exact(&graded), 0.0);
+        drop(decoding);
+        assert_eq!(exact(&Tensor::randn([2, inf], opts)), 0.0);
+    }
 
     /// An adapter's tensors for the tests: A `[r, in]`, B `[out, r]` and the scaling.
     struct Pair {
