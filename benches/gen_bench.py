@@ -236,7 +236,8 @@ def bench_quantized(quick: bool) -> list[str]:
         f"Both read the GGUF's blocks as stored, {threads:.0f} threads each, each side in its own process "
         f"({len(runs['loratch'])} alternated processes per side, {rounds} rounds each after a warm-up; medians). "
         "loratch decodes the common formats with its AVX2 kernels (csrc/quant_simd.cpp) and multiplies in "
-        "float32 (a decoding step decodes each block in registers; a prompt decodes rows, then one sgemm); "
+        "float32 (a decoding step decodes each block in registers; a prompt has each thread decode cache-sized "
+        "tiles of rows and multiply each with sgemm); "
         "llama.cpp quantizes the activations to 8 bits and multiplies in integers.",
     ]
 

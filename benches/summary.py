@@ -59,12 +59,15 @@ def commit() -> str:
     return head + ("-dirty" if dirty else "")
 
 
-def mark(met: bool | None) -> str:
-    return {True: "met", False: "MISSED", None: "not measured"}[met]
+def mark(met: bool | None, value: str = "") -> str:
+    """met / MISSED; a row without a verdict is "no target" (a figure only) or "not measured"."""
+    if met is None:
+        return "not measured" if value.startswith("not measured") else "no target"
+    return "met" if met else "MISSED"
 
 
 def table(when: datetime.date | None = None, rev: str | None = None) -> list[str]:
-    """The summary section: every recorded row with met / MISSED / not measured."""
+    """The summary section: every recorded row with met / MISSED / no target / not measured."""
     when = when or datetime.date.today()
     rev = rev or commit()
     lines = [
@@ -75,5 +78,5 @@ def table(when: datetime.date | None = None, rev: str | None = None) -> list[str
         "| target | measured | |",
         "|---|---|---|",
     ]
-    lines += [f"| {r['target']} | {r['value']} | {mark(r['met'])} |" for r in _ROWS]
+    lines += [f"| {r['target']} | {r['value']} | {mark(r['met'], r['value'])} |" for r in _ROWS]
     return lines + [""]
