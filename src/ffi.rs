@@ -260,10 +260,28 @@ pub fn dense_few_rows(
     weight: &Tensor,
     bias: Option<&Tensor>,
 ) -> Result<Tensor, tch::TchError> {
+    call_linear(loratch_dense_few_rows, x, weight, bias)
+}
+
+/// A C entry point computing `x W^T + bias` (`bias` may be null) into a new at::Tensor*.
+type LinearEntry = unsafe extern "C" fn(
+    *const c_void,
+    *const c_void,
+    *const c_void,
+    *mut *mut c_void,
+) -> *mut std::ffi::c_char;
+
+/// Calls a [`LinearEntry`] on borrowed tensors.
+fn call_linear(
+    entry: LinearEntry,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<Tensor, tch::TchError> {
     let ptr = |t: &Tensor| t.as_ptr() as *const c_void;
     let b = bias.map_or(std::ptr::null(), ptr);
     // SAFETY: x and weight are live at::Tensor* borrowed for the call; b is one too, or null.
-    new_tensor(|out| unsafe { loratch_dense_few_rows(ptr(x), ptr(weight), b, out) })
+    new_tensor(|out| unsafe { entry(ptr(x), ptr(weight), b, out) })
 }
 
 /// `x W^T + bias` as one autograd node (csrc/lora_linear.cpp) for a projection without an active
@@ -274,10 +292,7 @@ pub fn frozen_linear(
     weight: &Tensor,
     bias: Option<&Tensor>,
 ) -> Result<Tensor, tch::TchError> {
-    let ptr = |t: &Tensor| t.as_ptr() as *const c_void;
-    let b = bias.map_or(std::ptr::null(), ptr);
-    // SAFETY: x and weight are live at::Tensor* borrowed for the call; b is one too, or null.
-    new_tensor(|out| unsafe { loratch_frozen_linear(ptr(x), ptr(weight), b, out) })
+    call_linear(loratch_frozen_linear, x, weight, bias)
 }
 
 /// `a @ b` for `a` `[m, k]` and `b` `[k, n]`, without autograd (csrc/blas.cpp). On CPU in float32
