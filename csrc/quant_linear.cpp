@@ -337,7 +337,7 @@ char* loratch_dense_few_rows(const void* x, const void* w, const void* bias, voi
                     xt.is_cpu(),
                 "decoding-step linear: input ", xt.sizes(), " is not float32 on the CPU ending in ",
                 in);
-    TORCH_CHECK(loratch::quant_simd_supports(0), "decoding-step linear: this CPU lacks AVX2/FMA");
+    TORCH_CHECK(loratch::quant_simd_cpu(), "decoding-step linear: this CPU lacks AVX2/FMA");
     at::NoGradGuard no_grad;
     const at::Tensor x2 = xt.reshape({-1, in}).contiguous();
     const int64_t m = x2.size(0);

@@ -383,10 +383,14 @@ void quant_simd_dot(int32_t ty, const uint8_t* w, int64_t rb, int64_t n, int64_t
 
 #pragma GCC pop_options
 
-bool quant_simd_supports(int32_t ty) {
+bool quant_simd_cpu() {
   static const bool cpu = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return cpu;
+}
+
+bool quant_simd_supports(int32_t ty) {
+  const bool cpu = quant_simd_cpu();
   switch (ty) {
-    case kF32:
     case kQ4_0:
     case kQ4_1:
     case kQ5_0:
@@ -403,6 +407,7 @@ bool quant_simd_supports(int32_t ty) {
 
 #else  // no AVX2 kernels off x86-64 / GCC: the callers decode with Rust's kernels
 
+bool quant_simd_cpu() { return false; }
 bool quant_simd_supports(int32_t) { return false; }
 void quant_simd_decode(int32_t, const uint8_t*, int64_t, int64_t, int64_t, float*) {}
 void quant_simd_dot(int32_t, const uint8_t*, int64_t, int64_t, int64_t, const float*, int64_t,

@@ -10,8 +10,13 @@
 
 namespace loratch {
 
-// Whether `ty` (the quantized linear's type code: the index into Rust's `quant::ALL_QTYPES`, 0 for
-// float32 rows) has a kernel here and this CPU runs it (x86-64 with AVX2 and FMA).
+// Whether this CPU runs the kernels (x86-64 with AVX2 and FMA).
+bool quant_simd_cpu();
+
+// Whether block format `ty` (the quantized linear's type code: the index into Rust's
+// `quant::ALL_QTYPES`) has a kernel here and this CPU runs it. Float32 rows (code 0) are not
+// among them: a float32 weight's rows need not be a whole number of 32-element chunks, so only
+// callers that check that (`loratch_dense_few_rows`) pass code 0 to `quant_simd_dot`.
 bool quant_simd_supports(int32_t ty);
 
 // Decodes the `n` rows of blocks at `w` (each `rb` bytes, `in` elements) into `dst` [n, in].

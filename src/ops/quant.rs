@@ -288,6 +288,8 @@ mod tests {
             (QType::Q8_0, 1300, 64),
             (QType::Q4_0, 7, 4096),
             (QType::Nf4, 600, 128),
+            // Float32 rows of 48: not whole 32-element chunks of the AVX2 kernels.
+            (QType::F32, 50, 48),
         ] {
             let w = weight(out, inf, 4);
             let q = QWeight::quantize(&w, ty).unwrap();
